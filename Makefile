@@ -1,0 +1,34 @@
+# `make run` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+DATA_DIR ?= .
+
+.PHONY: run test bench install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned, so pip takes the CPU wheel and never a multi-GB CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	# k-diffusion is a test-only reference; it depends on torchvision, so no deps
+	$(PIP) install -q --no-deps k-diffusion==0.1.1.post1 torchdiffeq==0.2.5
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/sdstudio serve --data-dir $(DATA_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) bench/load.py
+	$(PY) bench/generate.py
+
+clean:
+	rm -rf $(VENV)
