@@ -1,0 +1,259 @@
+"""Safe model-file readers: .safetensors through a private mmap, torch pickles only after a static scan.
+
+Every pickle in the project is loaded here (`read_state_dict`, `read_tensor_infos`, `load_pickle`): the file is
+first scanned with `pickle_scan` (nothing executed), then read by `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.modules.container import ParameterDict
+
+from sdstudio.errors import ModelFileError, UnsafeFileError
+from sdstudio.files import pickle_scan
+
+# safetensors dtype strings (safetensors/torch.py `_TYPES`).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "C64": torch.complex64,
+}
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the limit the safetensors library enforces
+WRAPPER_KEYS = ("state_dict", "model")  # {"state_dict": sd} (Lightning), {"model": sd}
+MAX_WRAPPER_DEPTH = 2  # A1111 strips "state_dict" at most twice (sd_models.py get_state_dict_from_checkpoint)
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80  # pickle PROTO opcode; torch legacy streams start with protocol 2
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's dtype and shape; `data_offsets` = [begin, end) bytes from the data start (safetensors only)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int] | None = None
+
+
+@dataclass
+class SafetensorsHeader:
+    """A validated safetensors header; `data_start` = byte offset in the file where tensor data begins."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def detect_container(path: str | Path) -> str:
+    """"safetensors" | "torch-zip" | "torch-legacy", from the first bytes (never the extension)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise ModelFileError(path, "file is empty")
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        return "torch-zip"
+    if head[0] == _PICKLE_PROTO and len(head) > 1 and 2 <= head[1] <= 5:
+        return "torch-legacy"
+    raise ModelFileError(path, "unknown file format: neither safetensors nor a torch checkpoint")
+
+
+def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
+    """Read and fully validate a safetensors header without touching tensor data."""
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        length_bytes = f.read(8)
+        if len(length_bytes) < 8:
+            raise ModelFileError(path, f"header: file has {file_size} bytes, too short for a safetensors header")
+        length = int.from_bytes(length_bytes, "little")
+        if not 2 <= length <= min(SAFETENSORS_MAX_HEADER, file_size - 8):
+            raise ModelFileError(
+                path, f"header: declared header length {length} is impossible for a file of {file_size} bytes")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(path, f"header: not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ModelFileError(path, f"header: expected a JSON object, found {type(header).__name__}")
+    metadata = _check_metadata(path, header.pop("__metadata__", {}))
+    tensors = {name: _check_entry(path, name, entry) for name, entry in header.items()}
+    _check_layout(path, tensors, data_size=file_size - 8 - length)
+    return SafetensorsHeader(tensors=tensors, metadata=metadata, data_start=8 + length)
+
+
+def read_tensor_infos(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Names -> dtype/shape, plus safetensors metadata ({} for pickles), reading as little of the file as possible."""
+    if detect_container(path) == "safetensors":
+        header = read_safetensors_header(path)
+        return header.tensors, header.metadata
+    state_dict = read_state_dict(path)  # zip pickles are mmapped: no tensor bytes are read
+    return {name: TensorInfo(t.dtype, tuple(t.shape)) for name, t in state_dict.items()}, {}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model file, wrappers removed and non-tensor entries dropped; safetensors zero-copy."""
+    if detect_container(path) == "safetensors":
+        return _load_safetensors(path)
+    obj = _unwrap(load_pickle(path))
+    if not isinstance(obj, dict):
+        raise ModelFileError(path, f"expected a dict of tensors, found {type(obj).__name__}")
+    tensors = {name: value for name, value in obj.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise ModelFileError(path, f"no tensors found (keys: {', '.join(map(str, list(obj)[:10]))})")
+    return tensors
+
+
+_TORCH_LOAD_LOCK = threading.Lock()  # torch's safe-globals list is process-wide: one scoped change at a time
+
+
+def load_pickle(path: str | Path) -> Any:
+    """The whole object of a .ckpt/.pt/.bin (no unwrapping), after the static scan; tensors on CPU."""
+    container = detect_container(path)
+    if container == "safetensors":
+        raise ModelFileError(path, "is a safetensors file, not a pickle; use read_state_dict")
+    if container == "torch-zip":
+        pickle_scan.scan_torch_zip(path)
+    else:
+        pickle_scan.scan_torch_legacy(path)
+    try:
+        with _TORCH_LOAD_LOCK, torch.serialization.safe_globals(_extra_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=container == "torch-zip")
+    except Exception as exc:  # torch raises many types on damaged data; all mean "cannot use this file"
+        raise translate_torch_error(path, exc) from exc
+
+
+def translate_torch_error(path: str | Path, exc: Exception) -> ModelFileError:
+    """Turn a torch.load failure into UnsafeFileError (torch refused a global) or ModelFileError (damaged file)."""
+    text = str(exc)
+    refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
+    if refused:
+        return UnsafeFileError(path, pickle_scan.refusal([refused.group(1)]))
+    detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()
+    return ModelFileError(path, f"not a valid torch checkpoint: {detail[0] if detail else type(exc).__name__}")
+
+
+class _LightningModelCheckpoint:
+    """Stands in for pytorch_lightning's ModelCheckpoint class, which Lightning pickles as a dict key."""
+
+
+class _LightningModelCheckpointModule:
+    """Stands in for the pytorch_lightning.callbacks.model_checkpoint module referenced by old checkpoints."""
+
+
+def _extra_safe_globals() -> list[Any]:
+    """What our allow-list accepts beyond torch's weights_only defaults (ParameterDict, numpy, Lightning refs)."""
+    reconstruct = np.zeros(1).__reduce__()[0]  # numpy's array and scalar rebuild helpers, numpy 1.x and 2.x alike
+    scalar = np.float32(0).__reduce__()[0]
+    numeric_dtypes = {type(np.dtype(code)) for code in np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"}
+    numpy_helpers = [(helper, f"{module}.{helper.__name__}")
+                     for module in ("numpy.core.multiarray", "numpy._core.multiarray") for helper in (reconstruct, scalar)]
+    return [
+        ParameterDict, np.dtype, np.ndarray, *numeric_dtypes, *numpy_helpers,
+        (_LightningModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+        (_LightningModelCheckpointModule, "pytorch_lightning.callbacks.model_checkpoint"),
+    ]
+
+
+def _unwrap(obj: Any) -> Any:
+    """Strip {"state_dict": ...} / {"model": ...} wrappers (up to twice) from a dict that holds no tensors itself."""
+    for _ in range(MAX_WRAPPER_DEPTH):
+        if not isinstance(obj, dict) or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[key] for key in WRAPPER_KEYS if isinstance(obj.get(key), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    return obj
+
+
+def _check_metadata(path: str | Path, metadata: Any) -> dict[str, str]:
+    if not isinstance(metadata, dict):
+        raise ModelFileError(path, f"__metadata__: expected an object of strings, found {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise ModelFileError(path, f"__metadata__: value of '{key}' is {type(value).__name__}, not a string")
+    return metadata
+
+
+def _check_entry(path: str | Path, name: str, entry: Any) -> TensorInfo:
+    """Validate one header entry {dtype, shape, data_offsets}; the byte count must match shape x itemsize."""
+    if not isinstance(entry, dict):
+        raise ModelFileError(path, f"{name}: expected an object with dtype, shape, data_offsets")
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+    if dtype is None:
+        raise ModelFileError(path, f"{name}: unknown dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise ModelFileError(path, f"{name}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise ModelFileError(path, f"{name}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    needed = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != needed:
+        raise ModelFileError(path, f"{name}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but "
+                                   f"shape {shape} of {entry['dtype']} needs {needed}")
+    return TensorInfo(dtype=dtype, shape=tuple(shape), data_offsets=(offsets[0], offsets[1]))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_layout(path: str | Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
+    """Tensors in offset order must not overlap and must end inside the data area (else: truncated file)."""
+    previous_name, previous_end = "", 0
+    for name, info in sorted(tensors.items(), key=lambda item: item[1].data_offsets):
+        begin, end = info.data_offsets
+        if begin < previous_end:
+            raise ModelFileError(path, f"{name}: data_offsets {list(info.data_offsets)} overlap '{previous_name}'")
+        if end > data_size:
+            raise ModelFileError(path, f"{name}: data ends at byte {end} of the data area but the file holds only "
+                                       f"{data_size} data bytes (truncated file?)")
+        previous_name, previous_end = name, end
+
+
+def _load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors as views over one private (copy-on-write) mmap of the file: nothing is read until used."""
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors = {}
+    for name, info in header.tensors.items():
+        begin = header.data_start + info.data_offsets[0]
+        count = math.prod(info.shape)
+        if count == 0:
+            tensor = torch.empty(0, dtype=info.dtype)
+        elif begin % info.dtype.itemsize:  # misaligned for this dtype: copy just this tensor
+            end = header.data_start + info.data_offsets[1]
+            tensor = torch.frombuffer(bytearray(mapped[begin:end]), dtype=info.dtype)
+        else:
+            tensor = torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=begin)
+        tensors[name] = tensor.reshape(info.shape)
+    return tensors
