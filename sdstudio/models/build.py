@@ -1,0 +1,195 @@
+"""Build diffusers / transformers modules from weights in our (diffusers) names.
+
+Family conventions (head counts, activations, latent scale) ship in `configs/families.json`; every size that varies
+(channels, depth, context width, vocabulary, layers) is read from tensor shapes, so tiny test files and real files
+take exactly the same path. Modules are created on the meta device and the weights are assigned, not copied.
+"""
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from sdstudio.errors import ModelFileError
+from sdstudio.files.keymaps import fit_text_encoder_keys
+
+CONFIG_FILE = Path(__file__).parent / "configs" / "families.json"
+GROUP_NORM_GROUPS = 32  # every SD UNet/VAE uses GroupNorm(32)
+
+
+@cache
+def family_config(family: str) -> dict[str, Any]:
+    """The shipped conventions of one family ("sd1", "sd2", "sdxl", "sdxl-refiner")."""
+    return json.loads(CONFIG_FILE.read_text())["families"][family]
+
+
+@cache
+def text_encoder_config(kind: str) -> dict[str, Any]:
+    """The shipped conventions of one text encoder kind ("clip_l", "open_clip_h", "open_clip_g")."""
+    return json.loads(CONFIG_FILE.read_text())["text_encoders"][kind]
+
+
+def _count(weights: Mapping[str, Any], pattern: str) -> int:
+    """Number of distinct integers matched by the single group of `pattern` over the keys."""
+    regex = re.compile(pattern)
+    return len({m.group(1) for k in weights if (m := regex.match(k))})
+
+
+def _shape(weights: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]:
+    if key not in weights:
+        raise ModelFileError(where, f"missing weight '{key}'")
+    return tuple(weights[key].shape)
+
+
+def unet_config(weights: Mapping[str, Any], family: str, pooled_dim: int | None = None,
+                where: str = "<unet>") -> dict[str, Any]:
+    """diffusers UNet2DConditionModel config from diffusers-named weights (sizes from shapes)."""
+    conventions = family_config(family)["unet"]
+    levels = _count(weights, r"down_blocks\.(\d+)\.")
+    layers_per_block = _count(weights, r"down_blocks\.0\.resnets\.(\d+)\.")
+    channels = [_shape(weights, f"down_blocks.{i}.resnets.0.conv2.weight", where)[0] for i in range(levels)]
+    has_attention = [f"down_blocks.{i}.attentions.0.proj_in.weight" in weights for i in range(levels)]
+    depth = [max(_count(weights, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\."), 1)
+             for i in range(levels)]
+    cross_attention_dim = next(int(w.shape[1]) for k, w in weights.items() if k.endswith("attn2.to_k.weight"))
+    if conventions["head_rule"] == "fixed_heads":
+        heads: int | list[int] = conventions["heads"]
+    else:
+        heads = [c // conventions["head_width"] for c in channels]
+    linear_proj = any(len(w.shape) == 2 for k, w in weights.items() if k.endswith("proj_in.weight"))
+    config: dict[str, Any] = dict(
+        sample_size=conventions["sample_size"],
+        in_channels=_shape(weights, "conv_in.weight", where)[1],
+        out_channels=_shape(weights, "conv_out.weight", where)[0],
+        layers_per_block=layers_per_block,
+        block_out_channels=tuple(channels),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attention)),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        transformer_layers_per_block=tuple(depth),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=heads,
+        use_linear_projection=linear_proj,
+        upcast_attention=conventions["upcast_attention"],
+        norm_num_groups=GROUP_NORM_GROUPS,
+    )
+    if "add_embedding.linear_1.weight" in weights:
+        adm_in = _shape(weights, "add_embedding.linear_1.weight", where)[1]
+        if pooled_dim is None:
+            raise ModelFileError(where, "SDXL UNet needs the pooled text width to size its time embedding")
+        time_ids = conventions["addition_time_ids"]
+        config.update(addition_embed_type=conventions["addition_embed_type"],
+                      addition_time_embed_dim=(adm_in - pooled_dim) // time_ids,
+                      projection_class_embeddings_input_dim=adm_in)
+    return config
+
+
+def vae_config(weights: Mapping[str, Any], family: str, where: str = "<vae>") -> dict[str, Any]:
+    """diffusers AutoencoderKL config from diffusers-named weights."""
+    conventions = family_config(family)["vae"]
+    levels = _count(weights, r"encoder\.down_blocks\.(\d+)\.")
+    return dict(
+        in_channels=_shape(weights, "encoder.conv_in.weight", where)[1],
+        out_channels=_shape(weights, "decoder.conv_out.weight", where)[0],
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(_shape(weights, f"encoder.down_blocks.{i}.resnets.0.conv2.weight", where)[0]
+                                 for i in range(levels)),
+        layers_per_block=_count(weights, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
+        latent_channels=_shape(weights, "post_quant_conv.weight", where)[0],
+        norm_num_groups=GROUP_NORM_GROUPS,
+        sample_size=conventions["sample_size"],
+        scaling_factor=conventions["scaling_factor"],
+        force_upcast=conventions.get("force_upcast", False),
+    )
+
+
+def text_config(weights: Mapping[str, Any], kind: str, where: str = "<text encoder>") -> CLIPTextConfig:
+    """transformers CLIPTextConfig for our-named text-encoder weights ("text_model.…")."""
+    conventions = text_encoder_config(kind)
+    vocab, width = _shape(weights, "text_model.embeddings.token_embedding.weight", where)
+    extra = {}
+    if "text_projection.weight" in weights:
+        extra["projection_dim"] = _shape(weights, "text_projection.weight", where)[0]
+    return CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=_shape(weights, "text_model.encoder.layers.0.mlp.fc1.weight", where)[0],
+        num_hidden_layers=_count(weights, r"text_model\.encoder\.layers\.(\d+)\."),
+        num_attention_heads=width // conventions["head_width"],
+        max_position_embeddings=_shape(weights, "text_model.embeddings.position_embedding.weight", where)[0],
+        hidden_act=conventions["hidden_act"],
+        layer_norm_eps=conventions["layer_norm_eps"],
+        bos_token_id=conventions["bos_token_id"],
+        eos_token_id=conventions["eos_token_id"],
+        pad_token_id=conventions["pad_token_id"],
+        **extra,
+    )
+
+
+def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
+                   where: str) -> torch.nn.Module:
+    """Load `weights` into a meta-device `module` by assignment (no copy when dtypes already match)."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing:
+        raise ModelFileError(where, f"{len(missing)} weights missing, e.g. {missing[:3]}")
+    for key, target in expected.items():
+        if tuple(weights[key].shape) != tuple(target.shape):
+            raise ModelFileError(where, f"weight '{key}' has shape {tuple(weights[key].shape)}, "
+                                        f"expected {tuple(target.shape)}")
+    if unexpected:
+        weights = {k: v for k, v in weights.items() if k in expected}
+    if dtype is not None:
+        weights = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in weights.items()}
+    module.load_state_dict(weights, strict=True, assign=True)
+    _materialise_meta_buffers(module)
+    return module.eval().requires_grad_(False)
+
+
+def _materialise_meta_buffers(module: torch.nn.Module) -> None:
+    """Non-persistent buffers stay on the meta device after assign-loading; recreate the ones we know."""
+    for name, buffer in list(module.named_buffers()):
+        if buffer.device.type != "meta":
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if attr == "position_ids":
+            owner.register_buffer(attr, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
+        else:
+            raise RuntimeError(f"buffer '{name}' left on the meta device after loading")
+
+
+def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int | None = None,
+               dtype: torch.dtype | None = None, where: str = "<unet>") -> UNet2DConditionModel:
+    """UNet2DConditionModel from diffusers-named weights."""
+    config = unet_config(weights, family, pooled_dim, where)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    return assign_weights(unet, weights, dtype, where)
+
+
+def build_vae(weights: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype | None = None,
+              where: str = "<vae>") -> AutoencoderKL:
+    """AutoencoderKL from diffusers-named weights."""
+    with torch.device("meta"):
+        vae = AutoencoderKL(**vae_config(weights, family, where))
+    return assign_weights(vae, weights, dtype, where)
+
+
+def build_text_encoder(weights: Mapping[str, torch.Tensor], kind: str, dtype: torch.dtype | None = None,
+                       where: str = "<text encoder>") -> CLIPTextModel | CLIPTextModelWithProjection:
+    """CLIPTextModel (CLIP-L) or CLIPTextModelWithProjection (OpenCLIP, all layers kept) from our-named weights."""
+    config = text_config(weights, kind, where)
+    cls = CLIPTextModelWithProjection if "text_projection.weight" in weights else CLIPTextModel
+    with torch.device("meta"):
+        model = cls(config)
+    fitted = fit_text_encoder_keys(weights, model.state_dict().keys())
+    return assign_weights(model, fitted, dtype, where)

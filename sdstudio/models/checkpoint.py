@@ -1,0 +1,97 @@
+"""Load a single-file checkpoint into torch modules: read safely, detect, map keys, build, pick EMA/VAE."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from sdstudio.errors import ModelFileError
+from sdstudio.files.detect import CheckpointInfo, detect_checkpoint, yaml_prediction
+from sdstudio.files.keymaps import split_checkpoint, swap_in_ema
+from sdstudio.files.readers import read_state_dict
+from sdstudio.models.build import build_text_encoder, build_unet, build_vae
+
+log = logging.getLogger(__name__)
+
+TEXT_KIND_OF_PREFIX = {
+    "cond_stage_model.transformer.": "clip_l",
+    "cond_stage_model.model.": "open_clip_h",
+    "conditioner.embedders.0.transformer.": "clip_l",
+    "conditioner.embedders.1.model.": "open_clip_g",
+    "conditioner.embedders.0.model.": "open_clip_g",
+}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TextEncoder:
+    """One text encoder of a checkpoint and what it is ("clip_l", "open_clip_h", "open_clip_g")."""
+
+    kind: str
+    model: torch.nn.Module
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint as torch modules, ready for the pipeline."""
+
+    path: Path
+    info: CheckpointInfo
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL                  # the VAE in use (the checkpoint's own or an external one)
+    text_encoders: list[TextEncoder]
+    alphas_cumprod: torch.Tensor | None  # from the file when present (custom schedules), else None
+    dtype: torch.dtype
+    own_vae: AutoencoderKL | None = None  # the checkpoint's baked-in VAE (kept to switch back to "None")
+    vae_path: Path | None = None          # external VAE file in use, None = the checkpoint's own
+    load_seconds: float = 0.0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.info.family
+
+
+def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bool = False,
+                    dtype: torch.dtype | str = torch.float32) -> LoadedCheckpoint:
+    """Load a checkpoint file (.safetensors/.ckpt) as modules; `vae` = a standalone VAE file to use instead of the
+    baked-in one; `use_ema` selects the EMA UNet weights when the file has them (A1111 uses the main ones)."""
+    from sdstudio.models.vae import load_vae_module  # vae.py imports this module's types
+
+    start = time.perf_counter()
+    path = Path(path)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    sd = read_state_dict(path)
+    info = detect_checkpoint(path, sd, read_tensor=sd.__getitem__, prediction_override=yaml_prediction(path))
+    if use_ema:
+        if not info.has_ema:
+            raise ModelFileError(path, "use_ema was requested but the file has no EMA weights (model_ema.*)")
+        sd = swap_in_ema(sd)
+    parts = split_checkpoint(sd)
+    where = str(path)
+    if not parts.text_encoders:
+        raise ModelFileError(path, "has no text encoder weights (cond_stage_model.* / conditioner.*); "
+                                   "UNet-only files are not supported")
+    encoders = [TextEncoder(TEXT_KIND_OF_PREFIX[p.prefix],
+                            build_text_encoder(p.weights, TEXT_KIND_OF_PREFIX[p.prefix], dtype, f"{where} ({p.prefix})"))
+                for p in parts.text_encoders]
+    pooled_dim = getattr(encoders[-1].model.config, "projection_dim", None)
+    unet = build_unet(parts.unet, info.family, pooled_dim, dtype, f"{where} (UNet)")
+    own_vae = build_vae(parts.vae, info.family, dtype, f"{where} (VAE)") if parts.vae else None
+    alphas = parts.extras.get("alphas_cumprod")
+    loaded = LoadedCheckpoint(path=path, info=info, unet=unet, vae=own_vae, text_encoders=encoders,
+                              alphas_cumprod=alphas.float() if alphas is not None else None, dtype=dtype,
+                              own_vae=own_vae)
+    if vae is not None:
+        loaded.vae = load_vae_module(vae, info.family, dtype)
+        loaded.vae_path = Path(vae)
+    elif own_vae is None:
+        raise ModelFileError(path, "has no VAE weights (first_stage_model.*); choose an external VAE")
+    loaded.load_seconds = time.perf_counter() - start
+    log.info("loaded %s (%s) in %.2f s", path.name, info.label, loaded.load_seconds)
+    return loaded

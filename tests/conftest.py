@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny synthetic model files in the real layouts, built once per test session."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from sdstudio import synthetic
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def synth_file(tmp_path_factory):
+    """Factory: path of a tiny synthetic checkpoint (family, variant, fmt), written once per session."""
+    folder = tmp_path_factory.mktemp("synth")
+    made: dict[tuple[str, str, str], Path] = {}
+
+    def make(family: str = "sd1", variant: str = "pruned", fmt: str = "safetensors") -> Path:
+        key = (family, variant, fmt)
+        if key not in made:
+            made[key] = synthetic.write_checkpoint(folder / f"{family}-{variant}.{fmt}", family, "tiny", variant, fmt)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def sd1_file(synth_file) -> Path:
+    return synth_file("sd1", "pruned")
+
+
+@pytest.fixture(scope="session")
+def sd1_model(sd1_file):
+    """The tiny SD1 checkpoint loaded in fp32 (shared; tests must not modify it)."""
+    from sdstudio.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(sd1_file)
