@@ -67,6 +67,142 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace, infotext_params: dict[str, str] | None = None):
+    """The checkpoint named by --ckpt (a path or a catalog name/hash), else the infotext's model, else the first
+    checkpoint in the catalog; with --vae (Automatic / None / a VAE name or path) applied."""
+    from sdstudio.files.catalog import Catalog
+    from sdstudio.models.checkpoint import load_checkpoint
+    from sdstudio.models.vae import resolve_vae
+
+    catalog = Catalog(Path(args.data_dir), hash_on_scan=False)
+    if args.ckpt and Path(args.ckpt).is_file():
+        path = Path(args.ckpt)
+    elif args.ckpt:
+        path = catalog.find_checkpoint(args.ckpt).path
+    elif infotext_params and (infotext_params.get("Model hash") or infotext_params.get("Model")):
+        query = infotext_params.get("Model hash") or infotext_params["Model"]
+        path = catalog.find_checkpoint(query).path
+    elif catalog.checkpoints():
+        path = catalog.checkpoints()[0].path
+    else:
+        raise SDStudioError(f"no checkpoint given (--ckpt) and none in {Path(args.data_dir) / 'models/Stable-diffusion'}")
+    vae = Path(args.vae) if args.vae and Path(args.vae).is_file() else resolve_vae(
+        args.vae or "Automatic", path, {e.name.rsplit("/", 1)[-1]: e.path for e in catalog.vaes()})
+    return load_checkpoint(path, vae=vae, use_ema=args.ema, dtype=_precision(args.precision))
+
+
+def _precision(name: str):
+    """torch dtype for --precision; `auto` is bf16 where the CPU computes bf16 natively (AMX / AVX512-BF16)."""
+    from sdstudio.models.checkpoint import DTYPES, fast_cpu_dtype
+
+    return fast_cpu_dtype() if name == "auto" else DTYPES[name]
+
+
+def _generate(args: argparse.Namespace, mode: str) -> int:
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+
+    from sdstudio import pipeline
+    from sdstudio.images.infotext import parse_infotext, read_infotext
+
+    base = pipeline.GenerationRequest()
+    infotext_params = None
+    if getattr(args, "from_png", None):
+        text = read_infotext(args.from_png)
+        if not text:
+            raise SDStudioError(f"{args.from_png}: has no generation parameters (infotext)")
+        base = pipeline.request_from_infotext(text)
+        infotext_params = parse_infotext(text).params
+    overrides = {name: value for name, value in vars(args).items()
+                 if name in pipeline.GenerationRequest.__dataclass_fields__ and value is not None}
+    if mode == "img2img":
+        images = []
+        for path in args.init_images:
+            try:
+                images.append(Image.open(path).convert("RGB"))
+            except (OSError, UnidentifiedImageError) as exc:
+                raise SDStudioError(f"{path}: cannot read the init image ({exc})") from exc
+        overrides["init_images"] = images
+    request = pipeline._request(base, overrides)
+    model = _load_model(args, infotext_params)
+    bar = tqdm(total=request.steps * request.n_iter, unit="step", disable=args.quiet)
+
+    def on_step(info: pipeline.StepInfo) -> None:
+        bar.update(1)
+
+    run = pipeline.img2img if mode == "img2img" else pipeline.txt2img
+    try:
+        result = run(model, request, callback=on_step, data_dir=args.data_dir, save=not args.no_save)
+    finally:
+        bar.close()
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for path in result.paths:
+        print(path)
+    if args.no_save:
+        print(result.infotexts[0])
+    return 0
+
+
+@command("txt2img")
+def cmd_txt2img(args: argparse.Namespace) -> int:
+    """Generate images from a prompt (or regenerate one from a PNG's infotext with --from-png)."""
+    return _generate(args, "txt2img")
+
+
+@command("img2img")
+def cmd_img2img(args: argparse.Namespace) -> int:
+    """Generate images from init images and a prompt."""
+    return _generate(args, "img2img")
+
+
+@command("pnginfo")
+def cmd_pnginfo(args: argparse.Namespace) -> int:
+    """Print the generation parameters stored in an image (PNG text chunk or JPEG/WebP EXIF)."""
+    from sdstudio.images.infotext import read_infotext
+
+    try:
+        text = read_infotext(args.file)
+    except OSError as exc:
+        raise SDStudioError(f"{args.file}: cannot read the image ({exc})") from exc
+    if not text:
+        raise SDStudioError(f"{args.file}: has no generation parameters")
+    print(text)
+    return 0
+
+
+def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None:
+    parser.add_argument("prompt", nargs="?", default=None)
+    parser.add_argument("-n", "--negative-prompt", dest="negative_prompt")
+    parser.add_argument("--ckpt", help="checkpoint file, or a name/title/hash from models/Stable-diffusion")
+    parser.add_argument("--vae", help="Automatic (default), None, a VAE name from models/VAE, or a path")
+    parser.add_argument("--ema", action="store_true", help="use the EMA UNet weights when the file has them")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--sampler", dest="sampler_name")
+    parser.add_argument("--scheduler")
+    parser.add_argument("--cfg-scale", dest="cfg_scale", type=float)
+    parser.add_argument("-W", "--width", type=int)
+    parser.add_argument("-H", "--height", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--subseed", type=int)
+    parser.add_argument("--subseed-strength", dest="subseed_strength", type=float)
+    parser.add_argument("--batch-size", dest="batch_size", type=int)
+    parser.add_argument("--batch-count", dest="n_iter", type=int)
+    parser.add_argument("--clip-skip", dest="clip_skip", type=int)
+    parser.add_argument("--rng", dest="randn_source", choices=["GPU", "CPU", "NV"])
+    parser.add_argument("--ensd", dest="eta_noise_seed_delta", type=int)
+    parser.add_argument("--no-save", action="store_true", help="do not write files; print the infotext")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    if img2img:
+        parser.add_argument("--init", dest="init_images", nargs="+", required=True, type=Path)
+        parser.add_argument("--denoising-strength", dest="denoising_strength", type=float)
+        parser.add_argument("--resize-mode", dest="resize_mode", type=int, choices=[0, 1, 2, 3])
+    else:
+        parser.add_argument("--from-png", dest="from_png", type=Path,
+                            help="take every setting from this image's infotext (other flags override)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for every subcommand."""
     from sdstudio import synthetic
@@ -78,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", parents=[common], help="list model files with family, hash, size, dtype")
+    _add_generation_args(sub.add_parser("txt2img", parents=[common], help="generate images from text"), False)
+    _add_generation_args(sub.add_parser("img2img", parents=[common], help="generate images from images"), True)
+    pnginfo = sub.add_parser("pnginfo", parents=[common], help="print an image's generation parameters")
+    pnginfo.add_argument("file", type=Path)
 
     synth = sub.add_parser("synth", parents=[common], help="write a random-weight model file")
     synth.add_argument("out", type=Path)

@@ -28,6 +28,17 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
+def fast_cpu_dtype() -> torch.dtype:
+    """bf16 where the CPU has native bf16 math (AMX or AVX512-BF16), else fp32 (`--precision auto` on a CPU)."""
+    if torch.cuda.is_available():
+        return torch.float16
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+
+
 @dataclass
 class TextEncoder:
     """One text encoder of a checkpoint and what it is ("clip_l", "open_clip_h", "open_clip_g")."""
