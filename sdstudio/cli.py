@@ -171,6 +171,16 @@ def cmd_pnginfo(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the web page and the A1111-compatible API (127.0.0.1:7860 by default)."""
+    from sdstudio.api.app import serve
+
+    serve(data_dir=Path(args.data_dir), host=args.host, port=args.port, listen=args.listen,
+          api_auth=args.api_auth, insecure=args.insecure, demo=not args.no_demo)
+    return 0
+
+
 def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None:
     parser.add_argument("prompt", nargs="?", default=None)
     parser.add_argument("-n", "--negative-prompt", dest="negative_prompt")
@@ -216,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", parents=[common], help="list model files with family, hash, size, dtype")
     _add_generation_args(sub.add_parser("txt2img", parents=[common], help="generate images from text"), False)
     _add_generation_args(sub.add_parser("img2img", parents=[common], help="generate images from images"), True)
+    serve = sub.add_parser("serve", parents=[common], help="run the web page and the A1111-compatible API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (requires --api-auth or --insecure)")
+    serve.add_argument("--api-auth", help="user:pass[,user2:pass2] for HTTP basic auth on every route")
+    serve.add_argument("--insecure", action="store_true", help="allow --listen without --api-auth")
+    serve.add_argument("--no-demo", action="store_true",
+                       help="do not build the small demo model when models/Stable-diffusion is empty")
     pnginfo = sub.add_parser("pnginfo", parents=[common], help="print an image's generation parameters")
     pnginfo.add_argument("file", type=Path)
 

@@ -11,7 +11,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from sdstudio.images.saving import output_dir, save_generated
 from sdstudio.models import vae as vae_ops
 from sdstudio.models.checkpoint import LoadedCheckpoint
 from sdstudio.prompt.conditioning import encode_texts
-from sdstudio.prompt.parser import extract_extra_networks, prompt_schedule, split_and
+from sdstudio.prompt.parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_and
 from sdstudio.sampling import registry
 from sdstudio.sampling.denoisers import CFGConds, CFGDenoiser, DiscreteSchedule, EpsDenoiser, VDenoiser
 from sdstudio.sampling.brownian import BrownianTreeNoiseSampler
@@ -112,6 +112,20 @@ class GenerationResult:
 
 
 StepCallback = Callable[[StepInfo], None]
+
+
+@dataclass
+class NetworkReport:
+    """What applying extra networks (LoRA) did: infotext pairs (e.g. "Lora hashes") and warnings to show."""
+
+    infotext: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class ExtraNetworks(Protocol):
+    """Applies the prompt's `<lora:...>` tags to the model's weights (see models/lora); [] restores the base."""
+
+    def apply(self, tags: list[ExtraNetworkTag]) -> NetworkReport: ...
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,22 +417,26 @@ def _eta(sampler: registry.SamplerSpec, request: GenerationRequest) -> float | N
 
 def txt2img(model: LoadedCheckpoint, request: GenerationRequest | None = None, *, callback: StepCallback | None = None,
             data_dir: str | Path | None = None, save: bool = True, model_hash: str | None = None,
-            embeddings=None, interrupt: threading.Event | None = None, **fields_: Any) -> GenerationResult:
+            embeddings=None, networks: ExtraNetworks | None = None, interrupt: threading.Event | None = None,
+            **fields_: Any) -> GenerationResult:
     """Generate images from text. Fields of GenerationRequest may be given as keywords; images are saved
-    under <data_dir>/outputs/txt2img-images/YYYY-MM-DD/ unless save=False."""
+    under <data_dir>/outputs/txt2img-images/YYYY-MM-DD/ unless save=False. `embeddings` resolves
+    textual-inversion names, `networks` applies `<lora:...>` tags (without it, tags are reported as ignored)."""
     request = _request(request, fields_)
     return _generate(model, replace(request, init_images=None), "txt2img", callback, data_dir, save, model_hash,
-                     embeddings, interrupt)
+                     embeddings, networks, interrupt)
 
 
 def img2img(model: LoadedCheckpoint, request: GenerationRequest | None = None, *, callback: StepCallback | None = None,
             data_dir: str | Path | None = None, save: bool = True, model_hash: str | None = None,
-            embeddings=None, interrupt: threading.Event | None = None, **fields_: Any) -> GenerationResult:
+            embeddings=None, networks: ExtraNetworks | None = None, interrupt: threading.Event | None = None,
+            **fields_: Any) -> GenerationResult:
     """Generate images from init_images (PIL) and text with A1111's denoising-strength step semantics."""
     request = _request(request, fields_)
     if not request.init_images:
         raise InvalidRequestError("init_images", "img2img needs at least one init image")
-    return _generate(model, request, "img2img", callback, data_dir, save, model_hash, embeddings, interrupt)
+    return _generate(model, request, "img2img", callback, data_dir, save, model_hash, embeddings, networks,
+                     interrupt)
 
 
 def _request(request: GenerationRequest | None, overrides: dict[str, Any]) -> GenerationRequest:
@@ -431,12 +449,19 @@ def _request(request: GenerationRequest | None, overrides: dict[str, Any]) -> Ge
 
 def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, callback: StepCallback | None,
               data_dir: str | Path | None, save: bool, model_hash: str | None, embeddings,
-              interrupt: threading.Event | None) -> GenerationResult:
+              networks: ExtraNetworks | None, interrupt: threading.Event | None) -> GenerationResult:
     # 1. inputs
     request, warnings = check_request(model, request)
     sampler, _ = registry.get_sampler_and_scheduler(request.sampler_name, request.scheduler)
-    prompt, _tags = extract_extra_networks(request.prompt)   # extra networks (LoRA) are applied by the service
-    negative, _ = extract_extra_networks(request.negative_prompt)
+    prompt, tags = extract_extra_networks(request.prompt)
+    negative, negative_tags = extract_extra_networks(request.negative_prompt)
+    tags += negative_tags
+    if networks is not None:
+        report = networks.apply(tags)
+    else:
+        report = NetworkReport(warnings=[f"<{t.kind}:{':'.join(t.positional)}> ignored: no extra networks here"
+                                         for t in tags])
+    warnings += report.warnings
     total = request.batch_size * request.n_iter
     seeds, subseeds = batch_seeds(request.seed, request.subseed, request.subseed_strength, total)
     latent_shape = (LATENT_CHANNELS, request.height // LATENT_FACTOR, request.width // LATENT_FACTOR)
@@ -499,8 +524,12 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
         images = _to_pil(vae_ops.decode(model.vae, latents))
         ti_hashes = _ti_hashes(encoder.used_embeddings)
         for i, image in enumerate(images):
-            params = infotext_params(model, request, batch_seed[i], batch_subseed[i], model_hash or _hash(model),
-                                     {"TI hashes": ti_hashes} if ti_hashes else {})
+            extra = dict(report.infotext)
+            if ti_hashes:
+                extra["TI hashes"] = ti_hashes
+            if report.warnings:
+                extra["Warnings"] = "; ".join(report.warnings)
+            params = infotext_params(model, request, batch_seed[i], batch_subseed[i], model_hash or _hash(model), extra)
             text = format_infotext(request.prompt, request.negative_prompt, params)
             result.images.append(image)
             result.infotexts.append(text)
