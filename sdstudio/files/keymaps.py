@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -23,7 +23,8 @@ TEXT_MODEL = "text_model."
 # cond_stage_model.{transformer,model}. (SD1/SD2) or conditioner.embedders.N.{transformer,model}. (SDXL)
 _TEXT_PREFIX = re.compile(r"(?:cond_stage_model\.|conditioner\.embedders\.(\d+)\.)(transformer|model)\.")
 _TEXT_KIND = {"transformer": "clip", "model": "open_clip"}
-# legacy SD1 files lack the "text_model." level under cond_stage_model.transformer. (A1111 checkpoint_dict_replacements_sd1)
+# legacy SD1 files lack the "text_model." level under cond_stage_model.transformer.
+# (A1111 modules/sd_models.py checkpoint_dict_replacements_sd1 inserts it)
 _LEGACY_CLIP_HEADS = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
@@ -72,7 +73,7 @@ class _KeyMap:
 
 
 def _rename(key: str, keymap: _KeyMap, to_ours: bool) -> str | None:
-    """The key renamed by the first row matching a dotted prefix (then by that row's inner map), or None."""
+    """The key renamed by the row of its shortest dotted prefix that has one (the rest by that row's inner map)."""
     table = keymap.to_ours if to_ours else keymap.to_original
     parts = key.split(".")
     for n in range(1, len(parts) + 1):
@@ -88,14 +89,18 @@ def _rename(key: str, keymap: _KeyMap, to_ours: bool) -> str | None:
     return None
 
 
-def _rename_all(sd: Mapping[str, Tensor], keymap: _KeyMap, to_ours: bool, what: str) -> dict[str, Tensor]:
-    """All keys renamed; an unknown key raises KeyMapError naming it."""
+def _rename_all(
+    sd: Mapping[str, Tensor], keymap: _KeyMap, to_ours: bool, what: str, reshape: Callable | None = None
+) -> dict[str, Tensor]:
+    """All keys renamed (tensors passed through reshape(original key, tensor) if given); unknown keys raise."""
     out = {}
     for key, tensor in sd.items():
         new = _rename(key, keymap, to_ours)
         if new is None:
             raise KeyMapError(key, f"unknown {what} key")
-        out[new] = tensor
+        if new in out:
+            raise KeyMapError(key, f"{what} key maps onto {new!r} like another key (two spellings of one weight?)")
+        out[new] = reshape(new if not to_ours else key, tensor) if reshape else tensor
     return out
 
 
@@ -136,7 +141,8 @@ _UNET_RESNET = _KeyMap(_pairs([
 ], _LEAF))
 # SpatialTransformer / Transformer2DModel: identical names on both sides
 _UNET_TRANSFORMER = _KeyMap(
-    _pairs([(n, n) for n in ("norm", "proj_in", "proj_out")], _LEAF) + [("transformer_blocks", "transformer_blocks", None)]
+    _pairs([(n, n) for n in ("norm", "proj_in", "proj_out")], _LEAF)
+    + [("transformer_blocks", "transformer_blocks", None)]
 )
 _UNET_FIXED = _pairs([
     ("time_embed.0", "time_embedding.linear_1"),
@@ -187,14 +193,15 @@ def _unet_map(layout: _UNetLayout) -> _KeyMap:
                 rows.append((f"output_blocks.{block}.1", f"up_blocks.{i}.attentions.{j}", _UNET_TRANSFORMER))
             block += 1
         if i < levels - 1:  # the upsampler follows the last res block's attention, if any
-            rows.append((f"output_blocks.{block - 1}.{2 if has_attn else 1}.conv", f"up_blocks.{i}.upsamplers.0.conv", _LEAF))
+            original = f"output_blocks.{block - 1}.{2 if has_attn else 1}.conv"
+            rows.append((original, f"up_blocks.{i}.upsamplers.0.conv", _LEAF))
     return _KeyMap(rows)
 
 
 _BLOCK_PART = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.([^.]+)")
 
 
-def _unet_layout_from_original(keys: Iterable[str]) -> _UNetLayout:
+def _unet_layout_from_original(keys: Iterable[str], class_embedding: bool) -> _UNetLayout:
     """Levels, res blocks per level and attention placement read from original UNet keys."""
     downsamplers, attn = set(), {"input_blocks": set(), "output_blocks": set()}
     last_input = 0
@@ -224,7 +231,7 @@ def _unet_layout_from_original(keys: Iterable[str]) -> _UNetLayout:
     for res in reversed(res_blocks):
         up_attn.append(any(b in attn["output_blocks"] for b in range(block, block + res + 1)))
         block += res + 1
-    return _UNetLayout(tuple(res_blocks), tuple(down_attn), tuple(up_attn), class_embedding=False)
+    return _UNetLayout(tuple(res_blocks), tuple(down_attn), tuple(up_attn), class_embedding)
 
 
 def _unet_layout_from_diffusers(keys: Iterable[str]) -> _UNetLayout:
@@ -243,9 +250,7 @@ def unet_to_diffusers(sd: Mapping[str, Tensor], class_embedding: bool = False) -
 
     label_emb maps to add_embedding (SDXL) unless class_embedding is set (unCLIP-style).
     """
-    layout = _unet_layout_from_original(sd)
-    layout = _UNetLayout(layout.res_blocks, layout.down_attn, layout.up_attn, class_embedding)
-    return _rename_all(sd, _unet_map(layout), to_ours=True, what="UNet")
+    return _rename_all(sd, _unet_map(_unet_layout_from_original(sd, class_embedding)), to_ours=True, what="UNet")
 
 
 def unet_to_original(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -256,7 +261,9 @@ def unet_to_original(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 # VAE (formats.md §2.3); keys without "first_stage_model." on the original side
 
-_VAE_RESNET = _KeyMap(_pairs([(n, n) for n in ("norm1", "conv1", "norm2", "conv2")] + [("nin_shortcut", "conv_shortcut")], _LEAF))
+_VAE_RESNET = _KeyMap(
+    _pairs([(n, n) for n in ("norm1", "conv1", "norm2", "conv2")] + [("nin_shortcut", "conv_shortcut")], _LEAF)
+)
 # current diffusers names first; old diffusers (pre-2023) names accepted going back
 _VAE_ATTENTION = _KeyMap(_pairs([
     ("norm", "group_norm"),
@@ -288,41 +295,43 @@ def _vae_map(encoder_blocks: tuple[int, ...], decoder_blocks: tuple[int, ...]) -
     """The VAE table for res blocks per encoder level and per decoder level (diffusers order)."""
     rows = list(_VAE_FIXED)
     for i, blocks in enumerate(encoder_blocks):
-        rows += [(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", _VAE_RESNET) for j in range(blocks)]
+        rows += [
+            (f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", _VAE_RESNET) for j in range(blocks)
+        ]
         if i < len(encoder_blocks) - 1:
             rows.append((f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv", _LEAF))
     for i, blocks in enumerate(decoder_blocks):
         level = len(decoder_blocks) - 1 - i  # the original decoder counts levels from the full-resolution end
-        rows += [(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}", _VAE_RESNET) for j in range(blocks)]
+        rows += [
+            (f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}", _VAE_RESNET) for j in range(blocks)
+        ]
         if i < len(decoder_blocks) - 1:
             rows.append((f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv", _LEAF))
     return _KeyMap(rows)
+
+
+def _attention_as_linear(original_key: str, tensor: Tensor) -> Tensor:
+    """Mid-attention 1x1 conv [C, C, 1, 1] -> Linear [C, C] (a view); everything else unchanged."""
+    return tensor.flatten(1) if tensor.ndim > 2 and _VAE_CONV_ATTENTION.fullmatch(original_key) else tensor
+
+
+def _attention_as_conv(original_key: str, tensor: Tensor) -> Tensor:
+    """Mid-attention Linear [C, C] -> 1x1 conv [C, C, 1, 1] (a view); everything else unchanged."""
+    return tensor[:, :, None, None] if tensor.ndim == 2 and _VAE_CONV_ATTENTION.fullmatch(original_key) else tensor
 
 
 def vae_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Original VAE keys (no "first_stage_model.") -> diffusers AutoencoderKL keys; attention 1x1 convs become views."""
     encoder = _per_level_counts(sd, r"encoder\.down\.(\d+)\.block\.(\d+)\.")
     decoder = _per_level_counts(sd, r"decoder\.up\.(\d+)\.block\.(\d+)\.")[::-1]
-    out = {}
-    for key, tensor in sd.items():
-        new = _rename(key, _vae_map(encoder, decoder), to_ours=True)
-        if new is None:
-            raise KeyMapError(key, "unknown VAE key")
-        out[new] = tensor.flatten(1) if _VAE_CONV_ATTENTION.fullmatch(key) and tensor.ndim > 2 else tensor
-    return out
+    return _rename_all(sd, _vae_map(encoder, decoder), to_ours=True, what="VAE", reshape=_attention_as_linear)
 
 
 def vae_to_original(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """diffusers AutoencoderKL keys (current or old attention names) -> original VAE keys (no "first_stage_model.")."""
     encoder = _per_level_counts(sd, r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.")
     decoder = _per_level_counts(sd, r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.")
-    out = {}
-    for key, tensor in sd.items():
-        new = _rename(key, _vae_map(encoder, decoder), to_ours=False)
-        if new is None:
-            raise KeyMapError(key, "unknown VAE key")
-        out[new] = tensor[:, :, None, None] if _VAE_CONV_ATTENTION.fullmatch(new) and tensor.ndim == 2 else tensor
-    return out
+    return _rename_all(sd, _vae_map(encoder, decoder), to_ours=False, what="VAE", reshape=_attention_as_conv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,7 +472,7 @@ def swap_in_ema(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # Whole checkpoints
 
 
-def _with_prefix(prefix: str, convert, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _with_prefix(prefix: str, convert: Callable, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """convert(sd), with any KeyMapError re-raised naming the full original key."""
     try:
         return convert(sd)
@@ -472,6 +481,7 @@ def _with_prefix(prefix: str, convert, sd: Mapping[str, Tensor]) -> dict[str, Te
 
 
 def _text_order(prefix: str) -> int:
+    """File order of text encoders: cond_stage_model first, then conditioner.embedders by index."""
     m = _TEXT_PREFIX.match(prefix)
     return -1 if m[1] is None else int(m[1])
 

@@ -71,8 +71,11 @@ class SafetensorsHeader:
 
 def detect_container(path: str | Path) -> str:
     """"safetensors" | "torch-zip" | "torch-legacy", from the first bytes (never the extension)."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise ModelFileError(path, f"cannot be read: {exc.strerror or exc}") from exc
     if not head:
         raise ModelFileError(path, "file is empty")
     if len(head) == 9 and head[8:9] == b"{":

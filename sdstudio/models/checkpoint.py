@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from sdstudio.errors import ModelFileError
 from sdstudio.files.detect import CheckpointInfo, detect_checkpoint, yaml_prediction
-from sdstudio.files.keymaps import split_checkpoint, swap_in_ema
+from sdstudio.files.keymaps import KeyMapError, split_checkpoint, swap_in_ema
 from sdstudio.files.readers import read_state_dict
 from sdstudio.models.build import build_text_encoder, build_unet, build_vae
 
@@ -79,11 +79,12 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     sd = read_state_dict(path)
     info = detect_checkpoint(path, sd, read_tensor=sd.__getitem__, prediction_override=yaml_prediction(path))
-    if use_ema:
-        if not info.has_ema:
-            raise ModelFileError(path, "use_ema was requested but the file has no EMA weights (model_ema.*)")
-        sd = swap_in_ema(sd)
-    parts = split_checkpoint(sd)
+    if use_ema and not info.has_ema:
+        raise ModelFileError(path, "use_ema was requested but the file has no EMA weights (model_ema.*)")
+    try:
+        parts = split_checkpoint(swap_in_ema(sd) if use_ema else sd)
+    except KeyMapError as exc:
+        raise ModelFileError(path, str(exc)) from exc
     where = str(path)
     if not parts.text_encoders:
         raise ModelFileError(path, "has no text encoder weights (cond_stage_model.* / conditioner.*); "

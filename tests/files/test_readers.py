@@ -348,3 +348,10 @@ def test_lightning_callback_reference_is_read_as_data(tmp_path, monkeypatch):
     _assert_same(read_state_dict(path), source)
     callbacks = load_pickle(path)["callbacks"]
     assert [key.__name__ for key in callbacks] == ["_LightningModelCheckpoint"]
+
+
+def test_missing_file_is_a_model_file_error(tmp_path):
+    from sdstudio.files.readers import read_state_dict
+
+    with pytest.raises(ModelFileError, match="gone.safetensors: cannot be read: No such file"):
+        read_state_dict(tmp_path / "gone.safetensors")
