@@ -171,6 +171,22 @@ def cmd_pnginfo(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("tokens")
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """Print tokens used / chunk capacity of a prompt (embeddings in the data dir count by their vectors)."""
+    from sdstudio.models.embeddings import EmbeddingDB
+    from sdstudio.prompt.conditioning import EmbeddingLookup, count_tokens
+    from sdstudio.prompt.parser import extract_extra_networks, prompt_schedule, split_and
+
+    lookup = EmbeddingLookup(EmbeddingDB.for_data_dir(args.data_dir).embeddings.values())
+    text, _ = extract_extra_networks(args.prompt)
+    # A1111's counter: the largest count over every AND part and every step of the prompt schedule
+    used, capacity = max(count_tokens(step_text, lookup)
+                         for part, _ in split_and(text) for _, step_text in prompt_schedule(part, args.steps))
+    print(f"{used}/{capacity}")
+    return 0
+
+
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the web page and the A1111-compatible API (127.0.0.1:7860 by default)."""
@@ -234,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure", action="store_true", help="allow --listen without --api-auth")
     serve.add_argument("--no-demo", action="store_true",
                        help="do not build the small demo model when models/Stable-diffusion is empty")
+    tokens = sub.add_parser("tokens", parents=[common], help="count a prompt's tokens (n/75 like A1111)")
+    tokens.add_argument("prompt")
+    tokens.add_argument("--steps", type=int, default=20, help="steps for prompt-editing schedules")
     pnginfo = sub.add_parser("pnginfo", parents=[common], help="print an image's generation parameters")
     pnginfo.add_argument("file", type=Path)
 

@@ -25,7 +25,7 @@ from sdstudio.images.preview import latent_preview
 from sdstudio.images.saving import output_dir, save_generated
 from sdstudio.models import vae as vae_ops
 from sdstudio.models.checkpoint import LoadedCheckpoint
-from sdstudio.prompt.conditioning import encode_texts
+from sdstudio.prompt.conditioning import EmbeddingLookup, encode_texts
 from sdstudio.prompt.parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_and
 from sdstudio.sampling import registry
 from sdstudio.sampling.denoisers import CFGConds, CFGDenoiser, DiscreteSchedule, EpsDenoiser, VDenoiser
@@ -267,7 +267,7 @@ class PromptEncoder:
     def __init__(self, model: LoadedCheckpoint, request: GenerationRequest, embeddings=None):
         self.model = model
         self.request = request
-        self.embeddings = embeddings
+        self.embeddings = EmbeddingLookup(embeddings) if embeddings is not None else None
         self.encoders = {e.kind: e.model for e in model.text_encoders}
         self.used_embeddings: dict[str, Any] = {}
         self._cache: dict[tuple[str, bool], list[tuple[int, dict]]] = {}
@@ -421,7 +421,7 @@ def txt2img(model: LoadedCheckpoint, request: GenerationRequest | None = None, *
             **fields_: Any) -> GenerationResult:
     """Generate images from text. Fields of GenerationRequest may be given as keywords; images are saved
     under <data_dir>/outputs/txt2img-images/YYYY-MM-DD/ unless save=False. `embeddings` resolves
-    textual-inversion names, `networks` applies `<lora:...>` tags (without it, tags are reported as ignored)."""
+    textual-inversion names (a list of models.embeddings.Embedding), `networks` applies `<lora:...>` tags (without it, tags are reported as ignored)."""
     request = _request(request, fields_)
     return _generate(model, replace(request, init_images=None), "txt2img", callback, data_dir, save, model_hash,
                      embeddings, networks, interrupt)

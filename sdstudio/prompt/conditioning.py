@@ -13,11 +13,12 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from instant_clip_tokenizer import Tokenizer
 
+from sdstudio.models.embeddings import Embedding
 from sdstudio.prompt.parser import parse_attention
 
 CHUNK_LENGTH = 75          # tokens per chunk between BOS and EOS
@@ -27,17 +28,24 @@ OPEN_CLIP_PAD = 0          # OpenCLIP pads after the first EOS with 0; CLIP-L pa
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 
 
-class Embedding(Protocol):
-    """A textual-inversion embedding as the chunker sees it (see models/embeddings.py)."""
+class EmbeddingLookup:
+    """Embeddings indexed by the token ids of their names: first id -> [(ids, embedding)], longest first (A1111)."""
 
-    name: str
-    vectors: int
+    def __init__(self, embeddings: Sequence[Embedding]):
+        self._index: dict[int, list[tuple[list[int], Embedding]]] = {}
+        for embedding in embeddings:
+            ids = tokenize(embedding.name)
+            if ids:
+                self._index.setdefault(ids[0], []).append((ids, embedding))
+        for entries in self._index.values():
+            entries.sort(key=lambda item: len(item[0]), reverse=True)
 
-    def vectors_for(self, kind: str) -> torch.Tensor: ...  # (vectors, width) for encoder kind
-
-
-class EmbeddingLookup(Protocol):
-    def find_at(self, tokens: Sequence[int], position: int) -> tuple[Embedding | None, int]: ...
+    def find_at(self, tokens: Sequence[int], position: int) -> tuple[Embedding | None, int]:
+        """The embedding whose name's tokens start at `position` (longest match), and how many tokens it spans."""
+        for ids, embedding in self._index.get(tokens[position], ()):
+            if list(tokens[position:position + len(ids)]) == ids:
+                return embedding, len(ids)
+        return None, 0
 
 
 @cache
