@@ -82,13 +82,25 @@ def _load_model(args: argparse.Namespace, infotext_params: dict[str, str] | None
     elif infotext_params and (infotext_params.get("Model hash") or infotext_params.get("Model")):
         query = infotext_params.get("Model hash") or infotext_params["Model"]
         path = catalog.find_checkpoint(query).path
-    elif catalog.checkpoints():
-        path = catalog.checkpoints()[0].path
     else:
-        raise SDStudioError(f"no checkpoint given (--ckpt) and none in {Path(args.data_dir) / 'models/Stable-diffusion'}")
+        path = _first_usable_checkpoint(catalog)
     vae = Path(args.vae) if args.vae and Path(args.vae).is_file() else resolve_vae(
         args.vae or "Automatic", path, {e.name.rsplit("/", 1)[-1]: e.path for e in catalog.vaes()})
     return load_checkpoint(path, vae=vae, use_ema=args.ema, dtype=_precision(args.precision))
+
+
+def _first_usable_checkpoint(catalog) -> Path:
+    """The first checkpoint (by name) that is recognised as one; misplaced files are passed over."""
+    from sdstudio.files.detect import inspect_checkpoint
+
+    for entry in catalog.checkpoints():
+        try:
+            inspect_checkpoint(entry.path)
+            return entry.path
+        except SDStudioError:
+            continue
+    raise SDStudioError(f"no checkpoint given (--ckpt) and none usable in "
+                        f"{Path(catalog.data_dir) / 'models' / 'Stable-diffusion'}")
 
 
 def _precision(name: str):
@@ -104,6 +116,7 @@ def _generate(args: argparse.Namespace, mode: str) -> int:
 
     from sdstudio import pipeline
     from sdstudio.images.infotext import parse_infotext, read_infotext
+    from sdstudio.sampling import registry
 
     base = pipeline.GenerationRequest()
     infotext_params = None
@@ -124,17 +137,21 @@ def _generate(args: argparse.Namespace, mode: str) -> int:
                 raise SDStudioError(f"{path}: cannot read the init image ({exc})") from exc
         overrides["init_images"] = images
     request = pipeline._request(base, overrides)
+    registry.get_sampler_and_scheduler(request.sampler_name, request.scheduler)  # fail before the slow load
     model = _load_model(args, infotext_params)
-    bar = tqdm(total=request.steps * request.n_iter, unit="step", disable=args.quiet)
+    bars: list[tqdm] = []
 
     def on_step(info: pipeline.StepInfo) -> None:
-        bar.update(1)
+        if not bars:
+            bars.append(tqdm(total=info.steps * request.n_iter, unit="step", disable=args.quiet))
+        bars[0].update(1)
 
     run = pipeline.img2img if mode == "img2img" else pipeline.txt2img
     try:
         result = run(model, request, callback=on_step, data_dir=args.data_dir, save=not args.no_save)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for path in result.paths:

@@ -1,0 +1,110 @@
+"""The `sdstudio` command line, run as a real subprocess on a data dir in A1111's layout."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdstudio.files.writers import save_safetensors
+
+SDSTUDIO = [sys.executable, "-m", "sdstudio.cli"]
+
+
+def run(*args: str, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*SDSTUDIO, *args, "--data-dir", str(data_dir)], capture_output=True, text=True,
+                            timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr)
+    return result
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, sd1_file):
+    root = tmp_path_factory.mktemp("data")
+    models = root / "models" / "Stable-diffusion" / "sub"
+    models.mkdir(parents=True)
+    os.link(sd1_file, models / "tiny.safetensors")
+    save_safetensors({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 64),
+                      "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(64, 4)},
+                     root / "models" / "Stable-diffusion" / "misplaced-lora.safetensors")
+    return root
+
+
+def test_models_table(data_dir):
+    out = run("models", data_dir=data_dir).stdout
+    header, *rows = out.strip().splitlines()
+    assert header.split() == ["name", "family", "prediction", "hash", "size", "dtype"]
+    tiny = next(r for r in rows if r.startswith("sub/tiny.safetensors"))
+    assert tiny.split()[1:3] == ["SD1", "eps"] and tiny.split()[-1] == "float32"
+    assert len(tiny.split()[3]) == 10  # AutoV2 hash
+    wrong = next(r for r in rows if r.startswith("misplaced-lora"))
+    assert "this looks like a LoRA" in wrong and "models/Lora" in wrong
+
+
+def test_synth_writes_a_loadable_file(tmp_path):
+    out = tmp_path / "x.ckpt"
+    result = subprocess.run([*SDSTUDIO, "synth", str(out), "--family", "sd2-v"], capture_output=True, text=True)
+    assert result.returncode == 0 and out.stat().st_size > 0
+    from sdstudio.files.detect import inspect_checkpoint
+
+    info = inspect_checkpoint(out)
+    assert (info.family, info.prediction) == ("sd2", "v")
+
+
+def test_txt2img_pnginfo_and_regenerate_from_png(data_dir):
+    out = run("txt2img", "a lighthouse, (storm:1.2)", "-n", "blurry", "--steps", "3", "-W", "64", "-H", "64",
+              "--seed", "1234", "--sampler", "Euler a", "-q", data_dir=data_dir).stdout.strip()
+    first = Path(out)
+    assert first.name == "00000-1234.png" and first.parent.parent.name == "txt2img-images"
+    info = run("pnginfo", str(first), data_dir=data_dir).stdout
+    assert info.startswith("a lighthouse, (storm:1.2)\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a")
+    again = Path(run("txt2img", "--from-png", str(first), "-q", data_dir=data_dir).stdout.strip())
+    assert again.name == "00001-1234.png"
+    assert again.read_bytes() == first.read_bytes()
+
+
+def test_img2img_and_unreadable_init_image(data_dir, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (80, 60), (10, 200, 30)).save(tmp_path / "init.png")
+    out = run("img2img", "grass", "--init", str(tmp_path / "init.png"), "--steps", "4", "-W", "64", "-H", "64",
+              "--denoising-strength", "0.5", "-q", data_dir=data_dir).stdout.strip()
+    assert "img2img-images" in out and Path(out).is_file()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bad = run("img2img", "x", "--init", str(tmp_path / "broken.png"), data_dir=data_dir, check=False)
+    assert bad.returncode == 1 and "broken.png: cannot read the init image" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_errors_are_one_line(data_dir):
+    bad = run("txt2img", "x", "--sampler", "Nope", "--steps", "2", "-W", "64", "-H", "64", data_dir=data_dir,
+              check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "unknown sampler 'Nope'" in bad.stderr
+    missing = run("txt2img", "x", "--ckpt", "nonexistent", data_dir=data_dir, check=False)
+    assert missing.returncode == 1 and "nonexistent" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_tokens(data_dir):
+    assert run("tokens", "a cat", data_dir=data_dir).stdout.strip() == "2/75"
+
+
+def test_ctrl_c_stops_cleanly_without_partial_files(data_dir):
+    outputs = data_dir / "outputs"
+    before = set(outputs.rglob("*")) if outputs.exists() else set()
+    process = subprocess.Popen([*SDSTUDIO, "txt2img", "x", "--steps", "400", "-W", "64", "-H", "64",
+                                "--data-dir", str(data_dir)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    seen = ""
+    while time.time() < deadline and "step" not in seen:   # wait for the progress bar to start
+        seen += process.stderr.read(1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    after = set(outputs.rglob("*")) if outputs.exists() else set()
+    assert {p for p in after - before if p.is_file()} == set()
