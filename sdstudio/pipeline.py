@@ -5,11 +5,10 @@ sigmas → first noise → sampler loop over a CFG denoiser → VAE decode → i
 """
 from __future__ import annotations
 
-import logging
+import inspect
 import math
-import os
 import threading
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -32,7 +31,6 @@ from sdstudio.sampling.denoisers import CFGConds, CFGDenoiser, DiscreteSchedule,
 from sdstudio.sampling.brownian import BrownianTreeNoiseSampler
 from sdstudio.sampling.rng import ImageRNG, batch_seeds
 
-log = logging.getLogger(__name__)
 
 LATENT_FACTOR = 8             # pixels per latent cell
 LATENT_CHANNELS = 4
@@ -162,19 +160,20 @@ def check_request(model: LoadedCheckpoint, request: GenerationRequest) -> tuple[
     return request, warnings
 
 
+UNET_LIVE_TENSORS = 40     # activations of the first UNet level alive at once (skip connections included)
+VAE_LIVE_TENSORS = 6       # full-resolution decoder activations alive at once
+
+
 def estimate_memory(model: LoadedCheckpoint, request: GenerationRequest) -> int:
-    """Rough peak bytes of one UNet call with CFG (activations of the largest level, incl. naive attention)
-    plus the VAE decode of the batch, in the model's precision."""
+    """Rough peak bytes of a job: one UNet call with CFG at the first level (attention through SDPA's
+    memory-efficient kernels, so no n² matrix) or the fp32 VAE decode of the batch at full resolution."""
     itemsize = torch.finfo(model.dtype).bits // 8
     rows = 2 * request.batch_size                      # cond + uncond
     cells = (request.width // LATENT_FACTOR) * (request.height // LATENT_FACTOR)
-    channels = model.unet.config.block_out_channels[0]
-    activations = rows * cells * channels * itemsize * 24
-    heads = 8
-    attention = rows * heads * cells * cells * itemsize
-    vae_channels = model.vae.config.block_out_channels[-1]
-    decode = request.batch_size * request.width * request.height * vae_channels * 4 * 3
-    return activations + attention + decode
+    unet = rows * cells * model.unet.config.block_out_channels[0] * itemsize * UNET_LIVE_TENSORS
+    decode = (request.batch_size * request.width * request.height * model.vae.config.block_out_channels[0]
+              * 4 * VAE_LIVE_TENSORS)
+    return max(unet, decode)
 
 
 def available_memory() -> int:
@@ -486,7 +485,7 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
         init_latents = vae_ops.encode(model.vae, init_pixels)
 
     encoder = PromptEncoder(model, request, embeddings)
-    pad_chunk = encoder.schedule("", True, {})[0][1]["crossattn"][:77] if request.pad_conds else None
+    pad_chunk = encoder.schedule("", False, {})[0][1]["crossattn"] if request.pad_conds else None
     result = GenerationResult([], [], seeds, subseeds, warnings=warnings, request=request)
     out_dir = output_dir(Path(data_dir or "."), mode) if save else None
     for batch in range(request.n_iter):
@@ -542,8 +541,6 @@ def _sample(sampler: registry.SamplerSpec, request: GenerationRequest, model_fn:
             sigmas: torch.Tensor, rng: ImageRNG, seeds: list[int], callback: StepCallback | None, family: str,
             interrupt: threading.Event | None) -> torch.Tensor:
     """Run the sampler function with only the keyword arguments it takes (A1111 filters them the same way)."""
-    import inspect
-
     options: dict[str, Any] = dict(sampler.extra_kwargs)
     accepted = inspect.signature(sampler.function).parameters
     wanted = {"eta": _eta(sampler, request), "s_churn": request.s_churn, "s_tmin": request.s_tmin,

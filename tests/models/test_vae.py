@@ -9,7 +9,7 @@ import torch
 from sdstudio import synthetic
 from sdstudio.errors import ModelFileError
 from sdstudio.files.keymaps import vae_to_original
-from sdstudio.files.writers import save_safetensors, save_torch
+from sdstudio.files.writers import save_safetensors
 from sdstudio.models import vae as vae_ops
 from sdstudio.models.checkpoint import load_checkpoint
 
