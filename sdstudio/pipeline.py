@@ -27,7 +27,8 @@ from sdstudio.models.checkpoint import LoadedCheckpoint
 from sdstudio.prompt.conditioning import EmbeddingLookup, encode_texts
 from sdstudio.prompt.parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_and
 from sdstudio.sampling import registry
-from sdstudio.sampling.denoisers import CFGConds, CFGDenoiser, DiscreteSchedule, EpsDenoiser, VDenoiser
+from sdstudio.sampling.denoisers import (CFGConds, CFGDenoiser, DiscreteSchedule, EpsDenoiser, LCMDenoiser,
+                                         LCMSchedule, VDenoiser)
 from sdstudio.sampling.brownian import BrownianTreeNoiseSampler
 from sdstudio.sampling.rng import ImageRNG, batch_seeds
 
@@ -466,9 +467,13 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
     latent_shape = (LATENT_CHANNELS, request.height // LATENT_FACTOR, request.width // LATENT_FACTOR)
 
     # 2. sigmas: the model's discrete schedule (alphas_cumprod from the file when it has them)
-    schedule = DiscreteSchedule(model.alphas_cumprod)
     unet = UNetModel(model)
-    denoiser = (VDenoiser if model.info.prediction == "v" else EpsDenoiser)(unet, schedule)
+    if sampler.consistency:
+        schedule = LCMSchedule(model.alphas_cumprod)
+        denoiser = LCMDenoiser(unet, schedule)
+    else:
+        schedule = DiscreteSchedule(model.alphas_cumprod)
+        denoiser = (VDenoiser if model.info.prediction == "v" else EpsDenoiser)(unet, schedule)
     img2img_mode = request.init_images is not None
     sigmas = registry.make_sigmas(sampler, request.scheduler, request.steps, schedule,
                                   is_sdxl=model.family.startswith("sdxl"))

@@ -74,6 +74,53 @@ class DiscreteSchedule:
         return torch.cat([self.t_to_sigma(t), torch.zeros(1)])
 
 
+LCM_ORIGINAL_STEPS = 50  # LCM models are distilled on 50 of the 1000 training timesteps
+LCM_SIGMA_DATA = 0.5
+LCM_TIMESTEP_SCALING = 10.0
+
+
+class LCMSchedule(DiscreteSchedule):
+    """A1111 `LCMCompVisDenoiser`'s schedule: the 50 timesteps LCM was distilled on (every 20th from the top),
+    with sigma→t snapped to the nearest of them and t expressed in the original 1000-step numbering."""
+
+    def __init__(self, alphas_cumprod: Tensor | None = None):
+        full = DiscreteSchedule(alphas_cumprod).alphas_cumprod
+        self.skip = len(full) // LCM_ORIGINAL_STEPS
+        super().__init__(full[len(full) - 1 - torch.arange(LCM_ORIGINAL_STEPS) * self.skip].flip(0))
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Timestep (in 1000-step numbering) of the nearest LCM sigma."""
+        dists = sigma.log() - self.log_sigmas.to(sigma.device)[:, None]
+        return (dists.abs().argmin(dim=0).view(sigma.shape) * self.skip + (self.skip - 1)).float()
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        return super().t_to_sigma(((t - (self.skip - 1)) / self.skip).clamp(0, len(self.sigmas) - 1))
+
+    def get_sigmas(self, n: int) -> Tensor:
+        """A1111: t = linspace(t(σmax), t(σmin), n) through t_to_sigma, then 0."""
+        start = self.sigma_to_t(torch.tensor(self.sigma_max))
+        end = self.sigma_to_t(torch.tensor(self.sigma_min))
+        return torch.cat([self.t_to_sigma(torch.linspace(start.item(), end.item(), n)), torch.zeros(1)])
+
+
+class LCMDenoiser:
+    """A1111 `LCMCompVisDenoiser`: eps-model x0 estimate, then the consistency boundary condition
+    c_skip·x + c_out·x0 with the scaled timestep 10·t (Luo et al. 2023, eq. 9)."""
+
+    def __init__(self, model: ModelFn, schedule: LCMSchedule):
+        self.model = model
+        self.schedule = schedule
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
+        t = self.schedule.sigma_to_t(sigma)
+        c_in = append_dims(1 / (sigma ** 2 + 1) ** 0.5, x.ndim)
+        x0 = x - append_dims(sigma, x.ndim) * self.model(x * c_in, t, **cond)
+        scaled_t = append_dims(t, x.ndim) * LCM_TIMESTEP_SCALING
+        c_skip = LCM_SIGMA_DATA ** 2 / (scaled_t ** 2 + LCM_SIGMA_DATA ** 2)
+        c_out = scaled_t / (scaled_t ** 2 + LCM_SIGMA_DATA ** 2) ** 0.5
+        return c_out * x0 + c_skip * x
+
+
 class EpsDenoiser:
     """x0 from an eps-prediction model: D(x, σ) = x - σ·eps(x/√(σ²+1), t(σ)) (k-diffusion `CompVisDenoiser`)."""
 

@@ -27,6 +27,7 @@ class SamplerSpec:
     discard_next_to_last_sigma: bool = False
     eta_default: float | None = None  # None: the sampler takes no eta
     timesteps: bool = False  # A1111 runs it over the model's discrete timesteps and ignores the scheduler
+    consistency: bool = False  # LCM: A1111 wraps the model in LCMCompVisDenoiser over the 50-step LCM schedule
     extra_kwargs: dict = field(default_factory=dict)  # fixed keyword arguments, e.g. solver_type
 
     @property
@@ -82,7 +83,7 @@ SAMPLERS: list[SamplerSpec] = [
                 discard_next_to_last_sigma=True, uses_ensd=True, second_order=True, eta_default=_ANCESTRAL_ETA),
     SamplerSpec("Restart", samplers.sample_restart, ("restart",), scheduler="karras", second_order=True),
     SamplerSpec("DDIM", samplers.sample_ddim, ("ddim",), eta_default=_DDIM_ETA, timesteps=True),
-    SamplerSpec("LCM", samplers.sample_lcm, ("k_lcm",)),
+    SamplerSpec("LCM", samplers.sample_lcm, ("k_lcm",), consistency=True),
 ]
 
 SCHEDULERS: list[SchedulerSpec] = [

@@ -102,3 +102,33 @@ def test_cfg_with_different_token_counts_pads_parts_and_runs_uncond_apart():
     recorder = _Recorder()
     CFGDenoiser(recorder, cond_scale=5.0)(x, sigma, conds)
     assert recorder.batches == [2, 1]
+
+
+def test_lcm_schedule_uses_every_20th_timestep_from_the_top():
+    from sdstudio.sampling.denoisers import LCMSchedule, sd_alphas_cumprod
+
+    full = sd_alphas_cumprod()
+    lcm = LCMSchedule(full)
+    assert len(lcm.sigmas) == 50
+    assert torch.equal(lcm.alphas_cumprod[-1], full[999]) and torch.equal(lcm.alphas_cumprod[0], full[19])
+    assert lcm.sigma_to_t(lcm.sigmas[[0, 10, 49]]).tolist() == [19.0, 219.0, 999.0]
+    # a sigma between two LCM sigmas snaps to the nearer one (in log space)
+    between = (lcm.log_sigmas[10] * 0.8 + lcm.log_sigmas[11] * 0.2).exp()
+    assert lcm.sigma_to_t(between.reshape(1)).item() == 219.0
+    sigmas = lcm.get_sigmas(4)
+    assert torch.isclose(sigmas[0], lcm.sigmas[-1]) and sigmas[-1] == 0 and len(sigmas) == 5
+
+
+def test_lcm_denoiser_applies_the_consistency_boundary_condition():
+    from sdstudio.sampling.denoisers import LCMDenoiser, LCMSchedule
+
+    lcm = LCMSchedule()
+    eps = torch.full((1, 1, 2, 2), 0.3)
+    denoiser = LCMDenoiser(lambda x, t: eps, lcm)
+    x = torch.full((1, 1, 2, 2), 2.0)
+    sigma = lcm.sigmas[20:21]
+    t = 20 * 20 + 19
+    x0 = x - sigma * eps
+    scaled = t * 10.0
+    expected = scaled / (scaled ** 2 + 0.25) ** 0.5 * x0 + 0.25 / (scaled ** 2 + 0.25) * x
+    assert torch.allclose(denoiser(x, sigma), expected)
