@@ -175,9 +175,11 @@ def detect_checkpoint(
 
 
 def _family_from_unet(tensors: Mapping[str, _HasShape]) -> str:
-    """Family of a UNet-only file (no text encoder keys): SDXL has label_emb; SD2 uses linear proj_in."""
+    """Family of a UNet-only file (no text encoder keys): SDXL base has 3 levels and label_emb, the refiner 4 with
+    label_emb; SD2 uses linear proj_in, SD1 1×1 convs."""
     if LABEL_EMB in tensors:
-        return "sdxl" if _context_dim(tensors) > 1280 or tensors[LABEL_EMB].shape[1] % 6 == 0 else "sdxl-refiner"
+        levels = 1 + sum(1 for k in tensors if k.startswith(UNET + "input_blocks.") and k.endswith(".0.op.weight"))
+        return "sdxl" if levels == 3 else "sdxl-refiner"
     proj_in = [t for k, t in tensors.items() if k.startswith(UNET) and k.endswith("proj_in.weight")]
     return "sd2" if proj_in and len(proj_in[0].shape) == 2 else "sd1"
 

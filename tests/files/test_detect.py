@@ -101,3 +101,10 @@ def test_unsupported_input_channels_are_reported(state_dicts):
 def test_label_is_readable():
     info = CheckpointInfo("sd2", "inpaint", "v", 9, {}, False, True, ("open_clip_h",), 1, 1024)
     assert info.label == "SD2 v inpaint"
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "sdxl-refiner"])
+def test_unet_only_files_get_their_family_from_the_unet(state_dicts, name):
+    unet_only = {k: v for k, v in state_dicts[name].items() if k.startswith("model.diffusion_model.")}
+    info = detect_checkpoint("unet.safetensors", unet_only)
+    assert info.family == EXPECTED[name][0] and info.text_encoders == () and not info.has_vae
