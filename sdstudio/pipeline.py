@@ -267,6 +267,9 @@ class PromptEncoder:
     def __init__(self, model: LoadedCheckpoint, request: GenerationRequest, embeddings=None):
         self.model = model
         self.request = request
+        sampler, _ = registry.get_sampler_and_scheduler(request.sampler_name, request.scheduler)
+        # A1111 schedules prompts over the sampler's total model calls: 2 per step for second-order samplers
+        self.schedule_steps = request.steps * (2 if sampler.second_order else 1)
         self.embeddings = EmbeddingLookup(embeddings) if embeddings is not None else None
         self.encoders = {e.kind: e.model for e in model.text_encoders}
         self.used_embeddings: dict[str, Any] = {}
@@ -276,7 +279,7 @@ class PromptEncoder:
         """[(end_step, cond dict)] for one prompt text (no AND left)."""
         key = (text, negative)
         if key not in self._cache:
-            steps = prompt_schedule(text, self.request.steps)
+            steps = prompt_schedule(text, self.schedule_steps)
             encoded = encode_texts(self.encoders, self.model.family, [t for _, t in steps], self.embeddings,
                                    clip_skip=self.request.clip_skip, emphasis=self.request.emphasis,
                                    comma_backtrack=self.request.comma_padding_backtrack, zero_if_empty=negative)
@@ -453,9 +456,8 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
     # 1. inputs
     request, warnings = check_request(model, request)
     sampler, _ = registry.get_sampler_and_scheduler(request.sampler_name, request.scheduler)
-    prompt, tags = extract_extra_networks(request.prompt)
-    negative, negative_tags = extract_extra_networks(request.negative_prompt)
-    tags += negative_tags
+    prompt, tags = extract_extra_networks(request.prompt)   # A1111 reads tags from the positive prompt only
+    negative = request.negative_prompt
     if networks is not None:
         report = networks.apply(tags)
     else:
