@@ -136,6 +136,16 @@ def _generate(args: argparse.Namespace, mode: str) -> int:
             except (OSError, UnidentifiedImageError) as exc:
                 raise SDStudioError(f"{path}: cannot read the init image ({exc})") from exc
         overrides["init_images"] = images
+    if args.styles:
+        from sdstudio.prompt.styles import StyleDB
+
+        styles = StyleDB(Path(args.data_dir) / "styles.csv")
+        unknown = [name for name in args.styles if name not in styles.names()]
+        if unknown:
+            raise SDStudioError(f"{styles.path}: no style named {unknown[0]!r}; "
+                                f"available: {', '.join(styles.names()) or 'none'}")
+        overrides["prompt"], overrides["negative_prompt"] = styles.apply_styles(
+            overrides.get("prompt", base.prompt), overrides.get("negative_prompt", base.negative_prompt), args.styles)
     request = pipeline._request(base, overrides)
     registry.get_sampler_and_scheduler(request.sampler_name, request.scheduler)  # fail before the slow load
     model = _load_model(args, infotext_params)
@@ -217,6 +227,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None:
     parser.add_argument("prompt", nargs="?", default=None)
     parser.add_argument("-n", "--negative-prompt", dest="negative_prompt")
+    parser.add_argument("--style", dest="styles", action="append",
+                        help="apply a style from <data-dir>/styles.csv (repeatable)")
     parser.add_argument("--ckpt", help="checkpoint file, or a name/title/hash from models/Stable-diffusion")
     parser.add_argument("--vae", help="Automatic (default), None, a VAE name from models/VAE, or a path")
     parser.add_argument("--ema", action="store_true", help="use the EMA UNet weights when the file has them")

@@ -108,3 +108,12 @@ def test_ctrl_c_stops_cleanly_without_partial_files(data_dir):
     assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
     after = set(outputs.rglob("*")) if outputs.exists() else set()
     assert {p for p in after - before if p.is_file()} == set()
+
+
+def test_styles_from_styles_csv(data_dir):
+    (data_dir / "styles.csv").write_text('name,prompt,negative_prompt\nnoir,"{prompt}, film noir",lowres\n')
+    out = run("txt2img", "a street", "--style", "noir", "--steps", "1", "-W", "64", "-H", "64", "--no-save", "-q",
+              data_dir=data_dir).stdout
+    assert out.startswith("a street, film noir\nNegative prompt: lowres\n")
+    bad = run("txt2img", "x", "--style", "nope", data_dir=data_dir, check=False)
+    assert bad.returncode == 1 and "no style named 'nope'; available: noir" in bad.stderr
