@@ -158,7 +158,8 @@ def _generate(args: argparse.Namespace, mode: str) -> int:
 
     run = pipeline.img2img if mode == "img2img" else pipeline.txt2img
     try:
-        result = run(model, request, callback=on_step, data_dir=args.data_dir, save=not args.no_save)
+        result = run(model, request, callback=on_step, data_dir=args.data_dir, save=not args.no_save,
+                     image_format=args.format)
     finally:
         for bar in bars:
             bar.close()
@@ -247,6 +248,8 @@ def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None
     parser.add_argument("--clip-skip", dest="clip_skip", type=int)
     parser.add_argument("--rng", dest="randn_source", choices=["GPU", "CPU", "NV"])
     parser.add_argument("--ensd", dest="eta_noise_seed_delta", type=int)
+    parser.add_argument("--format", choices=["png", "jpg", "webp"], default="png",
+                        help="image file format (infotext in a PNG text chunk or EXIF UserComment)")
     parser.add_argument("--no-save", action="store_true", help="do not write files; print the infotext")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     if img2img:

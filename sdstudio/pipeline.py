@@ -421,25 +421,25 @@ def _eta(sampler: registry.SamplerSpec, request: GenerationRequest) -> float | N
 def txt2img(model: LoadedCheckpoint, request: GenerationRequest | None = None, *, callback: StepCallback | None = None,
             data_dir: str | Path | None = None, save: bool = True, model_hash: str | None = None,
             embeddings=None, networks: ExtraNetworks | None = None, interrupt: threading.Event | None = None,
-            **fields_: Any) -> GenerationResult:
+            image_format: str = "png", **fields_: Any) -> GenerationResult:
     """Generate images from text. Fields of GenerationRequest may be given as keywords; images are saved
-    under <data_dir>/outputs/txt2img-images/YYYY-MM-DD/ unless save=False. `embeddings` resolves
+    under <data_dir>/outputs/txt2img-images/YYYY-MM-DD/ as `image_format` (png, jpg, webp) unless save=False. `embeddings` resolves
     textual-inversion names (a list of models.embeddings.Embedding), `networks` applies `<lora:...>` tags (without it, tags are reported as ignored)."""
     request = _request(request, fields_)
     return _generate(model, replace(request, init_images=None), "txt2img", callback, data_dir, save, model_hash,
-                     embeddings, networks, interrupt)
+                     embeddings, networks, interrupt, image_format)
 
 
 def img2img(model: LoadedCheckpoint, request: GenerationRequest | None = None, *, callback: StepCallback | None = None,
             data_dir: str | Path | None = None, save: bool = True, model_hash: str | None = None,
             embeddings=None, networks: ExtraNetworks | None = None, interrupt: threading.Event | None = None,
-            **fields_: Any) -> GenerationResult:
+            image_format: str = "png", **fields_: Any) -> GenerationResult:
     """Generate images from init_images (PIL) and text with A1111's denoising-strength step semantics."""
     request = _request(request, fields_)
     if not request.init_images:
         raise InvalidRequestError("init_images", "img2img needs at least one init image")
     return _generate(model, request, "img2img", callback, data_dir, save, model_hash, embeddings, networks,
-                     interrupt)
+                     interrupt, image_format)
 
 
 def _request(request: GenerationRequest | None, overrides: dict[str, Any]) -> GenerationRequest:
@@ -452,7 +452,8 @@ def _request(request: GenerationRequest | None, overrides: dict[str, Any]) -> Ge
 
 def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, callback: StepCallback | None,
               data_dir: str | Path | None, save: bool, model_hash: str | None, embeddings,
-              networks: ExtraNetworks | None, interrupt: threading.Event | None) -> GenerationResult:
+              networks: ExtraNetworks | None, interrupt: threading.Event | None,
+              image_format: str = "png") -> GenerationResult:
     # 1. inputs
     request, warnings = check_request(model, request)
     sampler, _ = registry.get_sampler_and_scheduler(request.sampler_name, request.scheduler)
@@ -540,7 +541,8 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
             result.images.append(image)
             result.infotexts.append(text)
             if out_dir is not None:
-                result.paths.append(save_generated(image, outdir=out_dir, seed=batch_seed[i], infotext=text).path)
+                result.paths.append(save_generated(image, outdir=out_dir, seed=batch_seed[i], infotext=text,
+                                                   ext=image_format).path)
     return result
 
 

@@ -90,6 +90,14 @@ def test_errors_are_one_line(data_dir):
     assert missing.returncode == 1 and "nonexistent" in missing.stderr and "Traceback" not in missing.stderr
 
 
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+def test_jpeg_and_webp_outputs_carry_the_infotext(data_dir, fmt):
+    out = Path(run("txt2img", "a boat", "--steps", "1", "-W", "64", "-H", "64", "--seed", "9", "--format", fmt, "-q",
+                   data_dir=data_dir).stdout.strip())
+    assert out.suffix == "." + fmt
+    assert run("pnginfo", str(out), data_dir=data_dir).stdout.startswith("a boat\nSteps: 1,")
+
+
 def test_tokens(data_dir):
     assert run("tokens", "a cat", data_dir=data_dir).stdout.strip() == "2/75"
 

@@ -1,0 +1,56 @@
+"""Loaded checkpoints kept within a RAM budget, least recently used evicted: switching back is instant, and a
+failed load never replaces (or evicts) what was loaded before."""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from sdstudio.models.checkpoint import LoadedCheckpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET = 8 * 2**30  # bytes of weights kept loaded
+
+
+def model_bytes(model: LoadedCheckpoint) -> int:
+    """Bytes of the weights a loaded checkpoint holds (UNet, VAEs, text encoders)."""
+    modules = [model.unet, model.vae] + [e.model for e in model.text_encoders]
+    if model.own_vae is not None and model.own_vae is not model.vae:
+        modules.append(model.own_vae)
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+class CheckpointCache:
+    """`get()` returns a cached model or loads it; the current model changes only after a successful load."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET):
+        self.budget = budget_bytes
+        self._models: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
+        self.current: LoadedCheckpoint | None = None
+
+    def get(self, path: str | Path, use_ema: bool = False, dtype: torch.dtype = torch.float32) -> LoadedCheckpoint:
+        """The checkpoint at `path` (loaded once per file version, EMA choice and dtype), made current."""
+        path = Path(path)
+        stat = path.stat() if path.exists() else None
+        key = (path.resolve(), stat.st_size if stat else None, stat.st_mtime_ns if stat else None, use_ema, dtype)
+        model = self._models.get(key)
+        if model is None:
+            model = load_checkpoint(path, use_ema=use_ema, dtype=dtype)   # raises: nothing below changes
+            self._models[key] = model
+            self._evict(keep=key)
+        self._models.move_to_end(key)
+        self.current = model
+        return model
+
+    def _evict(self, keep: tuple) -> None:
+        while len(self._models) > 1 and sum(model_bytes(m) for m in self._models.values()) > self.budget:
+            oldest = next(k for k in self._models if k != keep)
+            log.info("unloading %s to stay within the RAM budget", oldest[0].name)
+            del self._models[oldest]
+
+    def loaded(self) -> list[Path]:
+        """Paths of the checkpoints held, least recently used first."""
+        return [key[0] for key in self._models]
