@@ -148,3 +148,17 @@ def test_embedding_changes_exactly_its_positions(sd1_model, negative):
     position_embedding = model.embeddings.position_embedding.weight
     assert torch.allclose(with_emb[1 + a:1 + a + 2], vectors + position_embedding[1 + a:1 + a + 2], atol=1e-6)
     assert torch.equal(with_emb[:1 + a], without[:1 + a])
+
+
+def test_embedding_inside_emphasis_and_prompt_editing():
+    emb = Embedding("mystyle", None, 2, 64, {"": torch.zeros(2, 64)})
+    lookup = EmbeddingLookup([emb])
+    weighted = chunk_prompt("a (mystyle:1.3) cat", lookup).chunks[0]
+    offset = len(tokenize("a "))
+    assert weighted.fixes == [(offset, emb)]
+    assert weighted.multipliers[1 + offset:1 + offset + 2] == [1.3, 1.3]
+    from sdstudio.prompt.parser import prompt_schedule
+
+    texts = [text for _, text in prompt_schedule("a [dog:mystyle:0.5] cat", 10)]
+    found = [[e.name for _, e in chunk_prompt(t, lookup).chunks[0].fixes] for t in texts]
+    assert found == [[], ["mystyle"]]
