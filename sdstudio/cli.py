@@ -215,6 +215,19 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("merge-lora")
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    """Bake LoRAs into a new checkpoint (original single-file layout, recipe in the metadata)."""
+    from sdstudio.files.catalog import Catalog
+    from sdstudio.tools.merge_lora import merge_loras, parse_lora_spec
+
+    catalog = Catalog(Path(args.data_dir), hash_on_scan=False)
+    loras = [parse_lora_spec(spec, lambda name: catalog.find_lora(name).path) for spec in args.lora]
+    base = Path(args.base) if Path(args.base).is_file() else catalog.find_checkpoint(args.base).path
+    print(merge_loras(base, loras, args.output))
+    return 0
+
+
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the web page and the A1111-compatible API (127.0.0.1:7860 by default)."""
@@ -285,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = sub.add_parser("tokens", parents=[common], help="count a prompt's tokens (n/75 like A1111)")
     tokens.add_argument("prompt")
     tokens.add_argument("--steps", type=int, default=20, help="steps for prompt-editing schedules")
+    merge = sub.add_parser("merge-lora", parents=[common], help="bake LoRAs into a new checkpoint")
+    merge.add_argument("base", help="checkpoint file, or a name/hash from models/Stable-diffusion")
+    merge.add_argument("--lora", action="append", required=True, help="NAME_OR_PATH[:WEIGHT] (repeatable)")
+    merge.add_argument("-o", "--output", type=Path, required=True)
     pnginfo = sub.add_parser("pnginfo", parents=[common], help="print an image's generation parameters")
     pnginfo.add_argument("file", type=Path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -62,6 +63,7 @@ class LoadedCheckpoint:
     vae_path: Path | None = None          # external VAE file in use, None = the checkpoint's own
     load_seconds: float = 0.0
     metadata: dict[str, str] = field(default_factory=dict)
+    patcher: Any = None                   # the one WeightPatcher of this model's weights (models/patcher.py)
 
     @property
     def family(self) -> str:

@@ -183,7 +183,9 @@ class LoraSet:
     def __init__(self, model: LoadedCheckpoint):
         self.model = model
         self.targets, params = model_targets(model)
-        self.patcher = WeightPatcher(params)
+        if model.patcher is None:   # one patcher per model, shared by every LoraSet on it
+            model.patcher = WeightPatcher(params)
+        self.patcher = model.patcher
         self._files: dict[tuple[Path, int], LoraFile] = {}
         self._mismatched: set[tuple] = set()      # (file, module) whose ΔW does not fit the model
         self._mismatched_now: set[tuple] = set()
