@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/load.py
 	$(PY) bench/generate.py
+	$(PY) bench/lora.py
 
 clean:
 	rm -rf $(VENV)

@@ -1,8 +1,10 @@
-"""In-place weight patching: record → apply → restore, one exact backup per touched parameter.
+"""Weight patching: record → apply → restore, the original of each touched parameter kept untouched.
 
 Anything that changes weights (LoRA networks, the LoRA merge tool) hands the patcher, per parameter, a list of
 patches (an identity, a strength and a function giving ΔW in fp32). W = W₀ + Σ strength·ΔW is computed in fp32 and
-stored in the weight's dtype; W₀ is restored bit-exactly. Only parameters whose patch list changed are touched.
+stored in the weight's dtype in a fresh tensor that the parameter then holds (`param.data`), so the module sees the
+patched weight at zero cost per step, W₀ (often a view of the memory-mapped file) is never written, and restoring
+is handing W₀ back: bit-exact and free. Only parameters whose patch list changed are touched.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class Patch:
     source: Hashable                       # identifies the adapter (e.g. (lora file, module name))
     strength: float
     delta: Callable[[torch.Tensor], torch.Tensor] = lambda w: torch.zeros_like(w)
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None   # ΔW = A @ B (flattened): fused add, no ΔW tensor
 
     @property
     def signature(self) -> tuple:
@@ -51,21 +54,33 @@ class WeightPatcher:
 
     def _write(self, name: str, patches: list[Patch]) -> None:
         param = self.parameters[name]
-        if name not in self._backups:
-            self._backups[name] = param.detach().clone()
-        original = self._backups[name]
+        original = self._backups.setdefault(name, param.data)
+        if not patches:
+            param.data = original
+            del self._backups[name]
+            self._applied.pop(name, None)
+            return
         with torch.no_grad():
-            if not patches:
-                param.copy_(original)
-                del self._backups[name]
-                self._applied.pop(name, None)
-                return
             base = original.float()
-            total = torch.zeros_like(base)
+            # reuse the buffer of the previous patch set when there is one (no fresh pages to fault in)
+            current = param.data
+            out = current if current.data_ptr() != original.data_ptr() and original.dtype == torch.float32 else None
+            merged = None
             for patch in patches:
-                if patch.strength != 0:
-                    total += patch.strength * patch.delta(base)
-            param.copy_((base + total).to(param.dtype))
+                if patch.strength == 0:
+                    continue
+                if merged is None:
+                    merged = out if out is not None else torch.empty_like(base)
+                    source = base
+                else:
+                    source = merged
+                if patch.factors is not None and patch.factors[0].shape[0] * patch.factors[1].shape[1] == base.numel():
+                    a, b = patch.factors
+                    torch.addmm(source.reshape(a.shape[0], -1), a, b, alpha=patch.strength,
+                                out=merged.view(a.shape[0], -1))
+                else:
+                    torch.add(source, patch.delta(base), alpha=patch.strength, out=merged)
+            param.data = original if merged is None else merged.to(original.dtype)
         self._applied[name] = tuple(p.signature for p in patches)
 
     @property

@@ -310,3 +310,17 @@ def test_unchanged_lora_set_is_not_repatched(sd1_file, data_dir):
     networks.apply(tags)
     assert networks.loras.apply([AppliedLora(Catalog(data_dir).find_lora("inkstyle").path, 0.5, 0.5)]
                                 ).patched_parameters == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_patcher_switch_then_restore_keeps_the_original_untouched(dtype):
+    weight = torch.nn.Parameter(torch.randn(6, 8).to(dtype), requires_grad=False)
+    original = weight.detach().clone()
+    a, b = torch.randn(6, 2), torch.randn(2, 8)
+    patcher = WeightPatcher({"w": weight})
+    patcher.set_patches({"w": [Patch("x", 0.5, lambda w: a @ b, (a, b))]})
+    assert torch.allclose(weight.float(), original.float() + 0.5 * a @ b, atol=1e-2 if dtype == torch.float16 else 1e-6)
+    patcher.set_patches({"w": [Patch("y", 2.0, lambda w: torch.ones_like(w)), Patch("x", 1.0, lambda w: a @ b, (a, b))]})
+    assert torch.allclose(weight.float(), original.float() + 2 + a @ b, atol=1e-2 if dtype == torch.float16 else 1e-5)
+    patcher.restore()
+    assert torch.equal(weight, original)

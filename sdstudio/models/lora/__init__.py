@@ -220,7 +220,8 @@ class LoraSet:
                     unmatched += len(adapter.keys)
                     continue
                 if adapter.weight_delta is not None:
-                    patches[target.weight].append(Patch(source, strength, self._checked(source, adapter)))
+                    patches[target.weight].append(Patch(source, strength, self._checked(source, adapter),
+                                                        adapter.low_rank_factors))
                 if adapter.bias_delta is not None and target.bias is not None:
                     bias = adapter.bias_delta
                     patches[target.bias].append(Patch(source + ("bias",), strength, lambda b, d=bias: d.reshape(b.shape)))

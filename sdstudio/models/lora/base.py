@@ -31,6 +31,12 @@ class Adapter:
     weight_delta: Callable[[Tensor], Tensor] | None  # weight (fp32) -> ΔW (fp32, any shape with the same numel)
     bias_delta: Tensor | None = None
     dora_scale: Tensor | None = field(default=None, repr=False)
+    factors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # ΔW = A @ B when low-rank (plain LoRA)
+
+    @property
+    def low_rank_factors(self) -> tuple[Tensor, Tensor] | None:
+        """(A, B) with ΔW = A @ B (flattened to 2-D) when that is the whole delta (no DoRA), for a fused update."""
+        return self.factors if self.dora_scale is None else None
 
     def delta(self, weight: Tensor) -> Tensor:
         """ΔW (fp32, weight's shape) at strength 1; DoRA: W·m/‖W+ΔW‖ − W (A1111 `apply_weight_decompose`)."""

@@ -28,8 +28,9 @@ def load(tensors: dict[str, Tensor]) -> Adapter | None:
 
             def weight_delta(weight: Tensor, up=up, down=down, mid=mid, scale=scale) -> Tensor:
                 if mid is None:
-                    return (up.flatten(1) @ down.flatten(1)) * scale
-                return torch.einsum("m n h w, n i, o m -> o i h w", mid, down.flatten(1), up.flatten(1)) * scale
+                    return (up.flatten(1) * scale) @ down.flatten(1)
+                return torch.einsum("m n h w, n i, o m -> o i h w", mid, down.flatten(1), up.flatten(1) * scale)
 
-            return Adapter("lora", keys, weight_delta)
+            factors = ((up.flatten(1) * scale).contiguous(), down.flatten(1).contiguous()) if mid is None else None
+            return Adapter("lora", keys, weight_delta, factors=factors)
     return None
