@@ -47,10 +47,32 @@ def cmd_models(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
-    for title, entries in (("VAE", catalog.vaes()), ("LoRA", catalog.loras()), ("Embeddings", catalog.embeddings())):
-        if entries:
-            print(f"\n{title}: " + ", ".join(e.name for e in entries))
+    if catalog.vaes():
+        print("\nVAE: " + ", ".join(e.name for e in catalog.vaes()))
+    if catalog.loras():
+        print("\nLoRA:")
+        for entry in catalog.loras():
+            print("  " + _lora_line(entry))
+    if catalog.embeddings():
+        print("\nEmbeddings: " + ", ".join(e.name for e in catalog.embeddings()))
     return 0
+
+
+def _lora_line(entry) -> str:
+    """name (alias) family dim/alpha triggers, from the file's kohya metadata and A1111's user-metadata sidecar."""
+    from sdstudio.files.readers import read_tensor_infos
+    from sdstudio.models.lora import lora_family, lora_info
+
+    if entry.error:
+        return f"{entry.name}  error: {entry.error}"
+    tensors, metadata = read_tensor_infos(entry.path)
+    info = lora_info(entry.metadata, entry.user_metadata)
+    family = lora_family(tensors, metadata) or "?"
+    parts = [entry.name, f"alias {entry.alias}" if entry.alias != entry.stem else "", family.upper(),
+             f"dim {info['dim']}/alpha {info['alpha']}" if info["dim"] else "",
+             "triggers: " + ", ".join(info["trigger_words"][:5]) if info["trigger_words"] else "",
+             f"activation: {info['activation_text']}" if info["activation_text"] else ""]
+    return "  ".join(p for p in parts if p)
 
 
 @command("synth")

@@ -47,6 +47,21 @@ def test_models_table(data_dir):
     assert "this looks like a LoRA" in wrong and "models/Lora" in wrong
 
 
+def test_models_lists_lora_metadata(data_dir):
+    lora_dir = data_dir / "models" / "Lora"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 64),
+                      "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(64, 4)},
+                     lora_dir / "inkpen.safetensors",
+                     metadata={"ss_output_name": "ink", "ss_base_model_version": "sd_v1", "ss_network_dim": "4",
+                               "ss_network_alpha": "2", "ss_tag_frequency": '{"a": {"ink": 3, "pen": 1}}'})
+    (lora_dir / "inkpen.json").write_text('{"activation text": "ink drawing", "preferred weight": 0.7}')
+    out = run("models", data_dir=data_dir).stdout
+    line = next(r for r in out.splitlines() if "inkpen.safetensors" in r)
+    assert line.split() == ["inkpen.safetensors", "alias", "ink", "SD1", "dim", "4/alpha", "2", "triggers:", "ink,",
+                            "pen", "activation:", "ink", "drawing"]
+
+
 def test_synth_writes_a_loadable_file(tmp_path):
     out = tmp_path / "x.ckpt"
     result = subprocess.run([*SDSTUDIO, "synth", str(out), "--family", "sd2-v"], capture_output=True, text=True)
