@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
