@@ -1,0 +1,171 @@
+"""The real server (uvicorn on a free port) driven by plain HTTP and by the unchanged PyPI `webuiapi` client."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+from safetensors.torch import save_file
+
+from sdstudio.api.app import create_app, ensure_demo_model, serve
+from sdstudio.errors import SDStudioError
+from sdstudio.service.engine import Engine
+
+SMALL = {"width": 64, "height": 64, "steps": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sd1_file):
+    data = tmp_path_factory.mktemp("server")
+    models = data / "models" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    os.link(sd1_file, models / "tiny.safetensors")
+    (data / "models" / "Lora").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 32, generator=g),
+               f"{key}.lora_up.weight": torch.randn(32, 4, generator=g)}, data / "models" / "Lora" / "ink.safetensors")
+    port = free_port()
+    config = uvicorn.Config(create_app(Engine(data), api_auth=None), host="127.0.0.1", port=port, log_level="error")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(url + "/sdapi/v1/samplers", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url, data
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_listings(server):
+    url, _ = server
+    models = httpx.get(url + "/sdapi/v1/sd-models").json()
+    assert [m["model_name"] for m in models] == ["tiny"]
+    samplers = {s["name"] for s in httpx.get(url + "/sdapi/v1/samplers").json()}
+    assert {"Euler a", "DPM++ 2M", "DDIM", "LCM"} <= samplers
+    assert "karras" in {s["name"] for s in httpx.get(url + "/sdapi/v1/schedulers").json()}
+    assert httpx.get(url + "/sdapi/v1/loras").json()[0]["name"] == "ink"
+    assert httpx.post(url + "/api/tokens", json={"text": "a cat"}).json() == {"used": 2, "capacity": 75}
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "Generate" in page.text
+    assert "fetch" in httpx.get(url + "/static/app.js").text
+
+
+def test_txt2img_returns_png_with_infotext_and_png_info_reads_it(server):
+    url, _ = server
+    response = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "a cat <lora:ink:0.5>", "seed": 42,
+                                                            "sampler_name": "Euler a", **SMALL}, timeout=120)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [42] and info["infotexts"][0].startswith("a cat <lora:ink:0.5>\nSteps: 2")
+    assert "Lora hashes" in info["infotexts"][0]
+    image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert image.size == (64, 64) and image.info["parameters"] == info["infotexts"][0]
+    parsed = httpx.post(url + "/sdapi/v1/png-info", json={"image": body["images"][0]}).json()
+    assert parsed["parameters"]["Seed"] == "42" and parsed["parameters"]["Prompt"] == "a cat <lora:ink:0.5>"
+
+
+def test_webuiapi_client_works_unchanged(server):
+    import webuiapi
+
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    client = webuiapi.WebUIApi(host=host, port=int(port))
+    result = client.txt2img(prompt="a house", seed=7, sampler_name="Euler", **SMALL)
+    assert result.image.size == (64, 64) and result.info["all_seeds"] == [7]
+    again = client.img2img(images=[result.image], prompt="a house", denoising_strength=0.5, seed=7, **SMALL)
+    assert again.image.size == (64, 64)
+    assert client.get_options()["sd_vae"] == "Automatic"
+    assert any(m["model_name"] == "tiny" for m in client.get_sd_models())
+    assert "progress" in client.get_progress()
+
+
+def test_fifty_concurrent_requests_all_complete(server):
+    url, _ = server
+
+    def one(seed):
+        return httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "seed": seed, "width": 64, "height": 64,
+                                                           "steps": 1, "sampler_name": "Euler"}, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        responses = list(pool.map(one, range(50)))
+    assert [r.status_code for r in responses] == [200] * 50
+    assert [json.loads(r.json()["info"])["seed"] for r in responses] == list(range(50))
+
+
+def test_interrupt_mid_job_keeps_the_queue_working(server):
+    url, _ = server
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        long = pool.submit(httpx.post, url + "/sdapi/v1/txt2img",
+                           json={"prompt": "x", "width": 64, "height": 64, "steps": 400}, timeout=300)
+        for _ in range(200):
+            if httpx.get(url + "/sdapi/v1/progress").json()["state"]["sampling_step"] > 0:
+                break
+            time.sleep(0.05)
+        httpx.post(url + "/sdapi/v1/interrupt")
+        assert json.loads(long.result().json()["info"])["interrupted"] is True
+    after = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "y", **SMALL}, timeout=120)
+    assert after.status_code == 200 and len(after.json()["images"]) == 1
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "x", "steps": "many"}, "steps"),
+    ({"prompt": "x", "width": 100000}, "width"),
+    ({"prompt": "x", "sampler_name": "Nope", **SMALL}, "sampler_name"),
+])
+def test_bad_requests_are_4xx_naming_the_field(server, body, field):
+    url, _ = server
+    response = httpx.post(url + "/sdapi/v1/txt2img", json=body, timeout=60)
+    assert 400 <= response.status_code < 500 and field in response.text
+
+
+def test_bad_json_base64_and_unknown_model(server):
+    url, _ = server
+    raw = httpx.post(url + "/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert raw.status_code == 422
+    bad = httpx.post(url + "/sdapi/v1/img2img", json={"init_images": ["%%%"], **SMALL})
+    assert bad.status_code == 422 and "init_images" in bad.text
+    unknown = httpx.post(url + "/sdapi/v1/options", json={"sd_model_checkpoint": "nothing-like-this"})
+    assert unknown.status_code == 422 and "nothing-like-this" in unknown.text
+    assert httpx.get(url + "/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny")
+    assert httpx.get(url + "/sdapi/v1/sd-models").status_code == 200   # still serving
+
+
+def test_basic_auth_and_listen_without_auth(tmp_path, sd1_file):
+    from fastapi.testclient import TestClient
+
+    app = create_app(Engine(tmp_path), api_auth="me:secret")
+    client = TestClient(app)
+    assert client.get("/sdapi/v1/samplers").status_code == 401
+    assert client.get("/sdapi/v1/samplers", auth=("me", "wrong")).status_code == 401
+    assert client.get("/sdapi/v1/samplers", auth=("me", "secret")).status_code == 200
+    with pytest.raises(SDStudioError, match="--api-auth"):
+        serve(tmp_path, listen=True)
+
+
+def test_demo_model_is_written_only_into_an_empty_folder(tmp_path):
+    made = ensure_demo_model(tmp_path)
+    assert made.name == "demo-random-weights.safetensors" and made.stat().st_size > 0
+    assert ensure_demo_model(tmp_path) is None
