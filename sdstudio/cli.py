@@ -168,7 +168,7 @@ def _generate(args: argparse.Namespace, mode: str) -> int:
                                 f"available: {', '.join(styles.names()) or 'none'}")
         overrides["prompt"], overrides["negative_prompt"] = styles.apply_styles(
             overrides.get("prompt", base.prompt), overrides.get("negative_prompt", base.negative_prompt), args.styles)
-    request = pipeline._request(base, overrides)
+    request = pipeline.make_request(base, overrides)
     registry.get_sampler_and_scheduler(request.sampler_name, request.scheduler)  # fail before the slow load
     model = _load_model(args, infotext_params)
     bars: list[tqdm] = []

@@ -425,7 +425,7 @@ def txt2img(model: LoadedCheckpoint, request: GenerationRequest | None = None, *
     """Generate images from text. Fields of GenerationRequest may be given as keywords; images are saved
     under <data_dir>/outputs/txt2img-images/YYYY-MM-DD/ as `image_format` (png, jpg, webp) unless save=False. `embeddings` resolves
     textual-inversion names (a list of models.embeddings.Embedding), `networks` applies `<lora:...>` tags (without it, tags are reported as ignored)."""
-    request = _request(request, fields_)
+    request = make_request(request, fields_)
     return _generate(model, replace(request, init_images=None), "txt2img", callback, data_dir, save, model_hash,
                      embeddings, networks, interrupt, image_format)
 
@@ -435,14 +435,15 @@ def img2img(model: LoadedCheckpoint, request: GenerationRequest | None = None, *
             embeddings=None, networks: ExtraNetworks | None = None, interrupt: threading.Event | None = None,
             image_format: str = "png", **fields_: Any) -> GenerationResult:
     """Generate images from init_images (PIL) and text with A1111's denoising-strength step semantics."""
-    request = _request(request, fields_)
+    request = make_request(request, fields_)
     if not request.init_images:
         raise InvalidRequestError("init_images", "img2img needs at least one init image")
     return _generate(model, request, "img2img", callback, data_dir, save, model_hash, embeddings, networks,
                      interrupt, image_format)
 
 
-def _request(request: GenerationRequest | None, overrides: dict[str, Any]) -> GenerationRequest:
+def make_request(request: GenerationRequest | None, overrides: dict[str, Any]) -> GenerationRequest:
+    """`request` (or the defaults) with `overrides` applied; unknown field names are an error listing the valid ones."""
     known = {f.name for f in fields(GenerationRequest)}
     unknown = sorted(set(overrides) - known)
     if unknown:

@@ -50,7 +50,7 @@ def open_image(data: str, field: str) -> Image.Image:
         raise InvalidRequestError(field, f"not a base64-encoded image ({exc})") from exc
 
 
-def _request(body: Txt2ImgRequest) -> pipeline.GenerationRequest:
+def generation_request(body: Txt2ImgRequest) -> pipeline.GenerationRequest:
     """A1111 API fields -> GenerationRequest (`infotext`, when given, fills what the body leaves unset)."""
     base = pipeline.request_from_infotext(body.infotext) if body.infotext else pipeline.GenerationRequest()
     given = body.model_fields_set
@@ -69,17 +69,17 @@ def _request(body: Txt2ImgRequest) -> pipeline.GenerationRequest:
         values["init_images"] = [open_image(img, "init_images").convert("RGB") for img in body.init_images]
         values["resize_mode"] = body.resize_mode
         values["denoising_strength"] = body.denoising_strength
-    return pipeline._request(base, {k: v for k, v in values.items() if v is not None})
+    return pipeline.make_request(base, {k: v for k, v in values.items() if v is not None})
 
 
 def _run(engine: Engine, mode: str, body: Txt2ImgRequest) -> dict[str, Any]:
-    request = _request(body)
+    request = generation_request(body)
     if body.styles:
         from sdstudio.prompt.styles import StyleDB
 
         styles = StyleDB(engine.data_dir / "styles.csv")
         prompt, negative = styles.apply_styles(request.prompt, request.negative_prompt, body.styles)
-        request = pipeline._request(request, {"prompt": prompt, "negative_prompt": negative})
+        request = pipeline.make_request(request, {"prompt": prompt, "negative_prompt": negative})
     job = engine.submit(mode, request, body.override_settings)
     job.done.wait()
     if job.status == "failed":
