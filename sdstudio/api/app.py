@@ -9,10 +9,11 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
 
 from sdstudio import __version__, pipeline
 from sdstudio.api.schemas import Img2ImgRequest, PngInfoRequest, TokensRequest, Txt2ImgRequest
@@ -231,6 +232,109 @@ def cmd_flags(request: Request) -> dict[str, Any]:
     return dict(request.app.state.flags)
 
 
+def _job_view(job, with_images: bool) -> dict[str, Any]:
+    view = {"id": job.id, "mode": job.mode, "status": job.status, "step": job.step, "steps": job.steps,
+            "eta": job.eta, "error": job.error,
+            "preview": _b64_png(job.preview, None) if job.preview is not None and job.status == "running" else None}
+    if with_images and job.result is not None:
+        view["images"] = [_b64_png(img, text) for img, text in zip(job.result.images, job.result.infotexts)]
+        view["infotexts"] = job.result.infotexts
+        view["warnings"] = job.result.warnings
+    return view
+
+
+@ours.post("/jobs")
+def submit_job(body: dict[str, Any], engine: Engine = Depends(get_engine)) -> dict[str, str]:
+    """Queue a txt2img/img2img job without waiting (body as /sdapi/v1/txt2img plus "mode")."""
+    mode = body.pop("mode", "txt2img")
+    if mode not in ("txt2img", "img2img"):
+        raise InvalidRequestError("mode", f"must be txt2img or img2img, got {mode!r}")
+    try:
+        parsed = (Img2ImgRequest if mode == "img2img" else Txt2ImgRequest).model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidRequestError(".".join(str(p) for p in first["loc"]), first["msg"]) from exc
+    return {"job_id": engine.submit(mode, generation_request(parsed), parsed.override_settings).id}
+
+
+@ours.get("/jobs")
+def list_jobs(engine: Engine = Depends(get_engine)) -> list[dict[str, Any]]:
+    return [_job_view(job, False) for job in engine.jobs.values()]
+
+
+@ours.get("/jobs/{job_id}")
+def get_job(job_id: str, engine: Engine = Depends(get_engine)) -> dict[str, Any]:
+    job = engine.jobs.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return _job_view(job, True)
+
+
+@ours.get("/history")
+def history(q: str = "", limit: int = 50, offset: int = 0, engine: Engine = Depends(get_engine)) -> dict[str, Any]:
+    items, total = engine.history.search(q, min(max(limit, 1), 500), max(offset, 0))
+    outputs = engine.data_dir / "outputs"
+    for item in items:
+        path = Path(item["path"]) if item["path"] else None
+        item["image_url"] = ("/outputs/" + path.relative_to(outputs).as_posix()
+                             if path and path.is_relative_to(outputs) else None)
+        item["time"] = item.pop("created")
+    return {"items": items, "total": total}
+
+
+@ours.post("/history/{image_id}/rerun")
+def rerun(image_id: int, engine: Engine = Depends(get_engine)) -> dict[str, str]:
+    item = engine.history.get(image_id)
+    if item is None:
+        raise HTTPException(404, f"no history item {image_id}")
+    if item["mode"] != "txt2img":
+        raise InvalidRequestError("mode", "img2img history items cannot be re-run without their init image")
+    request = pipeline.make_request(None, {k: v for k, v in item["params"].items()
+                                           if k in pipeline.GenerationRequest.__dataclass_fields__})
+    return {"job_id": engine.submit("txt2img", request).id}
+
+
+@ours.get("/catalog")
+def catalog(engine: Engine = Depends(get_engine)) -> dict[str, Any]:
+    """Every model file with what the page needs: family labels, LoRA compatibility with the loaded model."""
+    from sdstudio.files.detect import inspect_checkpoint
+    from sdstudio.models.lora import compatibility, lora_info
+
+    model = engine.models.current
+    checkpoints = []
+    for entry in engine.catalog.checkpoints():
+        try:
+            label = inspect_checkpoint(entry.path).label
+        except SDStudioError as exc:
+            label = f"error: {exc}"
+        checkpoints.append({"title": entry.title, "name": entry.name, "hash": entry.short_hash, "label": label,
+                            "demo": entry.name.startswith("demo-random-weights"),
+                            "preview_url": f"/api/preview/checkpoint/{entry.name}" if entry.preview else None})
+    loras = []
+    for entry in engine.catalog.loras():
+        ok, reason = compatibility(entry.path, model) if model is not None else (True, "no model loaded")
+        info = lora_info(entry.metadata, entry.user_metadata)
+        loras.append({"name": entry.stem, "alias": entry.alias, "compatible": ok, "reason": reason,
+                      "preferred_weight": info["preferred_weight"], "activation_text": info["activation_text"],
+                      "info": info, "preview_url": f"/api/preview/lora/{entry.name}" if entry.preview else None})
+    listing = engine.embeddings.listing(model) if model is not None else {"loaded": {}, "skipped": {}}
+    embeddings = [{"name": name, "loaded": name in listing["loaded"], "reason": None if name in listing["loaded"]
+                   else "does not fit the loaded model"} for name in sorted(engine.embeddings.embeddings)]
+    return {"checkpoints": checkpoints, "loras": loras, "embeddings": embeddings,
+            "vaes": [{"name": e.path.name} for e in engine.catalog.vaes()]}
+
+
+@ours.get("/preview/{kind}/{name:path}")
+def preview(kind: str, name: str, engine: Engine = Depends(get_engine)) -> FileResponse:
+    """A model's preview image, looked up by catalog name (never a path from the request)."""
+    entries = {"checkpoint": engine.catalog.checkpoints, "lora": engine.catalog.loras,
+               "embedding": engine.catalog.embeddings}.get(kind)
+    entry = next((e for e in entries() if e.name == name), None) if entries else None
+    if entry is None or entry.preview is None:
+        raise HTTPException(404, "no such preview")
+    return FileResponse(entry.preview)
+
+
 @ours.post("/tokens")
 def tokens(body: TokensRequest, engine: Engine = Depends(get_engine)) -> dict[str, int]:
     from sdstudio.prompt.conditioning import EmbeddingLookup, count_tokens
@@ -268,6 +372,15 @@ def create_app(engine: Engine, api_auth: str | None = None, flags: dict[str, Any
     @app.get("/", include_in_schema=False)
     def index():
         return FileResponse(WEB_DIR / "index.html")
+
+    @app.get("/outputs/{path:path}", include_in_schema=False)
+    def output_file(path: str):
+        """Files under <data>/outputs only: anything resolving elsewhere (../, symlinks out) is a 404."""
+        root = (engine.data_dir / "outputs").resolve()
+        target = (root / path).resolve()
+        if not target.is_relative_to(root) or not target.is_file():
+            raise HTTPException(404, "not found")
+        return FileResponse(target)
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 

@@ -11,7 +11,7 @@ import queue
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,9 @@ from sdstudio.models.cache import CheckpointCache
 from sdstudio.models.checkpoint import LoadedCheckpoint
 from sdstudio.models.embeddings import EmbeddingDB
 from sdstudio.models.lora import LoraNetworks
+from sdstudio.images.infotext import parse_infotext
 from sdstudio.models.vae import resolve_vae, swap_vae
+from sdstudio.service.history import History
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class Engine:
         self.catalog = Catalog(self.data_dir, hash_on_scan=False)
         self.embeddings = EmbeddingDB.for_data_dir(self.data_dir)
         self.models = CheckpointCache()
+        self.history = History(self.data_dir / "history.sqlite")
         self._networks: dict[int, LoraNetworks] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self.jobs: dict[str, Job] = {}
@@ -173,6 +176,7 @@ class Engine:
             try:
                 job.result = self._generate(job)
                 job.status = "done"
+                self._record(job)
             except pipeline.Interrupted:
                 job.status = "interrupted"
             except SDStudioError as exc:
@@ -207,6 +211,20 @@ class Engine:
                            image_format=self.settings.values.get("samples_format", "png"))
         finally:
             self.settings.values.update(saved)
+
+    def _record(self, job: Job) -> None:
+        """One history row per image of a finished job."""
+        result = job.result
+        params = {k: v for k, v in asdict(result.request).items() if k != "init_images"}
+        seconds = time.time() - job.started if job.started else None
+        for i, text in enumerate(result.infotexts):
+            parsed = parse_infotext(text).params
+            self.history.add(mode=job.mode, prompt=result.request.prompt,
+                             negative_prompt=result.request.negative_prompt, params=params, seed=result.seeds[i],
+                             model=parsed.get("Model"), model_hash=parsed.get("Model hash"), vae=parsed.get("VAE"),
+                             loras=parsed.get("Lora hashes"),
+                             path=str(result.paths[i]) if i < len(result.paths) else None, infotext=text,
+                             seconds=seconds)
 
     def _with_settings(self, request: pipeline.GenerationRequest) -> pipeline.GenerationRequest:
         """Fill request fields left at their defaults from the A1111 options (clip skip, ENSD, RNG…)."""

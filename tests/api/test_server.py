@@ -169,3 +169,44 @@ def test_demo_model_is_written_only_into_an_empty_folder(tmp_path):
     made = ensure_demo_model(tmp_path)
     assert made.name == "demo-random-weights.safetensors" and made.stat().st_size > 0
     assert ensure_demo_model(tmp_path) is None
+
+
+def wait_job(url, job_id):
+    for _ in range(600):
+        job = httpx.get(f"{url}/api/jobs/{job_id}").json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError("job did not finish")
+
+
+def test_async_jobs_history_search_and_rerun(server):
+    url, data = server
+    job_id = httpx.post(url + "/api/jobs", json={"mode": "txt2img", "prompt": "a unique zebra", "seed": 99,
+                                                 **SMALL}).json()["job_id"]
+    job = wait_job(url, job_id)
+    assert job["status"] == "done" and len(job["images"]) == 1 and job["infotexts"][0].startswith("a unique zebra")
+    found = httpx.get(url + "/api/history", params={"q": "unique zebra"}).json()
+    assert found["total"] == 1
+    item = found["items"][0]
+    assert item["seed"] == 99 and item["model"] == "tiny" and item["params"]["steps"] == 2
+    png = httpx.get(url + item["image_url"])
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).info["parameters"] == item["infotext"]
+    again = wait_job(url, httpx.post(f"{url}/api/history/{item['id']}/rerun").json()["job_id"])
+    assert again["images"][0] == job["images"][0]
+    assert httpx.get(url + "/api/history", params={"q": "nothing-matches-this"}).json()["total"] == 0
+    bad = httpx.post(url + "/api/jobs", json={"mode": "txt2img", "steps": "x"})
+    assert bad.status_code == 422 and "steps" in bad.text
+    assert httpx.get(url + "/api/jobs/job-unknown").status_code == 404
+
+
+def test_catalog_and_no_path_traversal(server):
+    url, data = server
+    catalog = httpx.get(url + "/api/catalog").json()
+    assert catalog["checkpoints"][0]["label"] == "SD1" and catalog["loras"][0]["name"] == "ink"
+    assert catalog["loras"][0]["compatible"] is True
+    (data / "secret.txt").write_text("no")
+    for path in ("/outputs/../secret.txt", "/outputs/%2e%2e/secret.txt", "/outputs/..%2fsecret.txt",
+                 "/api/preview/lora/../../secret.txt", "/api/preview/checkpoint/tiny.safetensors"):
+        response = httpx.get(url + path)
+        assert response.status_code == 404 and "no" != response.text, path
