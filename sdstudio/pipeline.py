@@ -48,6 +48,10 @@ class Interrupted(GenerationError):
     """The job was stopped by the user; nothing partial was saved."""
 
 
+class Skipped(Exception):
+    """The current batch was skipped by the user (A1111 "Skip"); the job goes on with the next batch."""
+
+
 @dataclass
 class GenerationRequest:
     """Every setting of one txt2img/img2img job, with A1111's names and defaults."""
@@ -421,25 +425,25 @@ def _eta(sampler: registry.SamplerSpec, request: GenerationRequest) -> float | N
 def txt2img(model: LoadedCheckpoint, request: GenerationRequest | None = None, *, callback: StepCallback | None = None,
             data_dir: str | Path | None = None, save: bool = True, model_hash: str | None = None,
             embeddings=None, networks: ExtraNetworks | None = None, interrupt: threading.Event | None = None,
-            image_format: str = "png", **fields_: Any) -> GenerationResult:
+            skip: threading.Event | None = None, image_format: str = "png", **fields_: Any) -> GenerationResult:
     """Generate images from text. Fields of GenerationRequest may be given as keywords; images are saved
     under <data_dir>/outputs/txt2img-images/YYYY-MM-DD/ as `image_format` (png, jpg, webp) unless save=False. `embeddings` resolves
     textual-inversion names (a list of models.embeddings.Embedding), `networks` applies `<lora:...>` tags (without it, tags are reported as ignored)."""
     request = make_request(request, fields_)
     return _generate(model, replace(request, init_images=None), "txt2img", callback, data_dir, save, model_hash,
-                     embeddings, networks, interrupt, image_format)
+                     embeddings, networks, interrupt, skip, image_format)
 
 
 def img2img(model: LoadedCheckpoint, request: GenerationRequest | None = None, *, callback: StepCallback | None = None,
             data_dir: str | Path | None = None, save: bool = True, model_hash: str | None = None,
             embeddings=None, networks: ExtraNetworks | None = None, interrupt: threading.Event | None = None,
-            image_format: str = "png", **fields_: Any) -> GenerationResult:
+            skip: threading.Event | None = None, image_format: str = "png", **fields_: Any) -> GenerationResult:
     """Generate images from init_images (PIL) and text with A1111's denoising-strength step semantics."""
     request = make_request(request, fields_)
     if not request.init_images:
         raise InvalidRequestError("init_images", "img2img needs at least one init image")
     return _generate(model, request, "img2img", callback, data_dir, save, model_hash, embeddings, networks,
-                     interrupt, image_format)
+                     interrupt, skip, image_format)
 
 
 def make_request(request: GenerationRequest | None, overrides: dict[str, Any]) -> GenerationRequest:
@@ -454,7 +458,7 @@ def make_request(request: GenerationRequest | None, overrides: dict[str, Any]) -
 def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, callback: StepCallback | None,
               data_dir: str | Path | None, save: bool, model_hash: str | None, embeddings,
               networks: ExtraNetworks | None, interrupt: threading.Event | None,
-              image_format: str = "png") -> GenerationResult:
+              skip: threading.Event | None = None, image_format: str = "png") -> GenerationResult:
     # 1. inputs
     request, warnings = check_request(model, request)
     sampler, _ = registry.get_sampler_and_scheduler(request.sampler_name, request.scheduler)
@@ -525,8 +529,13 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
             x = init_latents + noise * sigmas[0]
         else:
             x = noise * sampler.initial_noise_scale(sigmas)
-        latents = _sample(sampler, request, ScheduledCFG(denoiser, request.cfg_scale, conds, pad_chunk), x, sigmas,
-                          rng, batch_seed, callback, model.family, interrupt)
+        try:
+            latents = _sample(sampler, request, ScheduledCFG(denoiser, request.cfg_scale, conds, pad_chunk), x,
+                              sigmas, rng, batch_seed, callback, model.family, interrupt, skip)
+        except Skipped:
+            skip.clear()
+            result.warnings.append(f"batch {batch + 1} skipped")
+            continue
 
         # 6. decode, infotext, save
         images = _to_pil(vae_ops.decode(model.vae, latents))
@@ -549,7 +558,7 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
 
 def _sample(sampler: registry.SamplerSpec, request: GenerationRequest, model_fn: ScheduledCFG, x: torch.Tensor,
             sigmas: torch.Tensor, rng: ImageRNG, seeds: list[int], callback: StepCallback | None, family: str,
-            interrupt: threading.Event | None) -> torch.Tensor:
+            interrupt: threading.Event | None, skip: threading.Event | None = None) -> torch.Tensor:
     """Run the sampler function with only the keyword arguments it takes (A1111 filters them the same way)."""
     options: dict[str, Any] = dict(sampler.extra_kwargs)
     accepted = inspect.signature(sampler.function).parameters
@@ -567,6 +576,8 @@ def _sample(sampler: registry.SamplerSpec, request: GenerationRequest, model_fn:
     def on_step(info: dict) -> None:
         if interrupt is not None and interrupt.is_set():
             raise Interrupted("interrupted at step %d" % (info["i"] + 1))
+        if skip is not None and skip.is_set():
+            raise Skipped()
         if callback is not None:
             callback(StepInfo(info["i"] + 1, steps, info["x"], family))
 

@@ -204,3 +204,20 @@ def test_nan_in_the_unet_stops_with_a_hint(sd1_file):
 def test_img2img_without_images_is_refused(sd1_model):
     with pytest.raises(InvalidRequestError, match="init_images"):
         pipeline.img2img(sd1_model, prompt="x", **SMALL)
+
+
+def test_skip_drops_the_current_batch_and_goes_on(sd1_model):
+    import threading
+
+    skip = threading.Event()
+
+    def skip_first_batch(info):
+        if info.step == 2 and not seen:
+            seen.append(True)
+            skip.set()
+
+    seen: list[bool] = []
+    result = pipeline.txt2img(sd1_model, prompt="x", seed=10, n_iter=2, callback=skip_first_batch, skip=skip,
+                              **SMALL)
+    assert len(result.images) == 1 and "Seed: 11," in result.infotexts[0]
+    assert result.warnings == ["batch 1 skipped"] and not skip.is_set()

@@ -135,7 +135,7 @@ def interrupt(engine: Engine = Depends(get_engine)) -> dict:
 
 @sdapi.post("/skip")
 def skip(engine: Engine = Depends(get_engine)) -> dict:
-    engine.interrupt()
+    engine.skip()
     return {}
 
 

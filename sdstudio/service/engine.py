@@ -108,6 +108,7 @@ class Engine:
         self.jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)
         self._interrupt = threading.Event()
+        self._skip = threading.Event()
         self._lock = threading.Lock()
         self.current: Job | None = None
         self._worker = threading.Thread(target=self._run, name="sdstudio-worker", daemon=True)
@@ -165,6 +166,10 @@ class Engine:
         """Stop the running job (it ends as interrupted); queued jobs still run."""
         self._interrupt.set()
 
+    def skip(self) -> None:
+        """Drop the running job's current batch; it goes on with its next batch (A1111 "Skip")."""
+        self._skip.set()
+
     def _run(self) -> None:
         while True:
             job = self._queue.get()
@@ -172,6 +177,7 @@ class Engine:
                 return
             self.current = job
             self._interrupt.clear()
+            self._skip.clear()
             job.status, job.started = "running", time.time()
             try:
                 job.result = self._generate(job)
@@ -208,6 +214,7 @@ class Engine:
                 return run(model, request, callback=on_step, data_dir=self.data_dir,
                            save=bool(self.settings.values.get("samples_save", True)), model_hash=entry.sha256,
                            embeddings=self.embeddings.usable(model), networks=networks, interrupt=self._interrupt,
+                           skip=self._skip,
                            image_format=self.settings.values.get("samples_format", "png"))
         finally:
             self.settings.values.update(saved)
