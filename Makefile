@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DATA_DIR ?= .
+# browser tests drive Debian's chromium (never a downloaded browser); CI runs as root and installs it
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: run test bench install clean
 
@@ -23,7 +25,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/sdstudio serve --data-dir $(DATA_DIR)
 
-test: $(STAMP)
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
