@@ -69,7 +69,8 @@ def test_listings(server):
     assert httpx.post(url + "/api/tokens", json={"text": "a cat"}).json() == {"used": 2, "capacity": 75}
     page = httpx.get(url + "/")
     assert page.status_code == 200 and "Generate" in page.text
-    assert "fetch" in httpx.get(url + "/static/app.js").text
+    script = httpx.get(url + "/static/app.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
 
 
 def test_txt2img_returns_png_with_infotext_and_png_info_reads_it(server):
