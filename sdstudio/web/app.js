@@ -1,66 +1,116 @@
-// The page is only a client of the API; every text from the server is shown with textContent, never as HTML.
-const $ = (id) => document.getElementById(id);
+// Entry point: tabs, checkpoint/VAE pickers, keyboard. The page is only a client of the HTTP API; every text
+// from the server is shown with textContent (never as HTML). Plain ES modules, no build step, works offline.
+import {$, api, say} from "./api.js";
+import {generate, initGenerate, setMode} from "./generate.js";
+import {initNetworks, loadCatalog} from "./networks.js";
+import {initPages, loadHistory, loadSettings} from "./pages.js";
 
-async function api(path, body) {
-  const response = await fetch(path, body === undefined ? {} : {
-    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
-  const data = await response.json();
-  if (!response.ok) throw new Error(data.detail || response.statusText);
-  return data;
+const DEFAULT_SAMPLER = "DPM++ 2M";
+
+/** Show one tab: txt2img and img2img share the generation panel. */
+function showTab(name) {
+  for (const button of $("tabs").children) button.classList.toggle("active", button.dataset.tab === name);
+  const panel = name === "txt2img" || name === "img2img" ? "generate" : name;
+  for (const section of document.querySelectorAll("main > .panel")) section.hidden = section.id !== `panel-${panel}`;
+  if (panel === "generate") setMode(name);
+  if (name === "history") loadHistory();
+  if (name === "settings") loadSettings().catch((error) => say(error.message, true));
 }
 
-async function loadLists() {
-  const [models, samplers, options] = await Promise.all(
-    [api("/sdapi/v1/sd-models"), api("/sdapi/v1/samplers"), api("/sdapi/v1/options")]);
-  $("model").replaceChildren(...models.map((m) => new Option(m.title, m.title)));
-  if (options.sd_model_checkpoint) $("model").value = options.sd_model_checkpoint;
-  $("sampler_name").replaceChildren(...samplers.map((s) => new Option(s.name, s.name)));
-  $("sampler_name").value = "DPM++ 2M";
-  $("model-note").textContent = models.some((m) => m.title.startsWith("demo-random-weights"))
-    ? "(demo model with random weights: put real checkpoints in models/Stable-diffusion)" : "";
+function fillSelect(select, values, current) {
+  select.replaceChildren(...values.map((v) => new Option(v, v)));
+  if (current !== undefined && values.includes(current)) select.value = current;
 }
 
-async function countTokens(field) {
-  const {used, capacity} = await api("/api/tokens", {text: $(field).value});
-  $(field === "prompt" ? "count-prompt" : "count-negative").textContent = `${used}/${capacity}`;
+async function loadModels() {
+  const [models, vaes, options] = await Promise.all(
+    [api("/sdapi/v1/sd-models"), api("/sdapi/v1/sd-vae"), api("/sdapi/v1/options")]);
+  fillSelect($("model"), models.map((m) => m.title), options.sd_model_checkpoint);
+  fillSelect($("vae"), ["Automatic", "None", ...vaes.map((v) => v.model_name)], options.sd_vae);
+  return options.sd_model_checkpoint;
 }
 
-async function pollProgress() {
-  const p = await api("/sdapi/v1/progress");
-  $("progress").value = p.progress;
-  if (p.current_image) $("image").src = "data:image/png;base64," + p.current_image;
+async function loadSamplers() {
+  const [samplers, schedulers] = await Promise.all([api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers")]);
+  fillSelect($("sampler_name"), samplers.map((s) => s.name), DEFAULT_SAMPLER);
+  const labels = schedulers.map((s) => s.label);
+  fillSelect($("scheduler"), labels.includes("Automatic") ? labels : ["Automatic", ...labels], "Automatic");
 }
 
-async function generate(event) {
-  event.preventDefault();
-  $("generate").disabled = true;
-  $("infotext").classList.remove("error");
-  const timer = setInterval(pollProgress, 1000);
+/** Catalog (cards, badges) and the demo-model note for the checkpoint now selected. */
+async function refreshCatalog() {
+  const catalog = await loadCatalog();
+  const current = catalog.checkpoints.find((c) => c.title === $("model").value);
+  $("model-note").textContent = current && current.demo
+    ? "Demo model with random weights: put real checkpoints in models/Stable-diffusion" : "";
+}
+
+/** Load a checkpoint on the server (A1111: changing the picker loads it at once). */
+async function selectCheckpoint(title) {
+  const previous = (await api("/sdapi/v1/options")).sd_model_checkpoint;
+  $("model").value = title;
+  say(`Loading ${title}…`);
   try {
-    await api("/sdapi/v1/options", {sd_model_checkpoint: $("model").value});
-    const body = {};
-    for (const id of ["prompt", "negative_prompt", "sampler_name"]) body[id] = $(id).value;
-    for (const id of ["steps", "cfg_scale", "width", "height", "seed"]) body[id] = Number($(id).value);
-    const result = await api("/sdapi/v1/txt2img", body);
-    const info = JSON.parse(result.info);
-    if (result.images.length) $("image").src = "data:image/png;base64," + result.images[0];
-    $("infotext").textContent = info.infotexts[0] || "interrupted";
-    $("progress").value = 1;
+    await api("/sdapi/v1/options", {sd_model_checkpoint: title});
+    await refreshCatalog();
+    say(`Loaded ${title}`);
   } catch (error) {
-    $("infotext").textContent = error.message;
-    $("infotext").classList.add("error");
-  } finally {
-    clearInterval(timer);
-    $("generate").disabled = false;
+    $("model").value = previous;
+    say(error.message, true);
   }
 }
 
-$("form").addEventListener("submit", generate);
-$("interrupt").addEventListener("click", () => api("/sdapi/v1/interrupt", {}));
-document.addEventListener("keydown", (e) => { if (e.ctrlKey && e.key === "Enter") $("form").requestSubmit(); });
-for (const field of ["prompt", "negative_prompt"]) {
-  let timer;
-  $(field).addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(() => countTokens(field), 250); });
-  countTokens(field);
+async function selectVae(name) {
+  say(`Loading VAE ${name}…`);
+  try {
+    await api("/sdapi/v1/options", {sd_vae: name});
+    say(`VAE: ${name}`);
+  } catch (error) {
+    say(error.message, true);
+    await loadModels();
+  }
 }
-loadLists().catch((error) => { $("infotext").textContent = error.message; });
+
+async function refreshList(what) {
+  try {
+    await api(`/sdapi/v1/refresh-${what}`, {});
+    await loadModels();
+    await refreshCatalog();
+    say("Lists refreshed");
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+function wire() {
+  for (const button of $("tabs").children) button.addEventListener("click", () => showTab(button.dataset.tab));
+  $("model").addEventListener("change", () => selectCheckpoint($("model").value));
+  $("vae").addEventListener("change", () => selectVae($("vae").value));
+  $("refresh-models").addEventListener("click", () => refreshList("checkpoints"));
+  $("refresh-vae").addEventListener("click", () => refreshList("vae"));
+  document.addEventListener("keydown", (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.key === "Enter" && !$("panel-generate").hidden) {
+      e.preventDefault();
+      generate();
+    }
+  });
+  initGenerate();
+  initNetworks(selectCheckpoint);
+  initPages(showTab);
+}
+
+async function start() {
+  wire();
+  showTab("txt2img");
+  try {
+    const [loaded] = await Promise.all([loadModels(), loadSamplers()]);
+    // like A1111 at startup, load a checkpoint so LoRA/embedding badges describe a real model
+    if (!loaded && $("model").value) await selectCheckpoint($("model").value);
+    else await refreshCatalog();
+    document.body.dataset.ready = "true";
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+start();
