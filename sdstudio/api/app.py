@@ -9,7 +9,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
@@ -271,8 +271,9 @@ def get_job(job_id: str, engine: Engine = Depends(get_engine)) -> dict[str, Any]
 
 
 @ours.get("/history")
-def history(q: str = "", limit: int = 50, offset: int = 0, engine: Engine = Depends(get_engine)) -> dict[str, Any]:
-    items, total = engine.history.search(q, min(max(limit, 1), 500), max(offset, 0))
+def history(q: str = "", limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**62),
+            engine: Engine = Depends(get_engine)) -> dict[str, Any]:
+    items, total = engine.history.search(q, limit, offset)
     outputs = engine.data_dir / "outputs"
     for item in items:
         path = Path(item["path"]) if item["path"] else None

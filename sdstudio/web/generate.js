@@ -75,7 +75,8 @@ function showProgress(job) {
   const fraction = job.steps ? job.step / job.steps : 0;
   $("progress-bar").style.width = `${Math.round(fraction * 100)}%`;
   const eta = job.eta ? ` · ETA ${job.eta.toFixed(1)} s` : "";
-  $("progress-text").textContent = job.status === "queued" ? "Waiting in queue…" : `Step ${job.step}/${job.steps}${eta}`;
+  $("progress-text").textContent =
+    job.status === "queued" ? "Waiting in queue…" : `Step ${job.step}/${job.steps}${eta}`;
   if (job.preview) $("main-image").src = "data:image/png;base64," + job.preview;
 }
 
@@ -95,7 +96,8 @@ function finish(job) {
 
 function renderGallery() {
   $("gallery").replaceChildren(...state.results.map((result, i) => {
-    const thumb = el("button", {type: "button", class: "thumb", title: `Image ${i + 1}`}, el("img", {src: result.src, alt: ""}));
+    const thumb = el("button", {type: "button", class: "thumb", title: `Image ${i + 1}`},
+                     el("img", {src: result.src, alt: ""}));
     thumb.addEventListener("click", () => showResult(i));
     return thumb;
   }));
