@@ -19,8 +19,8 @@ class Txt2ImgRequest(BaseModel):
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
+    seed_resize_from_h: int = Field(-1, le=MAX_SIDE)
+    seed_resize_from_w: int = Field(-1, le=MAX_SIDE)
     sampler_name: str | None = None
     sampler_index: str = "Euler"
     scheduler: str | None = None

@@ -14,7 +14,6 @@ from sdstudio.errors import ModelFileError, UnsafeFileError
 from sdstudio.files.catalog import Catalog
 from sdstudio.models.checkpoint import load_checkpoint
 from sdstudio.models.lora import AppliedLora, LoraNetworks, LoraSet, compatibility, lora_info, read_lora
-from sdstudio.models.patcher import Patch, WeightPatcher
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"          # Linear [32, 32]
 CONV = "down_blocks.0.resnets.0.conv1.weight"                                    # Conv [32, 32, 3, 3]
@@ -194,6 +193,42 @@ def test_sdxl_te1_te2_names(synth_file, tmp_path):
             ).abs().max() < 1e-5
 
 
+def test_a1111_compvis_text_encoder_names_sd2_and_sd1(synth_file, model, tmp_path):
+    sd2 = load_checkpoint(synth_file("sd2", "pruned"))
+    params = dict(sd2.text_encoders[0].model.named_parameters())
+    q, fc1 = "text_model.encoder.layers.1.self_attn.k_proj.weight", "text_model.encoder.layers.0.mlp.fc1.weight"
+    width, hidden = params[q].shape[1], params[fc1].shape[0]
+    a, b, c = rand(2, width, seed=1), rand(width, 2, seed=2), rand(hidden, 2, seed=3)
+    save_file({"model_transformer_resblocks_1_attn_k_proj.lora_down.weight": a,       # A1111's SD2 module names
+               "model_transformer_resblocks_1_attn_k_proj.lora_up.weight": b,
+               "lora_te_model_transformer_resblocks_0_mlp_c_fc.lora_down.weight": a.clone(),
+               "lora_te_model_transformer_resblocks_0_mlp_c_fc.lora_up.weight": c}, tmp_path / "sd2.safetensors")
+    q0, fc0 = params[q].detach().clone(), params[fc1].detach().clone()
+    report = LoraSet(sd2).apply([AppliedLora(tmp_path / "sd2.safetensors", 0.5, 1.0)])
+    assert report.unmatched == {} and report.warnings == []
+    assert (params[q].detach() - (q0 + 0.5 * b @ a)).abs().max() <= 1e-5
+    assert (params[fc1].detach() - (fc0 + 0.5 * c @ a)).abs().max() <= 1e-5
+    te_a, te_b = rand(4, 64, seed=3), rand(64, 4, seed=4)
+    sd1_name = "transformer_text_model_encoder_layers_0_self_attn_q_proj"                 # A1111's SD1 module name
+    save_file({f"{sd1_name}.lora_down.weight": te_a, f"{sd1_name}.lora_up.weight": te_b}, tmp_path / "sd1.safetensors")
+    te0 = dict(model.text_encoders[0].model.named_parameters())[TE_Q].detach().clone()
+    assert applied(model, tmp_path / "sd1.safetensors", te=0.5).unmatched == {}
+    check(model, te0, TE_Q, te_b @ te_a, weight=0.5, module="te")
+
+
+def test_four_channel_conv_in_delta_is_zero_padded_on_inpainting_models(synth_file, tmp_path):
+    inpaint = load_checkpoint(synth_file("sd1-inpaint", "pruned"))
+    weight = inpaint.unet.conv_in.weight                                                  # [32, 9, 3, 3]
+    down, up = rand(2, 4, 3, 3, seed=1), rand(weight.shape[0], 2, 1, 1, seed=2)
+    save_file({"lora_unet_conv_in.lora_down.weight": down, "lora_unet_conv_in.lora_up.weight": up},
+              tmp_path / "conv_in.safetensors")
+    w0 = weight.detach().clone()
+    assert applied(inpaint, tmp_path / "conv_in.safetensors", weight=0.5).unmatched == {}
+    expected = torch.zeros_like(w0)
+    expected[:, :4] = torch.einsum("or,rihw->oihw", up[:, :, 0, 0], down)
+    assert (inpaint.unet.conv_in.weight.detach() - (w0 + 0.5 * expected)).abs().max() <= 1e-5
+
+
 def lora_file(tmp_path, name, seed, metadata=None):
     tensors = {f"{KQ}.lora_down.weight": rand(4, 32, seed=seed), f"{KQ}.lora_up.weight": rand(32, 4, seed=seed + 1),
                f"{KCONV}.lora_down.weight": rand(2, 32, 3, 3, seed=seed + 2),
@@ -228,16 +263,6 @@ def test_restore_is_bit_exact_sums_add_and_zero_is_nothing(model, tmp_path):
     loras.apply([])
     fresh = state(load_checkpoint(model.path))
     assert all(torch.equal(v, fresh[k]) for k, v in state(model).items())
-
-
-def test_patcher_restores_half_precision_bits():
-    weight = torch.randn(8, 8).half()
-    original = weight.clone()
-    patcher = WeightPatcher({"w": weight})
-    patcher.set_patches({"w": [Patch("x", 0.5, lambda w: torch.ones_like(w))]})
-    assert not torch.equal(weight, original) and weight.dtype == torch.float16
-    patcher.restore()
-    assert torch.equal(weight, original) and patcher.patched == []
 
 
 def test_other_family_unmatched_keys_and_bad_files(model, tmp_path):
@@ -309,17 +334,3 @@ def test_unchanged_lora_set_is_not_repatched(sd1_file, data_dir):
     networks.apply(tags)
     assert networks.loras.apply([AppliedLora(Catalog(data_dir).find_lora("inkstyle").path, 0.5, 0.5)]
                                 ).patched_parameters == 0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_patcher_switch_then_restore_keeps_the_original_untouched(dtype):
-    weight = torch.nn.Parameter(torch.randn(6, 8).to(dtype), requires_grad=False)
-    original = weight.detach().clone()
-    a, b = torch.randn(6, 2), torch.randn(2, 8)
-    patcher = WeightPatcher({"w": weight})
-    patcher.set_patches({"w": [Patch("x", 0.5, lambda w: a @ b, (a, b))]})
-    assert torch.allclose(weight.float(), original.float() + 0.5 * a @ b, atol=1e-2 if dtype == torch.float16 else 1e-6)
-    patcher.set_patches({"w": [Patch("y", 2.0, lambda w: torch.ones_like(w)), Patch("x", 1.0, lambda w: a @ b, (a, b))]})
-    assert torch.allclose(weight.float(), original.float() + 2 + a @ b, atol=1e-2 if dtype == torch.float16 else 1e-5)
-    patcher.restore()
-    assert torch.equal(weight, original)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sdstudio.errors import ModelFileError, SDStudioError
-from sdstudio.files.keymaps import unet_to_original
+from sdstudio.files.keymaps import open_clip_to_original, unet_to_original
 from sdstudio.files.readers import read_state_dict, read_tensor_infos
 from sdstudio.models.checkpoint import LoadedCheckpoint
 from sdstudio.models.lora import full, ia3, loha, lokr, lora
@@ -82,6 +82,8 @@ def lora_family(tensors: dict[str, Any], metadata: dict[str, str]) -> str | None
     keys = list(tensors)
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
         return "sdxl"
+    if any("model_transformer_resblocks_" in k for k in keys):   # A1111's names of the SD2 OpenCLIP text encoder
+        return "sd2"
     for key, tensor in tensors.items():
         if "attn2" in key and ("to_k" in key) and ("lora_down" in key or "lora_A" in key):
             return CONTEXT_FAMILY.get(int(tensor.shape[-1]))
@@ -149,16 +151,37 @@ def model_targets(model: LoadedCheckpoint) -> tuple[dict[str, Target], dict[str,
         if sdxl:
             prefixes.append(f"lora_te{index + 1}_")
         encoder_params = dict(encoder.model.named_parameters())
-        for key in encoder_params:
-            if not key.endswith(".weight"):
-                continue
-            module = key.rsplit(".", 1)[0]
-            ours = module if module.startswith("text_model.") else "text_model." + module
+        modules = {key.rsplit(".", 1)[0]: ("" if key.startswith("text_model.") else "text_model.") + key
+                   for key in encoder_params if key.endswith(".weight")}
+        # A1111 also matches its own (compvis) module names: SD1 `transformer_text_model_…`, SD2 `model_transformer_…`
+        compvis = {}
+        if index == 0 and not sdxl:
+            layers = [k for k in modules.values() if k.startswith("text_model.encoder.")]
+            compvis = (_open_clip_names(layers) if encoder.kind.startswith("open_clip") else
+                       {ours: "transformer." + ours.removesuffix(".weight") for ours in layers})
+        for module, ours in modules.items():
             bias = f"te{index}:{module}.bias" if module + ".bias" in encoder_params else None
-            for prefix in prefixes:
-                targets[prefix + ours.replace(".", "_")] = Target(f"te{index}:{key}", bias, True)
+            target = Target(f"te{index}:{module}.weight", bias, True)
+            names = [prefix + ours.removesuffix(".weight") for prefix in prefixes]
+            if ours in compvis:
+                names += [compvis[ours], "lora_te_" + compvis[ours]]
+            for name in names:
+                targets[name.replace(".", "_")] = target
         params.update({f"te{index}:{k}": v for k, v in encoder_params.items()})
     return targets, params
+
+
+def _open_clip_names(weight_keys: list[str]) -> dict[str, str]:
+    """Our CLIP encoder-layer weight keys -> A1111's SD2 module names (`model.transformer.resblocks.N.attn_q_proj`)."""
+    index = {key: torch.tensor([float(i)]) for i, key in enumerate(weight_keys)}   # each key's position, packed
+    names = {}
+    for original, packed in open_clip_to_original(index).items():
+        if original.endswith(".in_proj_weight"):    # q, k, v packed: A1111 names them attn_q_proj, attn_k_proj, …
+            for which, position in zip("qkv", packed.tolist()):
+                names[weight_keys[int(position)]] = f"model.{original.removesuffix('.in_proj_weight')}_{which}_proj"
+        elif original.endswith(".weight"):
+            names[weight_keys[int(packed.item())]] = "model." + original.removesuffix(".weight")
+    return names
 
 
 @dataclass

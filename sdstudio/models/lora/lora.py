@@ -28,7 +28,7 @@ def load(tensors: dict[str, Tensor]) -> Adapter | None:
 
             def weight_delta(weight: Tensor, up=up, down=down, mid=mid, scale=scale) -> Tensor:
                 if mid is None:
-                    return (up.flatten(1) * scale) @ down.flatten(1)
+                    return ((up.flatten(1) * scale) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
                 return torch.einsum("m n h w, n i, o m -> o i h w", mid, down.flatten(1), up.flatten(1) * scale)
 
             factors = ((up.flatten(1) * scale).contiguous(), down.flatten(1).contiguous()) if mid is None else None

@@ -1,0 +1,67 @@
+"""WeightPatcher on plain tensors: W₀ + Σ strength·ΔW, only changed parameters rewritten, restore bit-exact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdstudio.models.patcher import Patch, WeightPatcher
+
+
+def ones(w):
+    return torch.ones_like(w)
+
+
+def test_restores_half_precision_bits():
+    weight = torch.randn(8, 8).half()
+    original = weight.clone()
+    patcher = WeightPatcher({"w": weight})
+    patcher.set_patches({"w": [Patch("x", 0.5, ones)]})
+    assert not torch.equal(weight, original) and weight.dtype == torch.float16
+    patcher.restore()
+    assert torch.equal(weight, original) and patcher.patched == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_switch_then_restore_keeps_the_original_untouched(dtype):
+    weight = torch.nn.Parameter(torch.randn(6, 8).to(dtype), requires_grad=False)
+    original = weight.detach().clone()
+    a, b = torch.randn(6, 2), torch.randn(2, 8)
+    patcher = WeightPatcher({"w": weight})
+    patcher.set_patches({"w": [Patch("x", 0.5, lambda w: a @ b, (a, b))]})
+    tolerance = 1e-2 if dtype == torch.float16 else 1e-6
+    assert torch.allclose(weight.float(), original.float() + 0.5 * a @ b, atol=tolerance)
+    patcher.set_patches({"w": [Patch("y", 2.0, ones), Patch("x", 1.0, lambda w: a @ b, (a, b))]})
+    assert torch.allclose(weight.float(), original.float() + 2 + a @ b, atol=tolerance * 10)
+    patcher.restore()
+    assert torch.equal(weight, original)
+
+
+def test_delta_is_computed_in_fp32_from_the_original_and_added_in_the_weights_dtype():
+    weight = torch.full((4,), 1.0, dtype=torch.bfloat16)
+    seen = []
+
+    def delta(w):
+        seen.append(w.dtype)
+        return torch.full_like(w, 1e-3)                 # 1 + 1e-3·1000 in fp32, not 1000 rounded bf16 steps
+    patcher = WeightPatcher({"w": weight})
+    patcher.set_patches({"w": [Patch(k, 1.0, delta) for k in range(1000)]})
+    assert seen == [torch.float32] * 1000 and weight.dtype == torch.bfloat16
+    assert torch.equal(weight, torch.full((4,), 2.0, dtype=torch.bfloat16))
+
+
+def test_only_changed_parameters_are_rewritten_and_zero_strength_is_the_original():
+    tensors = {name: torch.randn(3, 3) for name in "abc"}
+    originals = {k: v.clone() for k, v in tensors.items()}
+    patcher = WeightPatcher(tensors)
+    calls = []
+
+    def counted(w):
+        calls.append(1)
+        return torch.ones_like(w)
+    assert patcher.set_patches({"a": [Patch("x", 1.0, counted)], "b": [Patch("x", 1.0, counted)]}) == 2
+    assert patcher.set_patches({"a": [Patch("x", 1.0, counted)], "b": [Patch("x", 0.5, counted)]}) == 1
+    assert len(calls) == 3 and torch.equal(tensors["c"], originals["c"])
+    assert torch.allclose(tensors["b"], originals["b"] + 0.5)
+    patcher.set_patches({"a": [Patch("x", 0.0, counted)]})
+    assert torch.equal(tensors["a"], originals["a"]) and torch.equal(tensors["b"], originals["b"])
+    assert patcher.patched == ["a"]
