@@ -65,12 +65,25 @@ def run_child(code: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpuinfo() -> str:
+    """The text of /proc/cpuinfo ("" where there is none)."""
+    return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+
+
+def native_bf16() -> bool:
+    """True when `--precision auto` picks bf16 here (native bf16 math), so a bf16 run is worth timing."""
+    from sdstudio.models.checkpoint import fast_cpu_dtype
+
+    return fast_cpu_dtype() == torch.bfloat16
+
+
 def machine() -> str:
     """One line: CPU model, native bf16 support, cores, torch version, date, commit."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+    cpuinfo_text = cpuinfo()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo_text.splitlines()
+                  if line.startswith("model name")),
                  platform.processor())
-    flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f in cpuinfo]
+    flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f in cpuinfo_text]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     return (f"{model} ({', '.join(flags) or 'no avx512'}), {os.cpu_count()} cores, torch {torch.__version__}, "

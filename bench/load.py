@@ -37,7 +37,8 @@ print(json.dumps({"load": loaded, "rss": resource.getrusage(resource.RUSAGE_SELF
 
 
 def main() -> None:
-    rows = ["| file | loader | load s | load + touch s | peak RSS GiB | ratio to diffusers |", "|---|---|---|---|---|---|"]
+    rows = ["| file | loader | load s | load + touch s | peak RSS GiB | ratio to diffusers |",
+            "|---|---|---|---|---|---|"]
     for variant, dtype in (("pruned", "float32"), ("fp16", "float16")):
         path = full_sd15(variant)
         config = diffusers_config_dir(full_sd15("pruned"))
@@ -52,7 +53,8 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     write_section("Checkpoint load (bench/load.py)", f"{machine()}\n\nCommand: `make bench` or "
-                  f"`.venv/bin/python bench/load.py`. Page cache warm for both; dtype = file dtype.\n\n{table}")
+                  f"`.venv/bin/python bench/load.py`. Page cache warm for both; dtype = file dtype. Shared 2-core "
+                  f"machine: figures may be noisy.\n\n{table}")
 
 
 if __name__ == "__main__":
