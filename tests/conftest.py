@@ -37,3 +37,18 @@ def sd1_model(sd1_file):
     from sdstudio.models.checkpoint import load_checkpoint
 
     return load_checkpoint(sd1_file)
+
+
+def wait_until_serving(url: str, attempts: int = 300) -> None:
+    """Poll a server's OpenAPI schema until it answers (0.1 s apart); fail the test if it never does."""
+    import time
+
+    import httpx
+
+    for _ in range(attempts):
+        try:
+            httpx.get(url + "/openapi.json", timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError(f"server at {url} did not start")

@@ -7,10 +7,9 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from tests.conftest import wait_until_serving
 
 
 def test_openapi_fuzzing_finds_no_server_errors(tmp_path, sd1_file):
@@ -24,12 +23,7 @@ def test_openapi_fuzzing_finds_no_server_errors(tmp_path, sd1_file):
                                str(port), "--no-demo"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                httpx.get(url + "/openapi.json", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_until_serving(url)
         schemathesis = Path(sys.executable).parent / "schemathesis"
         run = subprocess.run([str(schemathesis), "run", url + "/openapi.json", "--checks", "not_a_server_error",
                               "--max-examples", "10", "--seed", "1", "--exclude-path-regex",

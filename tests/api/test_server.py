@@ -17,6 +17,7 @@ import uvicorn
 from PIL import Image
 from safetensors.torch import save_file
 
+from tests.conftest import wait_until_serving
 from sdstudio.api.app import create_app, ensure_demo_model, serve
 from sdstudio.errors import SDStudioError
 from sdstudio.service.engine import Engine
@@ -47,12 +48,7 @@ def server(tmp_path_factory, sd1_file):
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(url + "/sdapi/v1/samplers", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    wait_until_serving(url)
     yield url, data
     instance.should_exit = True
     thread.join(timeout=10)
