@@ -319,8 +319,13 @@ def catalog(engine: Engine = Depends(get_engine)) -> dict[str, Any]:
                       "preferred_weight": info["preferred_weight"], "activation_text": info["activation_text"],
                       "info": info, "preview_url": f"/api/preview/lora/{entry.name}" if entry.preview else None})
     listing = engine.embeddings.listing(model) if model is not None else {"loaded": {}, "skipped": {}}
-    embeddings = [{"name": name, "loaded": name in listing["loaded"], "reason": None if name in listing["loaded"]
-                   else "does not fit the loaded model"} for name in sorted(engine.embeddings.embeddings)]
+    embedding_files = {entry.stem: entry for entry in engine.catalog.embeddings()}
+    embeddings = []
+    for name in sorted(engine.embeddings.embeddings):
+        entry = embedding_files.get(name)
+        embeddings.append({"name": name, "loaded": name in listing["loaded"],
+                           "reason": None if name in listing["loaded"] else "does not fit the loaded model",
+                           "preview_url": f"/api/preview/embedding/{entry.name}" if entry and entry.preview else None})
     return {"checkpoints": checkpoints, "loras": loras, "embeddings": embeddings,
             "vaes": [{"name": e.path.name} for e in engine.catalog.vaes()]}
 

@@ -202,6 +202,16 @@ def test_catalog_and_no_path_traversal(server):
     catalog = httpx.get(url + "/api/catalog").json()
     assert catalog["checkpoints"][0]["label"] == "SD1" and catalog["loras"][0]["name"] == "ink"
     assert catalog["loras"][0]["compatible"] is True
+    embeddings = data / "models" / "embeddings"
+    embeddings.mkdir(parents=True, exist_ok=True)
+    save_file({"emb_params": torch.randn(2, 64)}, embeddings / "badhands.safetensors")
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(embeddings / "badhands.preview.png")
+    assert httpx.post(url + "/sdapi/v1/refresh-embeddings").status_code == 200
+    assert httpx.post(url + "/sdapi/v1/txt2img", json=SMALL, timeout=120).status_code == 200  # a model is loaded
+    card = next(e for e in httpx.get(url + "/api/catalog").json()["embeddings"] if e["name"] == "badhands")
+    assert card["loaded"] is True and card["preview_url"] == "/api/preview/embedding/badhands.safetensors"
+    picture = Image.open(io.BytesIO(httpx.get(url + card["preview_url"]).content))
+    assert picture.getpixel((0, 0)) == (200, 10, 10)
     (data / "secret.txt").write_text("no")
     for path in ("/outputs/../secret.txt", "/outputs/%2e%2e/secret.txt", "/outputs/..%2fsecret.txt",
                  "/api/preview/lora/../../secret.txt", "/api/preview/checkpoint/tiny.safetensors"):
