@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from diffusers import AutoencoderKL
@@ -112,21 +115,54 @@ def swap_vae(model: LoadedCheckpoint, path: str | Path | None) -> None:
     model.vae, model.vae_path = new_vae, Path(path)
 
 
-def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (B,4,h,w) -> images (B,3,8h,8w) in [0,1]. A NaN in half precision retries the decode in fp32 (logged), never returning a black image."""
-    images = _decode_once(vae, latents, vae.dtype)
+TILE_LATENT = 96        # decode tiles of 96×96 latents (768 px), encode tiles of 768×768 px
+TILE_OVERLAP = 32       # latents of overlap between neighbouring tiles, blended linearly
+TILE_ABOVE = 128 * 128  # latent pixels above which decode/encode go tiled (larger than 1024×1024 images)
+
+
+def decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None = None, tile: int = TILE_LATENT,
+           overlap: int = TILE_OVERLAP) -> torch.Tensor:
+    """Scaled latents (B,4,h,w) -> images (B,3,8h,8w) in [0,1]. Large images (or `tiled=True`) decode in
+    overlapping tiles of `tile` latents so memory stays bounded. A NaN in half precision retries the decode in fp32
+    (logged), never returning a black image."""
+    tiled = latents.shape[-2] * latents.shape[-1] > TILE_ABOVE if tiled is None else tiled
+    images = _decode_once(vae, latents, vae.dtype, tiled, tile, overlap)
     if torch.isnan(images).any() and vae.dtype != torch.float32:
         log.warning("VAE produced NaN in %s; decoding again in float32", vae.dtype)
-        images = _decode_once(vae, latents, torch.float32)
+        images = _decode_once(vae, latents, torch.float32, tiled, tile, overlap)
     if torch.isnan(images).any():
         raise ModelFileError("<vae>", "VAE decode produced NaN even in float32; the VAE or latents are broken")
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
-def _decode_once(vae: AutoencoderKL, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _decode_once(vae: AutoencoderKL, latents: torch.Tensor, dtype: torch.dtype, tiled: bool, tile: int,
+                 overlap: int) -> torch.Tensor:
     module = vae if vae.dtype == dtype else _upcast_copy(vae, dtype)
+    latents = latents.to(dtype) / vae.config.scaling_factor
     with torch.inference_mode():
-        return module.decode(latents.to(dtype) / vae.config.scaling_factor).sample
+        if not tiled:
+            return module.decode(latents).sample
+        # the low-resolution trunk (mid-block attention is global) runs whole; the high-resolution up path, where
+        # the memory goes, runs in tiles
+        features = _decoder_trunk(module, latents)
+        up_path = partial(_decoder_up_path, module)
+        with shared_group_norm_statistics(module.decoder, up_path, features, tile):
+            return run_tiled(up_path, features, tile, overlap, scale=8)
+
+
+def _decoder_trunk(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """diffusers' Decoder.forward up to the end of its mid block (at latent resolution)."""
+    if vae.post_quant_conv is not None:
+        latents = vae.post_quant_conv(latents)
+    return vae.decoder.mid_block(vae.decoder.conv_in(latents), None)
+
+
+def _decoder_up_path(vae: AutoencoderKL, features: torch.Tensor) -> torch.Tensor:
+    """The rest of diffusers' Decoder.forward: up blocks, output norm, activation and convolution."""
+    decoder = vae.decoder
+    for block in decoder.up_blocks:
+        features = block(features, None)
+    return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(features)))
 
 
 def _upcast_copy(vae: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:
@@ -137,9 +173,97 @@ def _upcast_copy(vae: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:
 
 
 def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None,
-           sample: bool = False) -> torch.Tensor:
-    """Images (B,3,H,W) in [0,1] -> scaled latents (B,4,H/8,W/8); the posterior mean unless `sample`."""
+           sample: bool = False, tiled: bool | None = None, tile: int = TILE_LATENT,
+           overlap: int = TILE_OVERLAP) -> torch.Tensor:
+    """Images (B,3,H,W) in [0,1] -> scaled latents (B,4,H/8,W/8); the posterior mean unless `sample`. Large images
+    (or `tiled=True`) encode in overlapping tiles of 8×`tile` pixels; the posterior is blended, then sampled once."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    pixels = (images * 2 - 1).to(vae.dtype)
+    tiled = images.shape[-2] * images.shape[-1] > TILE_ABOVE * 64 if tiled is None else tiled
     with torch.inference_mode():
-        posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
+        if tiled:
+            with shared_group_norm_statistics(vae.encoder, vae.encode, pixels, tile * 8):
+                parameters = run_tiled(lambda piece: vae.encode(piece).latent_dist.parameters, pixels, tile * 8,
+                                       overlap * 8, scale=1 / 8)
+            posterior = DiagonalGaussianDistribution(parameters.to(vae.dtype))
+        else:
+            posterior = vae.encode(pixels).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mean
     return latents.float() * vae.config.scaling_factor
+
+
+@contextmanager
+def shared_group_norm_statistics(network: torch.nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor,
+                                 tile: int):
+    """Make every GroupNorm of `network` normalise each tile with whole-image statistics instead of the tile's own
+    (tile-local statistics shift colours from tile to tile: visible seams). The statistics come from one run of
+    `run` on `x` subsampled (nearest, which keeps the fine texture the statistics depend on) to one tile's area, so
+    the extra cost and memory are one tile's; exact when `x` fits in one tile."""
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.GroupNorm)]
+    shrink = min(1.0, tile / math.sqrt(x.shape[-2] * x.shape[-1]))
+    small = x if shrink == 1 else torch.nn.functional.interpolate(
+        x.float(), scale_factor=shrink, mode="nearest-exact").to(x.dtype)
+    statistics: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    mode = "estimate"
+
+    def forward(norm: torch.nn.GroupNorm, values: torch.Tensor) -> torch.Tensor:
+        grouped = values.float().reshape(values.shape[0], norm.num_groups, -1)
+        if mode == "estimate":
+            statistics[norm] = (grouped.mean(-1), grouped.var(-1, unbiased=False))
+        mean, variance = statistics[norm]
+        out = ((grouped - mean[..., None]) * torch.rsqrt(variance[..., None] + norm.eps)).reshape(values.shape)
+        if norm.affine:
+            shape = (1, -1) + (1,) * (values.ndim - 2)
+            out = out * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
+        return out.to(values.dtype)
+
+    originals = {norm: norm.forward for norm in norms}
+    for norm in norms:
+        norm.forward = partial(forward, norm)
+    try:
+        run(small)
+        mode = "apply"
+        yield
+    finally:
+        for norm, original in originals.items():
+            norm.forward = original
+
+
+def run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
+    """Apply a convolutional `fn` (input side s -> output side s·scale) to overlapping `tile`-sized tiles of `x`
+    and blend the outputs with linear ramps across each overlap; only one tile's activations live at a time."""
+    height, width = x.shape[-2:]
+    out = weight = None
+    for top in _tile_starts(height, tile, overlap):
+        for left in _tile_starts(width, tile, overlap):
+            piece = fn(x[..., top:top + tile, left:left + tile]).float()
+            if out is None:
+                out = torch.zeros(*piece.shape[:-2], round(height * scale), round(width * scale))
+                weight = torch.zeros(round(height * scale), round(width * scale))
+            rows, cols = piece.shape[-2:]
+            y, x0 = round(top * scale), round(left * scale)
+            ramp = round(overlap * scale)
+            mask = (_ramp(rows, ramp, y > 0, y + rows < out.shape[-2])[:, None]
+                    * _ramp(cols, ramp, x0 > 0, x0 + cols < out.shape[-1])[None, :])
+            out[..., y:y + rows, x0:x0 + cols] += piece * mask
+            weight[y:y + rows, x0:x0 + cols] += mask
+    return out / weight
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, tile - overlap))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, ramp: int, rise: bool, fall: bool) -> torch.Tensor:
+    """Weights along one tile side: linear in over `ramp` samples on a side shared with a neighbour, else 1."""
+    weights = torch.ones(length)
+    steps = torch.arange(1, ramp + 1, dtype=torch.float32) / (ramp + 1)
+    if rise and ramp:
+        weights[:ramp] = steps
+    if fall and ramp:
+        weights[-ramp:] = torch.minimum(weights[-ramp:], steps.flip(0))
+    return weights
