@@ -205,11 +205,10 @@ def shared_group_norm_statistics(network: torch.nn.Module, run: Callable[[torch.
     small = x if shrink == 1 else torch.nn.functional.interpolate(
         x.float(), scale_factor=shrink, mode="nearest-exact").to(x.dtype)
     statistics: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-    mode = "estimate"
 
     def forward(norm: torch.nn.GroupNorm, values: torch.Tensor) -> torch.Tensor:
         grouped = values.float().reshape(values.shape[0], norm.num_groups, -1)
-        if mode == "estimate":
+        if norm not in statistics:  # each GroupNorm runs once per pass: the first (estimating) pass records
             statistics[norm] = (grouped.mean(-1), grouped.var(-1, unbiased=False))
         mean, variance = statistics[norm]
         out = ((grouped - mean[..., None]) * torch.rsqrt(variance[..., None] + norm.eps)).reshape(values.shape)
@@ -223,7 +222,6 @@ def shared_group_norm_statistics(network: torch.nn.Module, run: Callable[[torch.
         norm.forward = partial(forward, norm)
     try:
         run(small)
-        mode = "apply"
         yield
     finally:
         for norm, original in originals.items():
@@ -234,6 +232,7 @@ def run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> tor
     """Apply a convolutional `fn` (input side s -> output side s·scale) to overlapping `tile`-sized tiles of `x`
     and blend the outputs with linear ramps across each overlap; only one tile's activations live at a time."""
     height, width = x.shape[-2:]
+    ramp = round(overlap * scale)
     out = weight = None
     for top in _tile_starts(height, tile, overlap):
         for left in _tile_starts(width, tile, overlap):
@@ -243,7 +242,6 @@ def run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> tor
                 weight = torch.zeros(round(height * scale), round(width * scale))
             rows, cols = piece.shape[-2:]
             y, x0 = round(top * scale), round(left * scale)
-            ramp = round(overlap * scale)
             mask = (_ramp(rows, ramp, y > 0, y + rows < out.shape[-2])[:, None]
                     * _ramp(cols, ramp, x0 > 0, x0 + cols < out.shape[-1])[None, :])
             out[..., y:y + rows, x0:x0 + cols] += piece * mask

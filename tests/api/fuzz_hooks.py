@@ -9,18 +9,28 @@ from typing import Any
 
 import schemathesis
 
-WORK_LIMITS = {"steps": 2, "n_iter": 1, "batch_size": 2, "width": 64, "height": 64,
-               "seed_resize_from_w": 64, "seed_resize_from_h": 64, "hr_scale": 1}
+from sdstudio.api.schemas import Txt2ImgRequest
+
+SMALL = {"steps": 2, "n_iter": 1, "batch_size": 2, "width": 64, "height": 64,
+         "seed_resize_from_w": 64, "seed_resize_from_h": 64}
+GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/api/jobs")
+
+
+def schema_maximum(field: str) -> int:
+    """The `le` bound the request model declares for `field`."""
+    return next(rule.le for rule in Txt2ImgRequest.model_fields[field].metadata if hasattr(rule, "le"))
+
+
+MAXIMA = {field: schema_maximum(field) for field in SMALL}
 
 
 def clamp_work(value: Any) -> None:
     """Clamp in place every in-range work-multiplying number of a (nested) JSON body."""
     if isinstance(value, dict):
         for key, item in value.items():
-            limit = WORK_LIMITS.get(key)
-            if limit is not None and isinstance(item, (int, float)) and not isinstance(item, bool) and item > limit:
-                if item <= 8192:  # larger values stay: the server must reject them
-                    value[key] = limit
+            if key in SMALL and isinstance(item, (int, float)) and not isinstance(item, bool):
+                if SMALL[key] < item <= MAXIMA[key]:  # larger values stay: the server must reject them
+                    value[key] = SMALL[key]
             else:
                 clamp_work(item)
     elif isinstance(value, list):
@@ -28,12 +38,9 @@ def clamp_work(value: Any) -> None:
             clamp_work(item)
 
 
-GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/api/jobs")
-
-
 @schemathesis.hook
 def before_call(context, case, kwargs) -> None:
     if case.operation.path in GENERATION_PATHS and isinstance(case.body, dict):
         for key in ("steps", "width", "height"):  # absent = A1111's defaults (50 steps at 512²): minutes each
-            case.body.setdefault(key, WORK_LIMITS[key])
+            case.body.setdefault(key, SMALL[key])
     clamp_work(case.body)
