@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 DATA_DIR ?= .
 # browser tests drive Debian's chromium (never a downloaded browser); CI runs as root and installs it
 CHROMIUM := /usr/bin/chromium
@@ -31,7 +32,11 @@ $(CHROMIUM):
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -p no:cacheprovider
 
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) bench/load.py
 	$(PY) bench/generate.py
 	$(PY) bench/lora.py

@@ -20,7 +20,7 @@ from sdstudio.api.schemas import Img2ImgRequest, PngInfoRequest, TokensRequest, 
 from sdstudio.errors import InvalidRequestError, SDStudioError
 from sdstudio.images.infotext import encode_image, parse_infotext, read_infotext
 from sdstudio.sampling import registry
-from sdstudio.service.engine import Engine
+from sdstudio.service.engine import SHUTTING_DOWN, Engine
 
 WEB_DIR = Path(__file__).parent.parent / "web"
 MAX_BODY_BYTES = 64 * 2**20
@@ -83,6 +83,8 @@ def _run(engine: Engine, mode: str, body: Txt2ImgRequest) -> dict[str, Any]:
         request = pipeline.make_request(request, {"prompt": prompt, "negative_prompt": negative})
     job = engine.submit(mode, request, body.override_settings)
     job.done.wait()
+    if job.status == "failed" and job.error == SHUTTING_DOWN:
+        raise HTTPException(503, SHUTTING_DOWN)
     if job.status == "failed":
         raise InvalidRequestError("request", job.error or "generation failed")
     result = job.result
@@ -429,4 +431,12 @@ def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: boo
             print(f"models/Stable-diffusion was empty: wrote a DEMO checkpoint with random weights: {made}")
     engine = Engine(data_dir)
     flags = {"data_dir": str(data_dir), "host": host, "port": port, "listen": listen, "api_auth": bool(api_auth)}
-    uvicorn.run(create_app(engine, api_auth, flags), host=host, port=port, log_level="warning")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn waits for open requests before it exits; release the ones waiting on jobs first
+            engine.close()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(engine, api_auth, flags), host=host, port=port, log_level="warning")
+    Server(config).run()

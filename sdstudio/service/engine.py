@@ -44,6 +44,7 @@ SETTING_FIELDS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_noise_seed_delta
                   "randn_source": "randn_source", "emphasis": "emphasis",
                   "comma_padding_backtrack": "comma_padding_backtrack"}
 PREVIEW_EVERY = 1  # steps between live previews
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class Settings:
@@ -109,6 +110,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._interrupt = threading.Event()
         self._skip = threading.Event()
+        self._closed = threading.Event()
         self._lock = threading.Lock()
         self.current: Job | None = None
         self._worker = threading.Thread(target=self._run, name="sdstudio-worker", daemon=True)
@@ -157,6 +159,8 @@ class Engine:
     def submit(self, mode: str, request: pipeline.GenerationRequest,
                override_settings: dict[str, Any] | None = None) -> Job:
         """Queue a job (FIFO); returns it at once."""
+        if self._closed.is_set():
+            raise SDStudioError(SHUTTING_DOWN)
         job = Job(f"job-{next(self._ids)}", mode, request, override_settings or {}, steps=request.steps)
         self.jobs[job.id] = job
         self._queue.put(job)
@@ -170,14 +174,38 @@ class Engine:
         """Drop the running job's current batch; it goes on with its next batch (A1111 "Skip")."""
         self._skip.set()
 
+    def close(self) -> None:
+        """Stop working (server shutdown): the running job ends as interrupted, queued jobs fail at once, so no
+        client waits on work that will never run and the process can exit."""
+        self._closed.set()
+        self._interrupt.set()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._fail(job, SHUTTING_DOWN)
+        self._queue.put(None)
+
+    @staticmethod
+    def _fail(job: Job, error: str) -> None:
+        job.status, job.error, job.finished = "failed", error, time.time()
+        job.done.set()
+
     def _run(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
                 return
+            if self._closed.is_set():
+                self._fail(job, SHUTTING_DOWN)
+                continue
             self.current = job
             self._interrupt.clear()
             self._skip.clear()
+            if self._closed.is_set():    # closed between the check above and the clear
+                self._interrupt.set()
             job.status, job.started = "running", time.time()
             try:
                 job.result = self._generate(job)

@@ -217,3 +217,36 @@ def test_catalog_and_no_path_traversal(server):
                  "/api/preview/lora/../../secret.txt", "/api/preview/checkpoint/tiny.safetensors"):
         response = httpx.get(url + path)
         assert response.status_code == 404 and "no" != response.text, path
+
+
+def test_sigterm_interrupts_the_running_job_fails_queued_ones_and_exits(tmp_path, sd1_file):
+    import signal
+    import subprocess
+    import sys
+
+    models = tmp_path / "models" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    os.link(sd1_file, models / "tiny.safetensors")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "sdstudio.cli", "serve", "--data-dir", str(tmp_path),
+                                "--port", str(port)])
+    try:
+        wait_until_serving(url)
+        long_job = {"prompt": "a cat", "steps": 1000, "width": 128, "height": 128, "n_iter": 100}
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, url + "/sdapi/v1/txt2img", json=long_job, timeout=120)
+            for _ in range(600):
+                if httpx.get(url + "/sdapi/v1/progress").json()["state"]["sampling_step"] > 0:
+                    break
+                time.sleep(0.1)
+            queued = pool.submit(httpx.post, url + "/sdapi/v1/txt2img", json=long_job, timeout=120)
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == -signal.SIGTERM   # uvicorn re-raises the signal it caught
+            first, second = running.result(), queued.result()
+        assert first.status_code == 200 and json.loads(first.json()["info"])["interrupted"] is True
+        assert second.status_code == 503 and "shutting down" in second.text
+    finally:
+        process.kill()
+        process.wait()
