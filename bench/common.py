@@ -15,15 +15,22 @@ BENCH_DIR = Path(os.environ.get("SDSTUDIO_BENCH_DIR", "/tmp/sdstudio-bench"))
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
-def full_sd15(variant: str = "pruned") -> Path:
-    """A full-size random-weight SD1.5 in the real single-file layout (written once, then reused)."""
+def full_checkpoint(family: str = "sd1", variant: str = "pruned") -> Path:
+    """A full-size random-weight checkpoint (sd1 = SD1.5, sdxl = SDXL base) in the real single-file layout,
+    written once under BENCH_DIR, then reused."""
     from sdstudio import synthetic
 
-    path = BENCH_DIR / f"sd15-full-{variant}.safetensors"
+    name = {"sd1": "sd15", "sdxl": "sdxl"}[family]
+    path = BENCH_DIR / f"{name}-full-{variant}.safetensors"
     if not path.exists():
         BENCH_DIR.mkdir(parents=True, exist_ok=True)
-        synthetic.write_checkpoint(path, "sd1", "full", variant)
+        synthetic.write_checkpoint(path, family, "full", variant)
     return path
+
+
+def full_sd15(variant: str = "pruned") -> Path:
+    """The full-size SD1.5 file (see full_checkpoint)."""
+    return full_checkpoint("sd1", variant)
 
 
 def warm_page_cache(path: Path) -> None:
@@ -34,26 +41,37 @@ def warm_page_cache(path: Path) -> None:
 
 
 def diffusers_config_dir(checkpoint: Path) -> Path:
-    """A local diffusers pipeline folder (configs only, no weights, no tokenizer files) for from_single_file."""
-    from diffusers import PNDMScheduler
+    """A local diffusers pipeline folder (configs only, no weights, no tokenizer files) for `from_single_file`,
+    made from our own loaded modules (which are diffusers/transformers classes) of the same file."""
+    from diffusers import EulerDiscreteScheduler
 
     from sdstudio.models.checkpoint import load_checkpoint
 
-    folder = BENCH_DIR / "sd15-diffusers-config"
+    folder = BENCH_DIR / f"{checkpoint.stem}-diffusers-config"
     if (folder / "model_index.json").exists():
         return folder
-    model = load_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint, dtype="fp16")
+    xl = model.info.family == "sdxl"
     model.unet.save_config(folder / "unet")
     model.vae.save_config(folder / "vae")
-    model.text_encoders[0].model.config.save_pretrained(folder / "text_encoder")
-    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                  steps_offset=1).save_config(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False}))
+    encoders = {"text_encoder": ["transformers", "CLIPTextModel"]}
+    if xl:
+        encoders["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    for name, encoder in zip(encoders, model.text_encoders):
+        encoder.model.config.save_pretrained(folder / name)
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                           steps_offset=1, timestep_spacing="leading").save_config(folder / "scheduler")
+    index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+             "_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+             "tokenizer": [None, None], **encoders}
+    if xl:
+        index.update({"tokenizer_2": [None, None], "image_encoder": [None, None],
+                      "feature_extractor": [None, None], "force_zeros_for_empty_prompt": True})
+    else:
+        index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
+                      "requires_safety_checker": False})
+    (folder / "model_index.json").write_text(json.dumps(index))
     return folder
 
 

@@ -1,83 +1,185 @@
-"""Seconds per sampling step, SD1.5 512×512 with CFG (batch 1): sdstudio vs diffusers StableDiffusionPipeline in
-fp32 with the same weights, in one run; plus sdstudio bf16 (`--precision auto` on CPUs with native bf16) and the
-VAE decode of one 512² image. Each measurement runs in a fresh child process."""
+"""Generation speed side by side, in one run: sdstudio beside diffusers (fp32 default; bf16 + channels_last eager;
+the same under torch.compile with inductor freezing), OpenVINO and stable-diffusion.cpp, all reading the same
+full-size random-weight file. SD1.5 at 512² (a 20-step image end to end, per-step time, VAE decode 512² and 1024²,
+peak RSS) and SDXL at 1024² (per-step time, peak RSS). The quality guard compares sdstudio's fast path with its fp32
+path: the final images of the same seed, PSNR. Each engine runs in a fresh process (bench/runners.py).
+
+`BENCH_ONLY=name,name` runs only the named rows (as in the tables), for a quick look."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (diffusers_config_dir, full_sd15, machine, native_bf16, run_child, warm_page_cache,
-                    write_section)  # noqa: E402
+from common import (BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, warm_page_cache,  # noqa: E402
+                    write_section)
 
-STEPS = 4  # the first step is a warm-up; the median of the rest is reported
-ROUNDS = 2  # fp32 runs of each side, alternated; the best of each is reported
+SD15_STEPS = 20     # the end-to-end image; per-step time is the median of the intervals after the first
+SDXL_STEPS = 3      # a 1024² SDXL step is a minute or more here: the first step plus two measured ones
+SDCPP_STEPS = 4     # stable-diffusion.cpp: ~45 s a step here; its 20-step time is extended from 4 measured steps
+RUNNERS = Path(__file__).parent / "runners.py"
 
-OURS = """
-import json, statistics, sys, time, torch
-from sdstudio.models.checkpoint import load_checkpoint
-from sdstudio.models import vae as vae_ops
-from sdstudio.pipeline import txt2img
-model = load_checkpoint(sys.argv[1], dtype=sys.argv[2])
-marks = []
-txt2img(model, prompt="a lighthouse on a cliff", negative_prompt="blurry", steps=int(sys.argv[3]), width=512,
-        height=512, sampler_name="Euler", cfg_scale=7, seed=1, save=False,
-        callback=lambda info: marks.append(time.perf_counter()))
-steps = [b - a for a, b in zip(marks, marks[1:])]
-start = time.perf_counter()
-vae_ops.decode(model.vae, torch.randn(1, 4, 64, 64))
-print(json.dumps({"step": statistics.median(steps), "decode": time.perf_counter() - start}))
-"""
-DIFFUSERS = """
-import json, statistics, sys, time, torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_single_file(sys.argv[1], config=sys.argv[2], local_files_only=True,
-    tokenizer=None, safety_checker=None, feature_extractor=None, torch_dtype=torch.float32)
-pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-pipe.set_progress_bar_config(disable=True)
-ids = torch.tensor([[49406] + [320, 7086] + [49407] * 74])
-with torch.no_grad():
-    cond = pipe.text_encoder(ids)[0]
-    uncond = pipe.text_encoder(torch.tensor([[49406] + [49407] * 76]))[0]
-marks = []
-def on_step(pipe, i, t, kwargs):
-    marks.append(time.perf_counter())
-    return kwargs
-pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=int(sys.argv[3]), guidance_scale=7,
-     height=512, width=512, output_type="latent", callback_on_step_end=on_step,
-     generator=torch.Generator().manual_seed(1))
-steps = [b - a for a, b in zip(marks, marks[1:])]
-start = time.perf_counter()
-with torch.no_grad():
-    pipe.vae.decode(torch.randn(1, 4, 64, 64) / pipe.vae.config.scaling_factor)
-print(json.dumps({"step": statistics.median(steps), "decode": time.perf_counter() - start}))
-"""
+
+def run_runner(name: str, **kwargs) -> dict:
+    """One engine in a fresh process; a failure becomes {"error": last line of its stderr} (the row says why)."""
+    out = subprocess.run([sys.executable, str(RUNNERS), name, json.dumps(kwargs)], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+        return {"error": lines[-1][:200] if lines else f"exit status {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def psnr(a: Path, b: Path) -> float:
+    """PSNR in dB between two 8-bit images of the same size."""
+    x, y = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in (a, b))
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
+def selected(name: str) -> bool:
+    only = os.environ.get("BENCH_ONLY")
+    return not only or name in only.split(",")
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def sd15_rows(images: Path) -> tuple[dict[str, dict], list[str]]:
+    path = full_checkpoint("sd1", "fp16")
+    config = str(diffusers_config_dir(path))
+    warm_page_cache(path)
+    common = {"steps": SD15_STEPS, "size": 512}
+    decode = {"decode_sizes": [512, 1024]}
+    plan = {
+        "diffusers fp32 (default)": ("diffusers", dict(path=str(path), config=config, mode="fp32", xl=False,
+                                                       image=str(images / "diffusers-fp32.png"), **decode)),
+        "diffusers bf16 + channels_last": ("diffusers", dict(path=str(path), config=config, mode="bf16", xl=False,
+                                                             image=str(images / "diffusers-bf16.png"), **decode)),
+        "diffusers bf16 + channels_last + torch.compile (inductor, freezing)": (
+            "diffusers", dict(path=str(path), config=config, mode="compile", xl=False, image=None, **decode)),
+        "OpenVINO bf16 (UNet + VAE decoder)": ("openvino", dict(path=str(path), config=config, precision="bf16",
+                                                                **decode)),
+        "stable-diffusion.cpp (file's fp16 weights)": ("sdcpp", dict(path=str(path), wtype="default",
+                                                                        e2e_steps=SD15_STEPS)),
+        "sdstudio fp32": ("sdstudio", dict(path=str(path), precision="fp32",
+                                           image=str(images / "sd15-fp32.png"), **decode)),
+        "sdstudio --precision auto": ("sdstudio", dict(path=str(path), precision="auto",
+                                                       image=str(images / "sd15-auto.png"), **decode)),
+    }
+    results = {}
+    for name, (runner, kwargs) in plan.items():
+        if selected(name):
+            steps = {"steps": SDCPP_STEPS} if runner == "sdcpp" else {}
+            results[name] = run_runner(runner, **{**common, **steps}, **kwargs)
+            print(name, results[name], flush=True)
+    return results, list(plan)
+
+
+def sdxl_rows(images: Path) -> dict[str, dict]:
+    path = full_checkpoint("sdxl", "fp16")
+    config = str(diffusers_config_dir(path))
+    warm_page_cache(path)
+    common = {"steps": SDXL_STEPS, "size": 1024, "decode_sizes": []}
+    plan = {
+        "diffusers fp32 (default)": ("diffusers", dict(path=str(path), config=config, mode="fp32", xl=True,
+                                                       image=None)),
+        "diffusers bf16 + channels_last": ("diffusers", dict(path=str(path), config=config, mode="bf16", xl=True,
+                                                             image=None)),
+        "sdstudio fp32": ("sdstudio", dict(path=str(path), precision="fp32", image=str(images / "sdxl-fp32.png"))),
+        "sdstudio --precision auto": ("sdstudio", dict(path=str(path), precision="auto",
+                                                       image=str(images / "sdxl-auto.png"))),
+    }
+    results = {}
+    for name, (runner, kwargs) in plan.items():
+        if selected("SDXL " + name):
+            results[name] = run_runner(runner, **common, **kwargs)
+            print("SDXL", name, results[name], flush=True)
+    return results
+
+
+def ratio(base: dict | None, r: dict) -> str:
+    if not base or "step_s" not in base:
+        return "–"
+    return f"{base['step_s'] / r['step_s']:.2f}×"
+
+
+def sd15_table(results: dict[str, dict]) -> str:
+    base = results.get("diffusers fp32 (default)")
+    peers = {n: r for n, r in results.items() if not n.startswith("sdstudio") and "step_s" in r}
+    fastest = min(peers.items(), key=lambda kv: kv[1]["step_s"]) if peers else None
+    fastest_e2e = min(peers.items(), key=lambda kv: kv[1]["e2e_s"]) if peers else None
+    rows = [f"| engine | load s | s / step | vs diffusers fp32 | vs fastest peer | first step s | {SD15_STEPS}-step "
+            "image s | VAE decode 512² s | VAE decode 1024² s | peak RSS 512² GiB | peak RSS incl. 1024² decode GiB |",
+            "|---" * 11 + "|"]
+    for name, r in results.items():
+        if "error" in r:
+            rows.append(f"| {name} | failed: {r['error']} |" + " |" * 9)
+            continue
+        first = r["first_step_s"] + r.get("compile_s", 0)
+        rows.append(f"| {name} | {fmt(r['load_s'])} | {fmt(r['step_s'])} | {ratio(base, r)} | "
+                    f"{ratio(fastest[1], r) if fastest else '–'} | {fmt(first)} | {'≈' if r.get('e2e_estimated') else ''}"
+                    f"{fmt(r['e2e_s'], 1)} | "
+                    f"{fmt(r.get('decode_512_s'))} | {fmt(r.get('decode_1024_s'))} | {fmt(r['rss_gib'])} | "
+                    f"{fmt(r.get('rss_all_gib'))} |")
+    lines = ["\n".join(rows)]
+    if fastest:
+        ours = results.get("sdstudio --precision auto", {})
+        lines.append(f"Fastest peer per step: {fastest[0]} ({fastest[1]['step_s']:.2f} s); end to end: "
+                     f"{fastest_e2e[0]} ({fastest_e2e[1]['e2e_s']:.1f} s)"
+                     + (f"; sdstudio --precision auto end to end {fastest_e2e[1]['e2e_s'] / ours['e2e_s']:.2f}× "
+                        "the fastest peer's speed." if "e2e_s" in ours else "."))
+    return "\n\n".join(lines)
+
+
+def sdxl_table(results: dict[str, dict]) -> str:
+    base = results.get("diffusers fp32 (default)")
+    rows = ["| engine | load s | s / step (CFG, 1024²) | vs diffusers fp32 | first step s | peak RSS GiB |",
+            "|---" * 6 + "|"]
+    for name, r in results.items():
+        if "error" in r:
+            rows.append(f"| {name} | failed: {r['error']} |" + " |" * 4)
+            continue
+        rows.append(f"| {name} | {fmt(r['load_s'])} | {fmt(r['step_s'])} | {ratio(base, r)} | "
+                    f"{fmt(r['first_step_s'])} | {fmt(r['rss_gib'])} |")
+    return "\n".join(rows)
+
+
+def quality(images: Path) -> str:
+    rows = ["| images compared (same seed and settings) | PSNR dB |", "|---|---|"]
+    pairs = {f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision auto vs sdstudio fp32": ("sd15-auto", "sd15-fp32"),
+             f"SD1.5 512², {SD15_STEPS} steps: diffusers bf16 vs diffusers fp32": ("diffusers-bf16", "diffusers-fp32"),
+             f"SD1.5 512², {SD15_STEPS} steps: sdstudio fp32 vs diffusers fp32": ("sd15-fp32", "diffusers-fp32"),
+             f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision auto vs sdstudio fp32": ("sdxl-auto", "sdxl-fp32")}
+    for label, (a, b) in pairs.items():
+        pa, pb = images / f"{a}.png", images / f"{b}.png"
+        if pa.exists() and pb.exists():
+            rows.append(f"| {label} | {psnr(pa, pb):.1f} |")
+    return "\n".join(rows)
 
 
 def main() -> None:
-    path = full_sd15("pruned")
-    config = diffusers_config_dir(path)
-    warm_page_cache(path)
-    steps = str(STEPS)
-    # alternate the fp32 runs and keep each side's best, so drift of the shared machine does not pick a winner
-    runs: dict[str, list[dict]] = {"diffusers fp32": [], "sdstudio fp32": []}
-    for _ in range(ROUNDS):
-        runs["diffusers fp32"].append(run_child(DIFFUSERS, str(path), str(config), steps))
-        runs["sdstudio fp32"].append(run_child(OURS, str(path), "fp32", steps))
-    best = {name: min(results, key=lambda r: r["step"]) for name, results in runs.items()}
-    diffusers = best["diffusers fp32"]
-    results = [("diffusers fp32", diffusers), ("sdstudio fp32", best["sdstudio fp32"])]
-    if native_bf16():
-        results.append(("sdstudio bf16 (--precision auto here)", run_child(OURS, str(path), "bf16", steps)))
-    rows = ["| run | s / step (CFG, 512²) | speed vs diffusers fp32 | VAE decode 512² s |", "|---|---|---|---|"]
-    for name, r in results:
-        rows.append(f"| {name} | {r['step']:.2f} | {diffusers['step'] / r['step']:.2f}× | {r['decode']:.2f} |")
-    table = "\n".join(rows)
-    print(table)
-    write_section("Generation speed (bench/generate.py)", f"{machine()}\n\nCommand: `make bench` or "
-                  f"`.venv/bin/python bench/generate.py`. Euler, CFG 7, batch 1, median of {STEPS - 1} steps after "
-                  f"a warm-up step; fp32 runs alternated {ROUNDS}× and the best of each kept. Shared 2-core machine: "
-                  f"figures may be noisy.\n\n{table}")
+    images = BENCH_DIR / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for stale in images.glob("*.png"):
+        stale.unlink()
+    sd15, _ = sd15_rows(images)
+    sdxl = sdxl_rows(images)
+    body = (f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/generate.py` (runners: "
+            "`bench/runners.py`). Same full-size random-weight fp16 file for every engine; Euler, CFG 7, batch 1, "
+            "seed 1; per-step = median of the step intervals after the first; each engine in a fresh process, one "
+            "after another on an otherwise idle machine. Ratios > 1 = faster.\n\n"
+            f"### SD1.5, 512×512\n\n{sd15_table(sd15)}\n\n### SDXL, 1024×1024\n\n{sdxl_table(sdxl)}\n\n"
+            f"### Quality guard\n\n{quality(images)}")
+    print(body)
+    write_section("Generation speed, side by side (bench/generate.py)", body)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ from typing import Callable
 
 from sdstudio.errors import SDStudioError
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")   # names models.checkpoint.resolve_precision takes
+PRECISION_HELP = ("auto (default): bf16 where the CPU computes it natively (AMX / AVX512-BF16), fp16 on a GPU, "
+                  "else fp32; fp32 = the exact reference path")
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
@@ -93,7 +97,7 @@ def _load_model(args: argparse.Namespace, infotext_params: dict[str, str] | None
     """The checkpoint named by --ckpt (a path or a catalog name/hash), else the infotext's model, else the first
     checkpoint in the catalog; with --vae (Automatic / None / a VAE name or path) applied."""
     from sdstudio.files.catalog import Catalog
-    from sdstudio.models.checkpoint import load_checkpoint
+    from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
     from sdstudio.models.vae import resolve_vae
 
     catalog = Catalog(Path(args.data_dir), hash_on_scan=False)
@@ -108,7 +112,7 @@ def _load_model(args: argparse.Namespace, infotext_params: dict[str, str] | None
         path = _first_usable_checkpoint(catalog)
     vae = Path(args.vae) if args.vae and Path(args.vae).is_file() else resolve_vae(
         args.vae or "Automatic", path, {e.name.rsplit("/", 1)[-1]: e.path for e in catalog.vaes()})
-    return load_checkpoint(path, vae=vae, use_ema=args.ema, dtype=_precision(args.precision))
+    return load_checkpoint(path, vae=vae, use_ema=args.ema, dtype=resolve_precision(args.precision))
 
 
 def _first_usable_checkpoint(catalog) -> Path:
@@ -123,13 +127,6 @@ def _first_usable_checkpoint(catalog) -> Path:
             continue
     raise SDStudioError(f"no checkpoint given (--ckpt) and none usable in "
                         f"{Path(catalog.data_dir) / 'models' / 'Stable-diffusion'}")
-
-
-def _precision(name: str):
-    """torch dtype for --precision; `auto` is bf16 where the CPU computes bf16 natively (AMX / AVX512-BF16)."""
-    from sdstudio.models.checkpoint import DTYPES, fast_cpu_dtype
-
-    return fast_cpu_dtype() if name == "auto" else DTYPES[name]
 
 
 def _generate(args: argparse.Namespace, mode: str) -> int:
@@ -256,7 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sdstudio.api.app import serve
 
     serve(data_dir=Path(args.data_dir), host=args.host, port=args.port, listen=args.listen,
-          api_auth=args.api_auth, insecure=args.insecure, demo=not args.no_demo)
+          api_auth=args.api_auth, insecure=args.insecure, demo=not args.no_demo, precision=args.precision)
     return 0
 
 
@@ -268,7 +265,7 @@ def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None
     parser.add_argument("--ckpt", help="checkpoint file, or a name/title/hash from models/Stable-diffusion")
     parser.add_argument("--vae", help="Automatic (default), None, a VAE name from models/VAE, or a path")
     parser.add_argument("--ema", action="store_true", help="use the EMA UNet weights when the file has them")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--sampler", dest="sampler_name")
     parser.add_argument("--scheduler")
@@ -311,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(sub.add_parser("img2img", parents=[common], help="generate images from images"), True)
     serve = sub.add_parser("serve", parents=[common], help="run the web page and the A1111-compatible API")
     serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (requires --api-auth or --insecure)")
     serve.add_argument("--api-auth", help="user:pass[,user2:pass2] for HTTP basic auth on every route")

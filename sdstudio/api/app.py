@@ -416,8 +416,9 @@ def ensure_demo_model(data_dir: Path) -> Path | None:
 
 
 def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: bool = False,
-          api_auth: str | None = None, insecure: bool = False, demo: bool = True) -> None:
-    """Run the server (blocking). `--listen` binds every interface and needs `--api-auth` unless `--insecure`."""
+          api_auth: str | None = None, insecure: bool = False, demo: bool = True, precision: str = "auto") -> None:
+    """Run the server (blocking). `--listen` binds every interface and needs `--api-auth` unless `--insecure`;
+    `precision` names the dtype models load in (see models.checkpoint.resolve_precision)."""
     import uvicorn
 
     if listen:
@@ -429,8 +430,11 @@ def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: boo
         made = ensure_demo_model(Path(data_dir))
         if made:
             print(f"models/Stable-diffusion was empty: wrote a DEMO checkpoint with random weights: {made}")
-    engine = Engine(data_dir)
-    flags = {"data_dir": str(data_dir), "host": host, "port": port, "listen": listen, "api_auth": bool(api_auth)}
+    from sdstudio.models.checkpoint import resolve_precision
+
+    engine = Engine(data_dir, dtype=resolve_precision(precision))
+    flags = {"data_dir": str(data_dir), "host": host, "port": port, "listen": listen, "api_auth": bool(api_auth),
+             "precision": precision}
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:

@@ -40,6 +40,11 @@ def fast_cpu_dtype() -> torch.dtype:
     return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
 
 
+def resolve_precision(name: str) -> torch.dtype:
+    """torch dtype for a `--precision` name; `auto` is the fast path of this machine (fast_cpu_dtype)."""
+    return fast_cpu_dtype() if name == "auto" else DTYPES[name]
+
+
 @dataclass
 class TextEncoder:
     """One text encoder of a checkpoint and what it is ("clip_l", "open_clip_h", "open_clip_g")."""

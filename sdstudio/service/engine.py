@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sdstudio import pipeline
 from sdstudio.errors import SDStudioError
 from sdstudio.files.catalog import Catalog
@@ -97,8 +99,9 @@ class Job:
 class Engine:
     """Models, settings and the worker; the API and the CLI server talk only to this."""
 
-    def __init__(self, data_dir: str | Path):
+    def __init__(self, data_dir: str | Path, dtype: torch.dtype = torch.float32):
         self.data_dir = Path(data_dir)
+        self.dtype = dtype          # every checkpoint loads in this dtype (`--precision`)
         self.settings = Settings(self.data_dir / "config.json")
         self.catalog = Catalog(self.data_dir, hash_on_scan=False)
         self.embeddings = EmbeddingDB.for_data_dir(self.data_dir)
@@ -123,7 +126,7 @@ class Engine:
         `sd_vae` choice applied. A failed switch keeps the previous model and raises."""
         wanted = self.settings.values.get("sd_model_checkpoint")
         entry = self.catalog.find_checkpoint(wanted) if wanted else self._first_checkpoint()
-        model = self.models.get(entry.path)
+        model = self.models.get(entry.path, dtype=self.dtype)
         if self.settings.values.get("sd_model_checkpoint") != entry.title:
             self.catalog.ensure_hashes(entry)
             self.settings.values["sd_model_checkpoint"] = entry.title

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tests.conftest import wait_until_serving
+from sdstudio import pipeline
 from sdstudio.api.app import create_app, ensure_demo_model, serve
 from sdstudio.errors import SDStudioError
 from sdstudio.service.engine import Engine
@@ -250,3 +251,20 @@ def test_sigterm_interrupts_the_running_job_fails_queued_ones_and_exits(tmp_path
     finally:
         process.kill()
         process.wait()
+
+
+def test_engine_loads_models_in_the_precision_the_server_was_started_with(tmp_path, sd1_file):
+    from sdstudio.models.checkpoint import resolve_precision
+
+    models = tmp_path / "models" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    os.link(sd1_file, models / "tiny.safetensors")
+    engine = Engine(tmp_path, dtype=resolve_precision("bf16"))
+    try:
+        assert engine.model().dtype == torch.bfloat16 and engine.model().unet.dtype == torch.bfloat16
+        job = engine.submit("txt2img", pipeline.make_request(None, {"prompt": "a cat", **SMALL}))
+        job.done.wait(60)
+        assert job.status == "done" and job.result.images[0].size == (64, 64)
+    finally:
+        engine.close()
+    assert resolve_precision("fp32") == torch.float32

@@ -1,0 +1,238 @@
+"""One benchmark runner per engine. Each runs alone in a fresh process (`python bench/runners.py NAME JSON`) and
+prints one JSON line: load seconds, seconds per CFG step (median of the step intervals after the first), the
+first step (warm-up or compile), end to end (text encode + sampling + VAE decode, after the load), VAE decode
+times, peak RSS, and where asked the final image saved as PNG for the quality guard.
+
+Every engine reads the same full-size random-weight checkpoint file and runs the same work: CFG 7, Euler, batch 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+PROMPT, NEGATIVE = "a lighthouse on a cliff at dawn", "blurry"
+# CLIP token ids for the diffusers and OpenVINO runs, which have no tokenizer (no hub): BOS, two words, EOS/pad
+PROMPT_IDS = [49406, 320, 7086] + [49407] * 74
+NEGATIVE_IDS = [49406] + [49407] * 76
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+class StepClock:
+    """Marks the end of each sampling step; the first interval runs from `start()`."""
+
+    def __init__(self):
+        self.marks: list[float] = []
+
+    def start(self) -> None:
+        self.marks = [time.perf_counter()]
+
+    def mark(self, *_args) -> None:
+        self.marks.append(time.perf_counter())
+
+    def figures(self) -> dict[str, float]:
+        steps = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return {"first_step_s": steps[0], "step_s": statistics.median(steps[1:] or steps)}
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+# --- sdstudio ---------------------------------------------------------------------------------------------------
+
+def sdstudio(path: str, precision: str, steps: int, size: int, decode_sizes: list[int], image: str | None) -> dict:
+    """sdstudio's own path: `load_checkpoint(dtype=…)` + `txt2img` (what the CLI and server run)."""
+    from sdstudio.models import vae as vae_ops
+    from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
+    from sdstudio.pipeline import txt2img
+
+    load_s, model = timed(load_checkpoint, path, dtype=resolve_precision(precision))
+    clock = StepClock()
+    clock.start()
+    e2e_s, result = timed(txt2img, model, prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, width=size,
+                          height=size, sampler_name="Euler", cfg_scale=7, seed=1, save=False, callback=clock.mark)
+    out = {"load_s": load_s, "e2e_s": e2e_s, **clock.figures(), "rss_gib": peak_rss_gib(),
+           "dtype": str(model.dtype).replace("torch.", "")}
+    if image:
+        result.images[0].save(image)
+    for side in decode_sizes:
+        latent = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(2))
+        out[f"decode_{side}_s"], _ = timed(vae_ops.decode, model.vae, latent)
+    out["rss_all_gib"] = peak_rss_gib()
+    return out
+
+
+# --- diffusers --------------------------------------------------------------------------------------------------
+
+def _diffusers_pipeline(path: str, config: str, xl: bool, dtype: torch.dtype):
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
+
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    extra = {"tokenizer_2": None} if xl else {"safety_checker": None, "feature_extractor": None}
+    pipe = cls.from_single_file(path, config=config, local_files_only=True, tokenizer=None, torch_dtype=dtype,
+                                **extra)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _diffusers_embeddings(pipe, xl: bool) -> dict:
+    """Prompt embeddings from the pipeline's own text encoders (token ids given: no tokenizer files here)."""
+    def encode(ids):
+        ids = torch.tensor([ids])
+        if not xl:
+            return {"": pipe.text_encoder(ids)[0]}
+        first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        second = pipe.text_encoder_2(ids, output_hidden_states=True)
+        return {"": torch.cat([first, second.hidden_states[-2]], dim=-1), "pooled_": second.text_embeds}
+
+    with torch.no_grad():
+        cond, uncond = encode(PROMPT_IDS), encode(NEGATIVE_IDS)
+    out = {f"{kind}prompt_embeds": value for kind, value in cond.items()}
+    out.update({f"negative_{kind}prompt_embeds": value for kind, value in uncond.items()})
+    return out
+
+
+def diffusers(path: str, config: str, mode: str, steps: int, size: int, decode_sizes: list[int], xl: bool,
+              image: str | None) -> dict:
+    """diffusers' pipeline from the same single file. `mode`: fp32 (its default), bf16 (+ channels_last, its
+    best eager CPU settings), compile (bf16 + channels_last + torch.compile(inductor) with freezing)."""
+    dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+    load_s, pipe = timed(_diffusers_pipeline, path, config, xl, dtype)
+    if mode != "fp32":
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    out: dict = {"load_s": load_s}
+    clock = StepClock()
+    generator = torch.Generator().manual_seed(1)
+
+    def run(n: int, output_type: str):
+        clock.start()
+        return pipe(num_inference_steps=n, guidance_scale=7, height=size, width=size, output_type=output_type,
+                    callback_on_step_end=lambda p, i, t, kw: (clock.mark(), kw)[1], generator=generator,
+                    **_diffusers_embeddings(pipe, xl))
+
+    with torch.no_grad():
+        if mode == "compile":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+            pipe.unet = torch.compile(pipe.unet)
+            out["compile_s"], _ = timed(run, 1, "latent")    # compiles for these shapes
+        e2e_s, result = timed(run, steps, "pil")
+        out.update({"e2e_s": e2e_s, **clock.figures(), "rss_gib": peak_rss_gib()})
+        if image:
+            result.images[0].save(image)
+        for side in decode_sizes:
+            latent = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(2))
+            out[f"decode_{side}_s"], _ = timed(pipe.vae.decode, latent.to(dtype) / pipe.vae.config.scaling_factor)
+    out["rss_all_gib"] = peak_rss_gib()
+    return out
+
+
+# --- OpenVINO ---------------------------------------------------------------------------------------------------
+
+def openvino(path: str, config: str, steps: int, size: int, decode_sizes: list[int], precision: str) -> dict:
+    """OpenVINO: the UNet and VAE decoder of the diffusers pipeline (same weights) converted with
+    `openvino.convert_model` and compiled for the CPU with inference precision `precision` (bf16 or f32); the text
+    encoder stays in torch (one call per image). Euler sampling with diffusers' scheduler, CFG in one batch of 2."""
+    import openvino as ov
+    from diffusers import EulerDiscreteScheduler
+
+    start = time.perf_counter()
+    pipe = _diffusers_pipeline(path, config, False, torch.float32)
+
+    class UNet(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, context):
+            return self.unet(sample, timestep, context, return_dict=False)[0]
+
+    class Decoder(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent):
+            return self.vae.decode(latent, return_dict=False)[0]
+
+    core = ov.Core()
+    settings = {"INFERENCE_PRECISION_HINT": precision}
+    side = size // 8
+    with torch.no_grad():
+        unet = core.compile_model(ov.convert_model(
+            UNet(pipe.unet), example_input=(torch.randn(2, 4, side, side), torch.tensor(999.0),
+                                             torch.randn(2, 77, pipe.text_encoder.config.hidden_size))),
+            "CPU", settings)
+        decoder_model = ov.convert_model(Decoder(pipe.vae), example_input=(torch.randn(1, 4, side, side),))
+        decoder_model.reshape({decoder_model.inputs[0]: ov.PartialShape([1, 4, -1, -1])})
+        decoder = core.compile_model(decoder_model, "CPU", settings)
+    load_s = time.perf_counter() - start
+    scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    clock = StepClock()
+
+    def generate(n: int):
+        clock.start()
+        with torch.no_grad():
+            embeds = _diffusers_embeddings(pipe, False)
+        context = torch.cat([embeds["negative_prompt_embeds"], embeds["prompt_embeds"]]).numpy()
+        scheduler.set_timesteps(n)
+        latent = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1)) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([latent] * 2), t)
+            uncond, cond = torch.from_numpy(unet((model_in.numpy(), t.float().reshape(()).numpy(), context))[0]).chunk(2)
+            latent = scheduler.step(uncond + 7 * (cond - uncond), t, latent).prev_sample
+            clock.mark()
+        return decoder((latent / pipe.vae.config.scaling_factor).numpy())[0]
+
+    e2e_s, _ = timed(generate, steps)
+    out = {"load_s": load_s, "e2e_s": e2e_s, **clock.figures(), "rss_gib": peak_rss_gib()}
+    for side_px in decode_sizes:
+        latent = torch.randn(1, 4, side_px // 8, side_px // 8, generator=torch.Generator().manual_seed(2)).numpy()
+        out[f"decode_{side_px}_s"], _ = timed(decoder, latent)
+    out["rss_all_gib"] = peak_rss_gib()
+    return out
+
+
+# --- stable-diffusion.cpp ---------------------------------------------------------------------------------------
+
+def sdcpp(path: str, steps: int, size: int, wtype: str, e2e_steps: int) -> dict:
+    """stable-diffusion.cpp through stable-diffusion-cpp-python (built from PyPI), reading the same file;
+    `wtype` = the weight type it computes in ("default" = the file's). At ~45 s a step here, a full `e2e_steps`
+    image costs a quarter of an hour, so it runs `steps` and its end-to-end time is extended by the measured
+    per-step time (reported as estimated)."""
+    from stable_diffusion_cpp import StableDiffusion
+
+    load_s, sd = timed(StableDiffusion, model_path=path, n_threads=os.cpu_count(), wtype=wtype, verbose=False)
+    clock = StepClock()
+    clock.start()
+    # its callback reports step 0 as sampling starts (after text encoding), then each step's end
+    e2e_s, _ = timed(sd.generate_image, prompt=PROMPT, negative_prompt=NEGATIVE, width=size, height=size,
+                     sample_steps=steps, cfg_scale=7, sample_method="euler", seed=1,
+                     progress_callback=lambda step, total, seconds: clock.mark() if total == steps else None)
+    figures = clock.figures()
+    figures["first_step_s"] = clock.marks[2] - clock.marks[1]
+    figures["step_s"] = statistics.median(b - a for a, b in zip(clock.marks[2:], clock.marks[3:]))
+    return {"load_s": load_s, "e2e_s": e2e_s + (e2e_steps - steps) * figures["step_s"], "e2e_estimated": True,
+            **figures, "rss_gib": peak_rss_gib()}
+
+
+RUNNERS = {"sdstudio": sdstudio, "diffusers": diffusers, "openvino": openvino, "sdcpp": sdcpp}
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    print(json.dumps(RUNNERS[sys.argv[1]](**json.loads(sys.argv[2]))))
