@@ -5,12 +5,14 @@ first scanned with `pickle_scan` (nothing executed), then read by `torch.load(we
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,11 +244,41 @@ def _check_layout(path: str | Path, tensors: dict[str, TensorInfo], data_size: i
         previous_name, previous_end = name, end
 
 
+# live safetensors mappings: base address -> (mmap, length); an entry goes when its mmap is collected
+_MAPPINGS: dict[int, tuple[weakref.ref, int]] = {}
+_PAGE = mmap.PAGESIZE
+
+
+def _register_mapping(mapped: mmap.mmap) -> None:
+    view = ctypes.c_char.from_buffer(mapped)
+    base = ctypes.addressof(view)
+    del view   # no lasting buffer export: the mmap stays closable
+    _MAPPINGS[base] = (weakref.ref(mapped, lambda _ref: _MAPPINGS.pop(base, None)), len(mapped))
+
+
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a tensor read from a safetensors file once a converted copy replaced it: its
+    bytes stay in the page cache, not in this process (a bf16 model loaded from an fp16/fp32 file would otherwise
+    hold both copies). The mapping is private and never written before conversion, so a later read of the same
+    range simply faults the file's bytes in again. Tensors not in such a mapping are left alone."""
+    start = tensor.data_ptr()
+    end = start + tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
+    for base, (ref, length) in list(_MAPPINGS.items()):
+        mapped = ref()
+        if mapped is not None and base <= start and end <= base + length:
+            first = -(-(start - base) // _PAGE) * _PAGE          # whole pages inside the tensor only
+            last = (end - base) // _PAGE * _PAGE
+            if last > first:
+                mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
+
+
 def _load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors as views over one private (copy-on-write) mmap of the file: nothing is read until used."""
     header = read_safetensors_header(path)
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    _register_mapping(mapped)
     tensors = {}
     for name, info in header.tensors.items():
         begin = header.data_start + info.data_offsets[0]

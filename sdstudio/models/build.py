@@ -18,6 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdstudio.errors import ModelFileError
 from sdstudio.files.keymaps import fit_text_encoder_keys
+from sdstudio.files.readers import release_file_pages
 
 CONFIG_FILE = Path(__file__).parent / "configs" / "families.json"
 GROUP_NORM_GROUPS = 32  # every SD UNet/VAE uses GroupNorm(32)
@@ -148,10 +149,19 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
     if unexpected:
         weights = {k: v for k, v in weights.items() if k in expected}
     if dtype is not None:
-        weights = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in weights.items()}
+        weights = {k: _converted(v, dtype) for k, v in weights.items()}
     module.load_state_dict(weights, strict=True, assign=True)
     _materialise_meta_buffers(module)
     return module.eval().requires_grad_(False)
+
+
+def _converted(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`; when that made a copy of file-mapped bytes, the file's pages leave this process."""
+    if not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    copy = tensor.to(dtype)
+    release_file_pages(tensor)
+    return copy
 
 
 def _materialise_meta_buffers(module: torch.nn.Module) -> None:
@@ -171,7 +181,11 @@ def _fast_layout(module: torch.nn.Module) -> torch.nn.Module:
     """Half-precision (fast path) convolutional models go channels-last, the layout oneDNN and cuDNN run fastest;
     fp32 keeps the default layout so the reference path stays bit-exact."""
     if module.dtype in (torch.bfloat16, torch.float16):
-        module.to(memory_format=torch.channels_last)
+        for param in module.parameters():
+            if param.dim() == 4:
+                source = param.data
+                param.data = source.to(memory_format=torch.channels_last)
+                release_file_pages(source)
     return module
 
 

@@ -355,3 +355,25 @@ def test_missing_file_is_a_model_file_error(tmp_path):
 
     with pytest.raises(ModelFileError, match="gone.safetensors: cannot be read: No such file"):
         read_state_dict(tmp_path / "gone.safetensors")
+
+
+def _resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def test_release_file_pages_drops_a_converted_tensors_pages_and_keeps_its_values(tmp_path):
+    from sdstudio.files.readers import read_state_dict, release_file_pages
+
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "big.safetensors"
+    safetensors.torch.save_file({"small": torch.randn(3, generator=g), "big": torch.randn(32, 1024, 1024, generator=g)},
+                                str(path))
+    tensors = read_state_dict(path)
+    total = float(tensors["big"].double().sum())        # reads every page: 128 MiB resident
+    before = _resident_mib()
+    release_file_pages(tensors["big"])
+    assert before - _resident_mib() > 100
+    assert float(tensors["big"].double().sum()) == total   # the file's bytes fault back in
+    heap = torch.ones(1024, 1024)                        # not file-mapped: left alone
+    release_file_pages(heap)
+    assert bool((heap == 1).all())
