@@ -4,7 +4,8 @@ full-size random-weight file. SD1.5 at 512² (a 20-step image end to end, per-st
 peak RSS) and SDXL at 1024² (per-step time, peak RSS). The quality guard compares sdstudio's fast path with its fp32
 path: the final images of the same seed, PSNR. Each engine runs in a fresh process (bench/runners.py).
 
-`BENCH_ONLY=name,name` runs only the named rows (as in the tables), for a quick look."""
+Raw figures are kept in <bench dir>/generate-results.json; `BENCH_ONLY="row name;row name"` reruns only the named
+rows (SDXL rows prefixed "SDXL ") and renders the tables from the merged figures."""
 from __future__ import annotations
 
 import json
@@ -45,14 +46,14 @@ def psnr(a: Path, b: Path) -> float:
 
 def selected(name: str) -> bool:
     only = os.environ.get("BENCH_ONLY")
-    return not only or name in only.split(",")
+    return not only or name in only.split(";")
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def sd15_rows(images: Path) -> tuple[dict[str, dict], list[str]]:
+def sd15_rows(images: Path, results: dict[str, dict]) -> None:
     path = full_checkpoint("sd1", "fp16")
     config = str(diffusers_config_dir(path))
     warm_page_cache(path)
@@ -74,16 +75,14 @@ def sd15_rows(images: Path) -> tuple[dict[str, dict], list[str]]:
         "sdstudio --precision auto": ("sdstudio", dict(path=str(path), precision="auto",
                                                        image=str(images / "sd15-auto.png"), **decode)),
     }
-    results = {}
     for name, (runner, kwargs) in plan.items():
         if selected(name):
             steps = {"steps": SDCPP_STEPS} if runner == "sdcpp" else {}
             results[name] = run_runner(runner, **{**common, **steps}, **kwargs)
             print(name, results[name], flush=True)
-    return results, list(plan)
 
 
-def sdxl_rows(images: Path) -> dict[str, dict]:
+def sdxl_rows(images: Path, results: dict[str, dict]) -> None:
     path = full_checkpoint("sdxl", "fp16")
     config = str(diffusers_config_dir(path))
     warm_page_cache(path)
@@ -97,12 +96,10 @@ def sdxl_rows(images: Path) -> dict[str, dict]:
         "sdstudio --precision auto": ("sdstudio", dict(path=str(path), precision="auto",
                                                        image=str(images / "sdxl-auto.png"))),
     }
-    results = {}
     for name, (runner, kwargs) in plan.items():
         if selected("SDXL " + name):
             results[name] = run_runner(runner, **common, **kwargs)
             print("SDXL", name, results[name], flush=True)
-    return results
 
 
 def ratio(base: dict | None, r: dict) -> str:
@@ -156,7 +153,6 @@ def quality(images: Path) -> str:
     rows = ["| images compared (same seed and settings) | PSNR dB |", "|---|---|"]
     pairs = {f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision auto vs sdstudio fp32": ("sd15-auto", "sd15-fp32"),
              f"SD1.5 512², {SD15_STEPS} steps: diffusers bf16 vs diffusers fp32": ("diffusers-bf16", "diffusers-fp32"),
-             f"SD1.5 512², {SD15_STEPS} steps: sdstudio fp32 vs diffusers fp32": ("sd15-fp32", "diffusers-fp32"),
              f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision auto vs sdstudio fp32": ("sdxl-auto", "sdxl-fp32")}
     for label, (a, b) in pairs.items():
         pa, pb = images / f"{a}.png", images / f"{b}.png"
@@ -168,10 +164,16 @@ def quality(images: Path) -> str:
 def main() -> None:
     images = BENCH_DIR / "images"
     images.mkdir(parents=True, exist_ok=True)
-    for stale in images.glob("*.png"):
-        stale.unlink()
-    sd15, _ = sd15_rows(images)
-    sdxl = sdxl_rows(images)
+    store = BENCH_DIR / "generate-results.json"
+    stored = json.loads(store.read_text()) if store.exists() and os.environ.get("BENCH_ONLY") else {}
+    if not stored:
+        for stale in images.glob("*.png"):
+            stale.unlink()
+    sd15, sdxl = stored.get("sd15", {}), stored.get("sdxl", {})
+    sd15_rows(images, sd15)
+    store.write_text(json.dumps({"sd15": sd15, "sdxl": sdxl}, indent=1))
+    sdxl_rows(images, sdxl)
+    store.write_text(json.dumps({"sd15": sd15, "sdxl": sdxl}, indent=1))
     body = (f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/generate.py` (runners: "
             "`bench/runners.py`). Same full-size random-weight fp16 file for every engine; Euler, CFG 7, batch 1, "
             "seed 1; per-step = median of the step intervals after the first; each engine in a fresh process, one "

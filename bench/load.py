@@ -39,13 +39,13 @@ print(json.dumps({"load": loaded, "rss": resource.getrusage(resource.RUSAGE_SELF
 def main() -> None:
     rows = ["| file | loader | load s | load + touch s | peak RSS GiB | ratio to diffusers |",
             "|---|---|---|---|---|---|"]
-    for variant, dtype in (("pruned", "float32"), ("fp16", "float16")):
+    for variant, dtype in (("pruned", "float32"), ("fp16", "float16"), ("fp16", "bfloat16")):
         path = full_sd15(variant)
-        config = diffusers_config_dir(full_sd15("pruned"))
+        config = diffusers_config_dir(full_sd15("fp16"))
         warm_page_cache(path)
         ours = run_child(OURS, str(path), dtype)
         theirs = run_child(DIFFUSERS, str(path), dtype, str(config))
-        size = f"SD1.5 {variant} ({path.stat().st_size / 2**30:.1f} GiB)"
+        size = f"SD1.5 {variant} ({path.stat().st_size / 2**30:.1f} GiB) as {dtype}"
         rows.append(f"| {size} | sdstudio | {ours['load']:.2f} | {ours['touch']:.2f} | {ours['rss'] / 2**20:.2f} "
                     f"| {ours['load'] / theirs['load']:.2f}× (touch {ours['touch'] / theirs['load']:.2f}×) |")
         rows.append(f"| {size} | diffusers from_single_file | {theirs['load']:.2f} | – | {theirs['rss'] / 2**20:.2f} "
@@ -53,7 +53,7 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     write_section("Checkpoint load (bench/load.py)", f"{machine()}\n\nCommand: `make bench` or "
-                  f"`.venv/bin/python bench/load.py`. Page cache warm for both; dtype = file dtype. Shared 2-core "
+                  f"`.venv/bin/python bench/load.py`. Page cache warm for both; loaded in the file's dtype, and the fp16 file also in bf16 (`--precision auto` on this CPU). Shared 2-core "
                   f"machine: figures may be noisy.\n\n{table}")
 
 

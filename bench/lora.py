@@ -3,14 +3,14 @@ conv of the UNet (kohya names), against a full checkpoint reload (what A1111 pay
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BENCH_DIR, full_sd15, machine, warm_page_cache, write_section  # noqa: E402
+from common import (BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, warm_page_cache,  # noqa: E402
+                    write_section)
 
 RANK = 32
 
@@ -39,44 +39,39 @@ def make_lora(model, path: Path, seed: int) -> Path:
 
 def main() -> None:
     from sdstudio.models.checkpoint import load_checkpoint
-    from sdstudio.models.lora import AppliedLora, LoraSet
 
-    checkpoint = full_sd15("pruned")
+    from generate import run_runner
+
+    checkpoint = full_checkpoint("sd1", "fp16")
+    config = str(diffusers_config_dir(checkpoint))
     warm_page_cache(checkpoint)
-    model = load_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint, dtype="fp16")
     a = make_lora(model, BENCH_DIR / "lora-r32-a.safetensors", 1)
     b = make_lora(model, BENCH_DIR / "lora-r32-b.safetensors", 2)
-    loras = LoraSet(model)
-    loras.read(a), loras.read(b)   # file reading is measured separately below
-
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    read = timed(lambda: LoraSet(model).read(a))
-    apply = timed(lambda: loras.apply([AppliedLora(a, 1.0, 1.0)]))
-    same = timed(lambda: loras.apply([AppliedLora(a, 1.0, 1.0)]))
-    switch = timed(lambda: loras.apply([AppliedLora(b, 1.0, 1.0)]))
-    remove = timed(lambda: loras.apply([]))
-
-    def reload() -> None:
-        fresh = load_checkpoint(checkpoint)
-        with torch.no_grad():
-            for p in fresh.unet.parameters():
-                p.detach().reshape(-1)[::512].sum()
-
-    full = timed(reload)
-    rows = ["| operation | seconds |", "|---|---|",
-            f"| read the LoRA file ({a.stat().st_size / 2**20:.0f} MiB, {len(loras.read(a).adapters)} modules) | {read:.2f} |",
-            f"| apply | {apply:.2f} |", f"| apply the same set again | {same:.3f} |",
-            f"| switch to another LoRA | {switch:.2f} |", f"| remove (exact restore) | {remove:.2f} |",
-            f"| full checkpoint reload + touch (A1111-style) | {full:.2f} |"]
+    del model
+    files = {"lora_a": str(a), "lora_b": str(b)}
+    columns = {
+        "sdstudio fp32": run_runner("sdstudio_lora", path=str(checkpoint), precision="fp32", **files),
+        "sdstudio --precision auto": run_runner("sdstudio_lora", path=str(checkpoint), precision="auto", **files),
+        "diffusers + peft fp32 (load + fuse)": run_runner("diffusers_lora", path=str(checkpoint), config=config,
+                                                          precision="fp32", **files),
+        "diffusers + peft bf16 (load + fuse)": run_runner("diffusers_lora", path=str(checkpoint), config=config,
+                                                          precision="bf16", **files),
+    }
+    operations = {"read_s": "read the LoRA file", "apply_s": "apply", "same_s": "apply the same set again",
+                  "switch_s": "switch to another LoRA", "remove_s": "remove"}
+    rows = ["| operation | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key, label in operations.items():
+        cells = [r["error"][:60] if "error" in r else (f"{r[key]:.3f}" if key in r else "–")
+                 for r in columns.values()]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
     table = "\n".join(rows)
     print(table)
     write_section("LoRA switching (bench/lora.py)", f"{machine()}\n\nCommand: `make bench` or "
-                  f"`.venv/bin/python bench/lora.py`. Rank {RANK}, every attention/conv/ff layer of a full-size "
-                  f"SD1.5 UNet, fp32.\n\n{table}")
+                  f"`.venv/bin/python bench/lora.py`. Two rank-{RANK} kohya LoRAs "
+                  f"({a.stat().st_size / 2**20:.0f} MiB each) over every attention/conv/ff layer of the full-size "
+                  f"SD1.5 UNet (fp16 file), seconds; each column in a fresh process. sdstudio restores the exact "
+                  f"original weights on remove.\n\n{table}")
 
 
 if __name__ == "__main__":

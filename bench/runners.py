@@ -231,7 +231,44 @@ def sdcpp(path: str, steps: int, size: int, wtype: str, e2e_steps: int) -> dict:
             **figures, "rss_gib": peak_rss_gib()}
 
 
-RUNNERS = {"sdstudio": sdstudio, "diffusers": diffusers, "openvino": openvino, "sdcpp": sdcpp}
+# --- LoRA switching -------------------------------------------------------------------------------------------
+
+def sdstudio_lora(path: str, precision: str, lora_a: str, lora_b: str) -> dict:
+    """sdstudio's in-place LoRA patching (what `<lora:…>` in a prompt does): apply, same set again, switch, remove."""
+    from pathlib import Path
+
+    from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
+    from sdstudio.models.lora import AppliedLora, LoraSet
+
+    model = load_checkpoint(path, dtype=resolve_precision(precision))
+    loras = LoraSet(model)
+    read_s, _ = timed(loras.read, Path(lora_a))
+    loras.read(Path(lora_b))
+    a, b = [AppliedLora(Path(lora_a), 1.0, 1.0)], [AppliedLora(Path(lora_b), 1.0, 1.0)]
+    return {"read_s": read_s, "apply_s": timed(loras.apply, a)[0], "same_s": timed(loras.apply, a)[0],
+            "switch_s": timed(loras.apply, b)[0], "remove_s": timed(loras.apply, [])[0]}
+
+
+def diffusers_lora(path: str, config: str, precision: str, lora_a: str, lora_b: str) -> dict:
+    """diffusers + peft with the same kohya files: load_lora_weights then fuse_lora (weights patched, no per-step
+    cost, as A1111 does); a switch unfuses, unloads, loads and fuses the other; remove unfuses and unloads."""
+    pipe = _diffusers_pipeline(path, config, False, torch.float32 if precision == "fp32" else torch.bfloat16)
+
+    def load(lora: str) -> None:
+        pipe.load_lora_weights(lora, adapter_name="lora")
+
+    def remove() -> None:
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+
+    read_s, _ = timed(load, lora_a)
+    fuse_s, _ = timed(pipe.fuse_lora)
+    switch_s = timed(remove)[0] + timed(load, lora_b)[0] + timed(pipe.fuse_lora)[0]
+    return {"read_s": read_s, "apply_s": read_s + fuse_s, "switch_s": switch_s, "remove_s": timed(remove)[0]}
+
+
+RUNNERS = {"sdstudio": sdstudio, "diffusers": diffusers, "openvino": openvino, "sdcpp": sdcpp,
+           "sdstudio_lora": sdstudio_lora, "diffusers_lora": diffusers_lora}
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
