@@ -79,7 +79,7 @@ def sd15_rows(images: Path, results: dict[str, dict]) -> None:
         if selected(name):
             steps = {"steps": SDCPP_STEPS} if runner == "sdcpp" else {}
             results[name] = run_runner(runner, **{**common, **steps}, **kwargs)
-            print(name, results[name], flush=True)
+            print(name, json.dumps(results[name]), flush=True)
 
 
 def sdxl_rows(images: Path, results: dict[str, dict]) -> None:
