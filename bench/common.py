@@ -13,6 +13,7 @@ import torch
 
 BENCH_DIR = Path(os.environ.get("SDSTUDIO_BENCH_DIR", "/tmp/sdstudio-bench"))
 RESULTS = Path(__file__).parent / "RESULTS.md"
+RUNNERS = Path(__file__).parent / "runners.py"
 
 
 def full_checkpoint(family: str = "sd1", variant: str = "pruned") -> Path:
@@ -26,11 +27,6 @@ def full_checkpoint(family: str = "sd1", variant: str = "pruned") -> Path:
         BENCH_DIR.mkdir(parents=True, exist_ok=True)
         synthetic.write_checkpoint(path, family, "full", variant)
     return path
-
-
-def full_sd15(variant: str = "pruned") -> Path:
-    """The full-size SD1.5 file (see full_checkpoint)."""
-    return full_checkpoint("sd1", variant)
 
 
 def warm_page_cache(path: Path) -> None:
@@ -80,6 +76,16 @@ def run_child(code: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_runner(name: str, **kwargs) -> dict:
+    """One engine in a fresh process; a failure becomes {"error": last line of its stderr} (the row says why)."""
+    out = subprocess.run([sys.executable, str(RUNNERS), name, json.dumps(kwargs)], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+        return {"error": lines[-1][:200] if lines else f"exit status {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,23 +17,12 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, warm_page_cache,  # noqa: E402
-                    write_section)
+from common import (BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, run_runner,  # noqa: E402
+                    warm_page_cache, write_section)
 
 SD15_STEPS = 20     # the end-to-end image; per-step time is the median of the intervals after the first
 SDXL_STEPS = 3      # a 1024² SDXL step is a minute or more here: the first step plus two measured ones
 SDCPP_STEPS = 4     # stable-diffusion.cpp: ~45 s a step here; its 20-step time is extended from 4 measured steps
-RUNNERS = Path(__file__).parent / "runners.py"
-
-
-def run_runner(name: str, **kwargs) -> dict:
-    """One engine in a fresh process; a failure becomes {"error": last line of its stderr} (the row says why)."""
-    out = subprocess.run([sys.executable, str(RUNNERS), name, json.dumps(kwargs)], capture_output=True, text=True,
-                         check=False)
-    if out.returncode != 0:
-        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
-        return {"error": lines[-1][:200] if lines else f"exit status {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def psnr(a: Path, b: Path) -> float:

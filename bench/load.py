@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import diffusers_config_dir, full_sd15, machine, run_child, warm_page_cache, write_section  # noqa: E402
+from common import diffusers_config_dir, full_checkpoint, machine, run_child, warm_page_cache, write_section  # noqa: E402
 
 OURS = """
 import json, resource, sys, time, torch
@@ -40,8 +40,8 @@ def main() -> None:
     rows = ["| file | loader | load s | load + touch s | peak RSS GiB | ratio to diffusers |",
             "|---|---|---|---|---|---|"]
     for variant, dtype in (("pruned", "float32"), ("fp16", "float16"), ("fp16", "bfloat16")):
-        path = full_sd15(variant)
-        config = diffusers_config_dir(full_sd15("fp16"))
+        path = full_checkpoint("sd1", variant)
+        config = diffusers_config_dir(full_checkpoint("sd1", "fp16"))
         warm_page_cache(path)
         ours = run_child(OURS, str(path), dtype)
         theirs = run_child(DIFFUSERS, str(path), dtype, str(config))

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, warm_page_cache,  # noqa: E402
-                    write_section)
+from common import (BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, run_runner,  # noqa: E402
+                    warm_page_cache, write_section)
 
 RANK = 32
 
@@ -39,8 +39,6 @@ def make_lora(model, path: Path, seed: int) -> Path:
 
 def main() -> None:
     from sdstudio.models.checkpoint import load_checkpoint
-
-    from generate import run_runner
 
     checkpoint = full_checkpoint("sd1", "fp16")
     config = str(diffusers_config_dir(checkpoint))

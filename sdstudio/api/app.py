@@ -19,6 +19,7 @@ from sdstudio import __version__, pipeline
 from sdstudio.api.schemas import Img2ImgRequest, PngInfoRequest, TokensRequest, Txt2ImgRequest
 from sdstudio.errors import InvalidRequestError, SDStudioError
 from sdstudio.images.infotext import encode_image, parse_infotext, read_infotext
+from sdstudio.models.checkpoint import resolve_precision
 from sdstudio.sampling import registry
 from sdstudio.service.engine import SHUTTING_DOWN, Engine
 
@@ -430,8 +431,6 @@ def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: boo
         made = ensure_demo_model(Path(data_dir))
         if made:
             print(f"models/Stable-diffusion was empty: wrote a DEMO checkpoint with random weights: {made}")
-    from sdstudio.models.checkpoint import resolve_precision
-
     engine = Engine(data_dir, dtype=resolve_precision(precision))
     flags = {"data_dir": str(data_dir), "host": host, "port": port, "listen": listen, "api_auth": bool(api_auth),
              "precision": precision}
