@@ -146,7 +146,7 @@ def _decode_once(vae: AutoencoderKL, latents: torch.Tensor, dtype: torch.dtype, 
         # the memory goes, runs in tiles
         features = _decoder_trunk(module, latents)
         up_path = partial(_decoder_up_path, module)
-        with shared_group_norm_statistics(module.decoder, up_path, features, tile):
+        with shared_group_norm_statistics(module.decoder, up_path, features, max(tile * tile, TILE_ABOVE)):
             return run_tiled(up_path, features, tile, overlap, scale=8)
 
 
@@ -183,7 +183,7 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator 
     tiled = images.shape[-2] * images.shape[-1] > TILE_ABOVE * 64 if tiled is None else tiled
     with torch.inference_mode():
         if tiled:
-            with shared_group_norm_statistics(vae.encoder, vae.encode, pixels, tile * 8):
+            with shared_group_norm_statistics(vae.encoder, vae.encode, pixels, max(tile * tile, TILE_ABOVE) * 64):
                 parameters = run_tiled(lambda piece: vae.encode(piece).latent_dist.parameters, pixels, tile * 8,
                                        overlap * 8, scale=1 / 8)
             posterior = DiagonalGaussianDistribution(parameters.to(vae.dtype))
@@ -195,13 +195,15 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator 
 
 @contextmanager
 def shared_group_norm_statistics(network: torch.nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor,
-                                 tile: int):
+                                 budget: int):
     """Make every GroupNorm of `network` normalise each tile with whole-image statistics instead of the tile's own
     (tile-local statistics shift colours from tile to tile: visible seams). The statistics come from one run of
-    `run` on `x` subsampled (nearest, which keeps the fine texture the statistics depend on) to one tile's area, so
-    the extra cost and memory are one tile's; exact when `x` fits in one tile."""
+    `run` on `x` subsampled (nearest, which keeps the fine texture the statistics depend on) to at most `budget`
+    pixels, the area the caller would run untiled, so the extra memory is no more than that; exact when `x` fits.
+    The less it shrinks the better: a random-weight VAE measures 31.5 dB vs the untiled decode at 0.73× per side,
+    35.5 dB at 0.88× (tests/models/test_vae.py); trained VAEs respond far less to texture."""
     norms = [m for m in network.modules() if isinstance(m, torch.nn.GroupNorm)]
-    shrink = min(1.0, tile / math.sqrt(x.shape[-2] * x.shape[-1]))
+    shrink = min(1.0, math.sqrt(budget / (x.shape[-2] * x.shape[-1])))
     small = x if shrink == 1 else torch.nn.functional.interpolate(
         x.float(), scale_factor=shrink, mode="nearest-exact").to(x.dtype)
     statistics: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
