@@ -1,6 +1,6 @@
 """Generation speed side by side, in one run: sdstudio beside diffusers (fp32 default; bf16 + channels_last eager;
 the same under torch.compile with inductor freezing), OpenVINO and stable-diffusion.cpp, all reading the same
-full-size random-weight file. SD1.5 at 512² (a 20-step image end to end, per-step time, VAE decode 512² and 1024²,
+full-size random-weight file. SD1.5 at 512² (a 20-step image end to end, per-step time, VAE decode 512², 1024² and, tiled, 2048²,
 peak RSS) and SDXL at 1024² (per-step time, peak RSS). The quality guard compares sdstudio's fast path with its fp32
 path: the final images of the same seed, PSNR. Each engine runs in a fresh process (bench/runners.py).
 
@@ -60,7 +60,8 @@ def sd15_rows(images: Path, results: dict[str, dict]) -> None:
         "sdstudio fp32": ("sdstudio", dict(path=str(path), precision="fp32",
                                            image=str(images / "sd15-fp32.png"), **decode)),
         "sdstudio --precision auto": ("sdstudio", dict(path=str(path), precision="auto",
-                                                       image=str(images / "sd15-auto.png"), **decode)),
+                                                       image=str(images / "sd15-auto.png"),
+                                                       decode_sizes=[512, 1024, 2048])),  # 2048²: tiled
     }
     for name, (runner, kwargs) in plan.items():
         if selected(name):
@@ -102,17 +103,19 @@ def sd15_table(results: dict[str, dict]) -> str:
     fastest = min(peers.items(), key=lambda kv: kv[1]["step_s"]) if peers else None
     fastest_e2e = min(peers.items(), key=lambda kv: kv[1]["e2e_s"]) if peers else None
     rows = [f"| engine | load s | s / step | vs diffusers fp32 | vs fastest peer | first step s | {SD15_STEPS}-step "
-            "image s | VAE decode 512² s | VAE decode 1024² s | peak RSS 512² GiB | peak RSS incl. 1024² decode GiB |",
-            "|---" * 11 + "|"]
+            "image s | VAE decode 512² s | VAE decode 1024² s | VAE decode 2048² s | peak RSS 512² GiB | "
+            "peak RSS incl. the decodes GiB |",
+            "|---" * 12 + "|"]
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | failed: {r['error']} |" + " |" * 9)
+            rows.append(f"| {name} | failed: {r['error']} |" + " |" * 10)
             continue
         first = r["first_step_s"] + r.get("compile_s", 0)
         rows.append(f"| {name} | {fmt(r['load_s'])} | {fmt(r['step_s'])} | {ratio(base, r)} | "
                     f"{ratio(fastest[1], r) if fastest else '–'} | {fmt(first)} | {'≈' if r.get('e2e_estimated') else ''}"
                     f"{fmt(r['e2e_s'], 1)} | "
-                    f"{fmt(r.get('decode_512_s'))} | {fmt(r.get('decode_1024_s'))} | {fmt(r['rss_gib'])} | "
+                    f"{fmt(r.get('decode_512_s'))} | {fmt(r.get('decode_1024_s'))} | {fmt(r.get('decode_2048_s'))} | "
+                    f"{fmt(r['rss_gib'])} | "
                     f"{fmt(r.get('rss_all_gib'))} |")
     lines = ["\n".join(rows)]
     if fastest:
