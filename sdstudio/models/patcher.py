@@ -61,10 +61,11 @@ class WeightPatcher:
             self._applied.pop(name, None)
             return
         with torch.no_grad():
-            base = original.float()
+            base = original.float().contiguous()  # factors multiply out in the logical (O, I·kh·kw) order
             # reuse the buffer of the previous patch set when there is one (no fresh pages to fault in)
             current = param.data
-            out = current if current.data_ptr() != original.data_ptr() and original.dtype == torch.float32 else None
+            reusable = current.data_ptr() != original.data_ptr() and current.is_contiguous()
+            out = current if reusable and original.dtype == torch.float32 else None
             merged = None
             for patch in patches:
                 if patch.strength == 0:
@@ -80,10 +81,17 @@ class WeightPatcher:
                                 out=merged.view(a.shape[0], -1))
                 else:
                     torch.add(source, patch.delta(base), alpha=patch.strength, out=merged)
-            param.data = original if merged is None else merged.to(original.dtype)
+            param.data = original if merged is None else _like(original, merged)
         self._applied[name] = tuple(p.signature for p in patches)
 
     @property
     def patched(self) -> list[str]:
         """Names of the parameters currently differing from their originals."""
         return sorted(self._applied)
+
+
+def _like(original: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """`merged` in the original's dtype and memory layout (a channels-last fast-path weight stays channels-last)."""
+    if merged.dtype == original.dtype and merged.stride() == original.stride():
+        return merged
+    return torch.empty_like(original).copy_(merged)

@@ -36,6 +36,22 @@ def test_switch_then_restore_keeps_the_original_untouched(dtype):
     assert torch.equal(weight, original)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_channels_last_conv_weight_is_patched_by_its_logical_layout_and_stays_channels_last(dtype):
+    weight = torch.randn(6, 4, 3, 3).to(dtype).to(memory_format=torch.channels_last)   # the fast path's conv layout
+    original = weight.clone()
+    a, b = torch.randn(6, 2), torch.randn(2, 4 * 3 * 3)
+    patcher = WeightPatcher({"w": weight})
+    patcher.set_patches({"w": [Patch("x", 0.5, lambda w: (a @ b).reshape(w.shape), (a, b))]})
+    patched = patcher.parameters["w"]
+    expected = (original.float() + 0.5 * (a @ b).reshape(6, 4, 3, 3)).to(dtype)
+    assert torch.equal(patched.data, expected) and patched.is_contiguous(memory_format=torch.channels_last)
+    patcher.set_patches({"w": [Patch("y", 1.0, lambda w: torch.ones_like(w))]})    # the delta path too
+    assert torch.equal(patched.data, (original.float() + 1).to(dtype))
+    patcher.restore()
+    assert torch.equal(patched.data, original)
+
+
 def test_delta_is_computed_in_fp32_from_the_original_and_added_in_the_weights_dtype():
     weight = torch.full((4,), 1.0, dtype=torch.bfloat16)
     seen = []
