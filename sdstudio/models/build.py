@@ -135,8 +135,10 @@ def text_config(weights: Mapping[str, Any], kind: str, where: str = "<text encod
 
 
 def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
-                   where: str) -> torch.nn.Module:
-    """Load `weights` into a meta-device `module` by assignment (no copy when dtypes already match)."""
+                   where: str, convolutional: bool = False) -> torch.nn.Module:
+    """Load `weights` into a meta-device `module` by assignment (no copy when dtypes already match). A
+    `convolutional` model in half precision (the fast path) gets its 4-D weights channels-last, the layout oneDNN and
+    cuDNN run fastest, in the same copy as the dtype conversion; fp32 keeps the default layout (the exact reference)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -148,18 +150,24 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
                                         f"expected {tuple(target.shape)}")
     if unexpected:
         weights = {k: v for k, v in weights.items() if k in expected}
-    if dtype is not None:
-        weights = {k: _converted(v, dtype) for k, v in weights.items()}
+    floating = [v.dtype for v in weights.values() if v.is_floating_point()]
+    half = (dtype or (floating[0] if floating else None)) in (torch.bfloat16, torch.float16)
+    layout = torch.channels_last if convolutional and half else None
+    weights = {k: _converted(v, dtype or v.dtype, layout if v.dim() == 4 else None) for k, v in weights.items()}
     module.load_state_dict(weights, strict=True, assign=True)
     _materialise_meta_buffers(module)
     return module.eval().requires_grad_(False)
 
 
-def _converted(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor` in `dtype`; when that made a copy of file-mapped bytes, the file's pages leave this process."""
-    if not tensor.is_floating_point() or tensor.dtype == dtype:
+def _converted(tensor: torch.Tensor, dtype: torch.dtype, layout: torch.memory_format | None) -> torch.Tensor:
+    """`tensor` in `dtype` (and `layout`), one copy at most; when that copied file-mapped bytes, the file's pages
+    leave this process."""
+    if not tensor.is_floating_point():
         return tensor
-    copy = tensor.to(dtype)
+    relayout = layout is not None and not tensor.is_contiguous(memory_format=layout)
+    if tensor.dtype == dtype and not relayout:
+        return tensor
+    copy = tensor.to(dtype=dtype, memory_format=layout if relayout else torch.preserve_format)
     release_file_pages(tensor)
     return copy
 
@@ -177,25 +185,13 @@ def _materialise_meta_buffers(module: torch.nn.Module) -> None:
             raise RuntimeError(f"buffer '{name}' left on the meta device after loading")
 
 
-def _fast_layout(module: torch.nn.Module) -> torch.nn.Module:
-    """Half-precision (fast path) convolutional models go channels-last, the layout oneDNN and cuDNN run fastest;
-    fp32 keeps the default layout so the reference path stays bit-exact."""
-    if module.dtype in (torch.bfloat16, torch.float16):
-        for param in module.parameters():
-            if param.dim() == 4:
-                source = param.data
-                param.data = source.to(memory_format=torch.channels_last)
-                release_file_pages(source)
-    return module
-
-
 def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int | None = None,
                dtype: torch.dtype | None = None, where: str = "<unet>") -> UNet2DConditionModel:
     """UNet2DConditionModel from diffusers-named weights."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
-    return _fast_layout(assign_weights(unet, weights, dtype, where))
+    return assign_weights(unet, weights, dtype, where, convolutional=True)
 
 
 def build_vae(weights: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype | None = None,
@@ -203,7 +199,7 @@ def build_vae(weights: Mapping[str, torch.Tensor], family: str, dtype: torch.dty
     """AutoencoderKL from diffusers-named weights."""
     with torch.device("meta"):
         vae = AutoencoderKL(**vae_config(weights, family, where))
-    return _fast_layout(assign_weights(vae, weights, dtype, where))
+    return assign_weights(vae, weights, dtype, where, convolutional=True)
 
 
 def build_text_encoder(weights: Mapping[str, torch.Tensor], kind: str, dtype: torch.dtype | None = None,

@@ -84,6 +84,19 @@ def test_fp16_file_loads_in_the_requested_precision(synth_file):
     assert half.unet.dtype == torch.float16 and half.info.dtypes["unet"] == "float16"
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_convolution_weights_are_channels_last_with_the_files_values(synth_file, precision):
+    path = synth_file("sd1", "fp16")
+    reference, fast = load_checkpoint(path), load_checkpoint(path, dtype=precision)
+    for ref_module, fast_module in ((reference.unet, fast.unet), (reference.vae, fast.vae)):
+        conv_weights = [(name, p) for name, p in fast_module.named_parameters() if p.dim() == 4]
+        assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) for _, p in conv_weights)
+        fp32 = dict(ref_module.named_parameters())
+        for name, weight in conv_weights:
+            assert fp32[name].is_contiguous() and torch.equal(weight.float(), fp32[name].to(weight.dtype).float())
+    assert all(p.is_contiguous() for p in fast.text_encoders[0].model.parameters())
+
+
 def test_alphas_cumprod_come_from_the_file(synth_file):
     sd1 = load_checkpoint(synth_file("sd1", "pruned"))
     assert sd1.alphas_cumprod is not None and sd1.alphas_cumprod.shape == (1000,)
