@@ -115,7 +115,7 @@ def swap_vae(model: LoadedCheckpoint, path: str | Path | None) -> None:
     model.vae, model.vae_path = new_vae, Path(path)
 
 
-TILE_LATENT = 96        # decode tiles of 96×96 latents (768 px), encode tiles of 768×768 px
+TILE_LATENT = 128       # decode tiles of at most 128×128 latents (1024 px, the largest decode that runs untiled)
 TILE_OVERLAP = 32       # latents of overlap between neighbouring tiles, blended linearly
 TILE_ABOVE = 128 * 128  # latent pixels above which decode/encode go tiled (larger than 1024×1024 images)
 
@@ -123,8 +123,8 @@ TILE_ABOVE = 128 * 128  # latent pixels above which decode/encode go tiled (larg
 def decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None = None, tile: int = TILE_LATENT,
            overlap: int = TILE_OVERLAP) -> torch.Tensor:
     """Scaled latents (B,4,h,w) -> images (B,3,8h,8w) in [0,1]. Large images (or `tiled=True`) decode in
-    overlapping tiles of `tile` latents so memory stays bounded. A NaN in half precision retries the decode in fp32
-    (logged), never returning a black image."""
+    overlapping tiles of at most `tile` latents so memory stays bounded. A NaN in half precision retries the decode
+    in fp32 (logged), never returning a black image."""
     tiled = latents.shape[-2] * latents.shape[-1] > TILE_ABOVE if tiled is None else tiled
     images = _decode_once(vae, latents, vae.dtype, tiled, tile, overlap)
     if torch.isnan(images).any() and vae.dtype != torch.float32:
@@ -176,7 +176,8 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator 
            sample: bool = False, tiled: bool | None = None, tile: int = TILE_LATENT,
            overlap: int = TILE_OVERLAP) -> torch.Tensor:
     """Images (B,3,H,W) in [0,1] -> scaled latents (B,4,H/8,W/8); the posterior mean unless `sample`. Large images
-    (or `tiled=True`) encode in overlapping tiles of 8×`tile` pixels; the posterior is blended, then sampled once."""
+    (or `tiled=True`) encode in overlapping tiles of at most 8×`tile` pixels; the posterior is blended, then sampled
+    once."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     pixels = (images * 2 - 1).to(vae.dtype)
@@ -209,15 +210,16 @@ def shared_group_norm_statistics(network: torch.nn.Module, run: Callable[[torch.
     statistics: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(norm: torch.nn.GroupNorm, values: torch.Tensor) -> torch.Tensor:
-        grouped = values.float().reshape(values.shape[0], norm.num_groups, -1)
         if norm not in statistics:  # each GroupNorm runs once per pass: the first (estimating) pass records
-            statistics[norm] = (grouped.mean(-1), grouped.var(-1, unbiased=False))
-        mean, variance = statistics[norm]
-        out = ((grouped - mean[..., None]) * torch.rsqrt(variance[..., None] + norm.eps)).reshape(values.shape)
+            statistics[norm] = _group_statistics(values, norm.num_groups)
+        mean, variance = (s.repeat_interleave(values.shape[1] // norm.num_groups, dim=1) for s in statistics[norm])
+        scale = torch.rsqrt(variance + norm.eps)
+        shift = -mean * scale
         if norm.affine:
-            shape = (1, -1) + (1,) * (values.ndim - 2)
-            out = out * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
-        return out.to(values.dtype)
+            scale, shift = scale * norm.weight.float(), shift * norm.weight.float() + norm.bias.float()
+        shape = (*values.shape[:2],) + (1,) * (values.ndim - 2)
+        # one fused multiply-add in fp32, in the activations' own layout (channels-last stays channels-last)
+        return torch.addcmul(shift.reshape(shape), values, scale.reshape(shape)).to(values.dtype)
 
     originals = {norm: norm.forward for norm in norms}
     for norm in norms:
@@ -230,15 +232,25 @@ def shared_group_norm_statistics(network: torch.nn.Module, run: Callable[[torch.
             norm.forward = original
 
 
+def _group_statistics(values: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance of each channel group of `values` (B,C,…), in fp32: from per-channel moments, so
+    no copy in another layout is made (the group variance = mean channel variance + variance of channel means)."""
+    variance, mean = torch.var_mean(values.float(), dim=tuple(range(2, values.ndim)), correction=0)
+    mean, variance = mean.reshape(values.shape[0], groups, -1), variance.reshape(values.shape[0], groups, -1)
+    group_mean = mean.mean(-1)
+    return group_mean, variance.mean(-1) + (mean - group_mean[..., None]).square().mean(-1)
+
+
 def run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
-    """Apply a convolutional `fn` (input side s -> output side s·scale) to overlapping `tile`-sized tiles of `x`
-    and blend the outputs with linear ramps across each overlap; only one tile's activations live at a time."""
+    """Apply a convolutional `fn` (input side s -> output side s·scale) to overlapping tiles of at most `tile` per
+    side of `x` and blend the outputs with linear ramps across each overlap; only one tile's activations live at a
+    time."""
     height, width = x.shape[-2:]
     ramp = round(overlap * scale)
     out = weight = None
-    for top in _tile_starts(height, tile, overlap):
-        for left in _tile_starts(width, tile, overlap):
-            piece = fn(x[..., top:top + tile, left:left + tile]).float()
+    for top, span_y in _tile_spans(height, tile, overlap):
+        for left, span_x in _tile_spans(width, tile, overlap):
+            piece = fn(x[..., top:top + span_y, left:left + span_x]).float()
             if out is None:
                 out = torch.zeros(*piece.shape[:-2], round(height * scale), round(width * scale))
                 weight = torch.zeros(round(height * scale), round(width * scale))
@@ -251,11 +263,14 @@ def run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> tor
     return out / weight
 
 
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+def _tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, length) of the fewest tiles of at most `tile` that cover `size` with at least `overlap` between
+    neighbours, all the same length and evenly spaced (no sliver tile re-running a mostly covered strip)."""
     if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, tile - overlap))
-    return starts + [size - tile]
+        return [(0, size)]
+    count = math.ceil((size - overlap) / (tile - overlap))
+    length = math.ceil((size + (count - 1) * overlap) / count)
+    return [(round(i * (size - length) / (count - 1)), length) for i in range(count)]
 
 
 def _ramp(length: int, ramp: int, rise: bool, fall: bool) -> torch.Tensor:
