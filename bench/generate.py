@@ -1,8 +1,9 @@
 """Generation speed side by side, in one run: sdstudio beside diffusers (fp32 default; bf16 + channels_last eager;
 the same under torch.compile with inductor freezing), OpenVINO and stable-diffusion.cpp, all reading the same
-full-size random-weight file. SD1.5 at 512² (a 20-step image end to end, per-step time, VAE decode 512², 1024² and, tiled, 2048²,
-peak RSS) and SDXL at 1024² (per-step time, peak RSS). The quality guard compares sdstudio's fast path with its fp32
-path: the final images of the same seed, PSNR. Each engine runs in a fresh process (bench/runners.py).
+full-size random-weight file. SD1.5 at 512² (a 20-step image end to end, per-step time, VAE decode 512², 1024²
+and, tiled, 2048², peak RSS) and SDXL at 1024² (per-step time, peak RSS). The quality guard compares sdstudio's
+fast path with its fp32 path: the final images of the same seed, PSNR. Each engine runs in a fresh process
+(bench/runners.py).
 
 Raw figures are kept in <bench dir>/generate-results.json; `BENCH_ONLY="row name;row name"` reruns only the named
 rows (SDXL rows prefixed "SDXL ") and renders the tables from the merged figures."""
