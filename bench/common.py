@@ -71,14 +71,6 @@ def diffusers_config_dir(checkpoint: Path) -> Path:
     return folder
 
 
-def run_child(code: str, *args: str) -> dict:
-    """Run `code` in a fresh Python process (argv = args); it prints one JSON line, which is returned."""
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def run_runner(name: str, **kwargs) -> dict:
     """One engine in a fresh process; a failure becomes {"error": last line of its stderr} (the row says why)."""
     out = subprocess.run([sys.executable, str(RUNNERS), name, json.dumps(kwargs)], capture_output=True, text=True,

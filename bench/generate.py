@@ -161,11 +161,11 @@ def main() -> None:
     if not stored:
         for stale in images.glob("*.png"):
             stale.unlink()
-    sd15, sdxl = stored.get("sd15", {}), stored.get("sdxl", {})
-    sd15_rows(images, sd15)
-    store.write_text(json.dumps({"sd15": sd15, "sdxl": sdxl}, indent=1))
-    sdxl_rows(images, sdxl)
-    store.write_text(json.dumps({"sd15": sd15, "sdxl": sdxl}, indent=1))
+    results = {"sd15": stored.get("sd15", {}), "sdxl": stored.get("sdxl", {})}
+    for key, rows in (("sd15", sd15_rows), ("sdxl", sdxl_rows)):
+        rows(images, results[key])
+        store.write_text(json.dumps(results, indent=1))   # kept after each model: a later crash loses nothing
+    sd15, sdxl = results["sd15"], results["sdxl"]
     body = (f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/generate.py` (runners: "
             "`bench/runners.py`). Same full-size random-weight fp16 file for every engine; Euler, CFG 7, batch 1, "
             "seed 1; per-step = median of the step intervals after the first; each engine in a fresh process, one "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -23,8 +22,18 @@ NEGATIVE_IDS = [49406] + [49407] * 76
 
 
 def peak_rss_gib() -> float:
-    """Peak resident set of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    """Peak resident set of this process's own address space (VmHWM; ru_maxrss would also count the parent's pages
+    from before exec)."""
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) / 2 ** 20
+
+
+def touch(modules) -> None:
+    """Read one value per 4 KiB page of every weight (what the first generation pays when a loader maps the file)."""
+    with torch.no_grad():
+        for module in modules:
+            for param in module.parameters():
+                param.detach().reshape(-1)[::512].sum()
 
 
 class StepClock:
@@ -76,8 +85,14 @@ def sdstudio(path: str, precision: str, steps: int, size: int, decode_sizes: lis
 
 # --- diffusers --------------------------------------------------------------------------------------------------
 
+def _import_diffusers() -> None:
+    """Import diffusers' pipeline modules before a load is timed (sdstudio's modules are imported before its clock
+    too): the first import costs seconds that are not loading."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
+
+
 def _diffusers_pipeline(path: str, config: str, xl: bool, dtype: torch.dtype):
-    from diffusers import (EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     extra = {"tokenizer_2": None} if xl else {"safety_checker": None, "feature_extractor": None}
@@ -110,6 +125,7 @@ def diffusers(path: str, config: str, mode: str, steps: int, size: int, decode_s
     """diffusers' pipeline from the same single file. `mode`: fp32 (its default), bf16 (+ channels_last, its
     best eager CPU settings), compile (bf16 + channels_last + torch.compile(inductor) with freezing)."""
     dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+    _import_diffusers()
     load_s, pipe = timed(_diffusers_pipeline, path, config, xl, dtype)
     if mode != "fp32":
         pipe.unet.to(memory_format=torch.channels_last)
@@ -231,6 +247,29 @@ def sdcpp(path: str, steps: int, size: int, wtype: str, e2e_steps: int) -> dict:
             **figures, "rss_gib": peak_rss_gib()}
 
 
+# --- checkpoint load --------------------------------------------------------------------------------------------
+
+def sdstudio_load(path: str, dtype: str) -> dict:
+    """`load_checkpoint(path, dtype)`, then every weight touched once."""
+    from sdstudio.models.checkpoint import load_checkpoint
+
+    start = time.perf_counter()
+    model = load_checkpoint(path, dtype=dtype)
+    loaded = time.perf_counter() - start
+    touch([model.unet, model.vae] + [e.model for e in model.text_encoders])
+    return {"load_s": loaded, "touch_s": time.perf_counter() - start, "rss_gib": peak_rss_gib()}
+
+
+def diffusers_load(path: str, config: str, dtype: str) -> dict:
+    """diffusers' `from_single_file` (local config, no hub), then every weight touched once."""
+    _import_diffusers()
+    start = time.perf_counter()
+    pipe = _diffusers_pipeline(path, config, False, getattr(torch, dtype))
+    loaded = time.perf_counter() - start
+    touch([pipe.unet, pipe.vae, pipe.text_encoder])
+    return {"load_s": loaded, "touch_s": time.perf_counter() - start, "rss_gib": peak_rss_gib()}
+
+
 # --- LoRA switching -------------------------------------------------------------------------------------------
 
 def sdstudio_lora(path: str, precision: str, lora_a: str, lora_b: str) -> dict:
@@ -268,7 +307,8 @@ def diffusers_lora(path: str, config: str, precision: str, lora_a: str, lora_b: 
 
 
 RUNNERS = {"sdstudio": sdstudio, "diffusers": diffusers, "openvino": openvino, "sdcpp": sdcpp,
-           "sdstudio_lora": sdstudio_lora, "diffusers_lora": diffusers_lora}
+           "sdstudio_load": sdstudio_load, "diffusers_load": diffusers_load, "sdstudio_lora": sdstudio_lora,
+           "diffusers_lora": diffusers_lora}
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

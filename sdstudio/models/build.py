@@ -150,8 +150,8 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
                                         f"expected {tuple(target.shape)}")
     if unexpected:
         weights = {k: v for k, v in weights.items() if k in expected}
-    floating = [v.dtype for v in weights.values() if v.is_floating_point()]
-    half = (dtype or (floating[0] if floating else None)) in (torch.bfloat16, torch.float16)
+    file_dtype = next((v.dtype for v in weights.values() if v.is_floating_point()), None)
+    half = (dtype or file_dtype) in (torch.bfloat16, torch.float16)
     layout = torch.channels_last if convolutional and half else None
     weights = {k: _converted(v, dtype or v.dtype, layout if v.dim() == 4 else None) for k, v in weights.items()}
     module.load_state_dict(weights, strict=True, assign=True)

@@ -146,7 +146,7 @@ def _decode_once(vae: AutoencoderKL, latents: torch.Tensor, dtype: torch.dtype, 
         # the memory goes, runs in tiles
         features = _decoder_trunk(module, latents)
         up_path = partial(_decoder_up_path, module)
-        with shared_group_norm_statistics(module.decoder, up_path, features, max(tile * tile, TILE_ABOVE)):
+        with shared_group_norm_statistics(module.decoder, up_path, features, _statistics_budget(tile)):
             return run_tiled(up_path, features, tile, overlap, scale=8)
 
 
@@ -184,7 +184,7 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator 
     tiled = images.shape[-2] * images.shape[-1] > TILE_ABOVE * 64 if tiled is None else tiled
     with torch.inference_mode():
         if tiled:
-            with shared_group_norm_statistics(vae.encoder, vae.encode, pixels, max(tile * tile, TILE_ABOVE) * 64):
+            with shared_group_norm_statistics(vae.encoder, vae.encode, pixels, _statistics_budget(tile) * 64):
                 parameters = run_tiled(lambda piece: vae.encode(piece).latent_dist.parameters, pixels, tile * 8,
                                        overlap * 8, scale=1 / 8)
             posterior = DiagonalGaussianDistribution(parameters.to(vae.dtype))
@@ -192,6 +192,11 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator 
             posterior = vae.encode(pixels).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mean
     return latents.float() * vae.config.scaling_factor
+
+
+def _statistics_budget(tile: int) -> int:
+    """Latent pixels the statistics pass may run on: what runs untiled anyway, or one tile if tiles are larger."""
+    return max(tile * tile, TILE_ABOVE)
 
 
 @contextmanager
