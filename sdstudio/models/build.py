@@ -19,6 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from sdstudio.errors import ModelFileError
 from sdstudio.files.keymaps import fit_text_encoder_keys
 from sdstudio.files.readers import release_file_pages
+from sdstudio.models.attention import use_fast_cpu_attention
 
 CONFIG_FILE = Path(__file__).parent / "configs" / "families.json"
 GROUP_NORM_GROUPS = 32  # every SD UNet/VAE uses GroupNorm(32)
@@ -187,11 +188,15 @@ def _materialise_meta_buffers(module: torch.nn.Module) -> None:
 
 def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int | None = None,
                dtype: torch.dtype | None = None, where: str = "<unet>") -> UNet2DConditionModel:
-    """UNet2DConditionModel from diffusers-named weights."""
+    """UNet2DConditionModel from diffusers-named weights; a bf16 UNet (the CPU fast path) gets the fast CPU
+    attention (models/attention.py)."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
-    return assign_weights(unet, weights, dtype, where, convolutional=True)
+    unet = assign_weights(unet, weights, dtype, where, convolutional=True)
+    if unet.dtype == torch.bfloat16:
+        use_fast_cpu_attention(unet)
+    return unet
 
 
 def build_vae(weights: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype | None = None,

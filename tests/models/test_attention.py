@@ -1,0 +1,75 @@
+"""The bf16 CPU fast path's attention: OpenVINO for long attention, diffusers' processor for everything else."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from sdstudio.models.attention import LONG_ATTENTION, FastCPUAttention, _compiled_attention
+from sdstudio.models.checkpoint import load_checkpoint
+
+
+def attention_module(heads: int, width: int, context_dim: int | None = None) -> Attention:
+    torch.manual_seed(0)
+    return Attention(query_dim=heads * width, heads=heads, dim_head=width, cross_attention_dim=context_dim,
+                     bias=False).eval()
+
+
+def run(module: Attention, processor, hidden: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    module.set_processor(processor)
+    with torch.inference_mode():
+        return module(hidden, encoder_hidden_states=context)
+
+
+@pytest.mark.parametrize("heads,width", [(8, 40), (5, 64), (2, 32)])
+def test_long_self_attention_goes_through_openvino_and_matches_the_fp32_reference(heads, width):
+    module = attention_module(heads, width)
+    hidden = torch.randn(2, LONG_ATTENTION, heads * width)
+    reference = run(module, AttnProcessor2_0(), hidden)
+    torch_bf16 = run(module.to(torch.bfloat16), AttnProcessor2_0(), hidden.bfloat16())
+    compiled_before = _compiled_attention.cache_info().currsize + _compiled_attention.cache_info().hits
+    fast = run(module, FastCPUAttention(), hidden.bfloat16())
+    info = _compiled_attention.cache_info()
+    assert info.currsize + info.hits > compiled_before, "the OpenVINO kernel was not used"
+    assert fast.dtype == torch.bfloat16 and fast.shape == reference.shape
+    fast_error = (fast.float() - reference).abs().max().item()
+    torch_error = (torch_bf16.float() - reference).abs().max().item()
+    assert fast_error <= 2 * torch_error + 1e-3, (fast_error, torch_error)
+    assert fast_error < 0.05 * reference.abs().max().item()
+
+
+def test_short_cross_attention_stays_with_pytorch_bit_for_bit():
+    module = attention_module(4, 16, context_dim=32).to(torch.bfloat16)
+    hidden = torch.randn(1, LONG_ATTENTION, 64, dtype=torch.bfloat16)
+    context = torch.randn(1, 77, 32, dtype=torch.bfloat16)
+    assert torch.equal(run(module, FastCPUAttention(), hidden, context),
+                       run(module, AttnProcessor2_0(), hidden, context))
+
+
+def test_fp32_and_gradients_stay_with_pytorch():
+    module = attention_module(2, 32)
+    hidden = torch.randn(1, LONG_ATTENTION, 64)
+    assert torch.equal(run(module, FastCPUAttention(), hidden), run(module, AttnProcessor2_0(), hidden))
+    module = module.to(torch.bfloat16).requires_grad_(True)
+    module.set_processor(FastCPUAttention())
+    out = module(hidden.bfloat16())
+    out.float().sum().backward()
+    assert module.to_q.weight.grad is not None and module.to_q.weight.grad.abs().sum() > 0
+
+
+def test_a_bf16_unet_gets_the_fast_attention_and_the_fp32_reference_keeps_diffusers(sd1_file):
+    fast = load_checkpoint(sd1_file, dtype=torch.bfloat16).unet
+    exact = load_checkpoint(sd1_file, dtype=torch.float32).unet
+    assert {type(p) for p in fast.attn_processors.values()} == {FastCPUAttention}
+    assert {type(p) for p in exact.attn_processors.values()} == {AttnProcessor2_0}
+    side = int(LONG_ATTENTION ** 0.5)   # the first level's self-attention sees side² tokens: the OpenVINO path
+    x = torch.randn(1, 4, side, side)
+    context = torch.randn(1, 77, exact.config.cross_attention_dim)
+    with torch.inference_mode():
+        reference = exact(x, torch.tensor([500.0]), encoder_hidden_states=context).sample
+        out = fast(x.bfloat16(), torch.tensor([500.0]), encoder_hidden_states=context.bfloat16()).sample
+        fast.set_attn_processor(AttnProcessor2_0())
+        torch_bf16 = fast(x.bfloat16(), torch.tensor([500.0]), encoder_hidden_states=context.bfloat16()).sample
+    fast_error = (out.float() - reference).abs().max().item()
+    torch_error = (torch_bf16.float() - reference).abs().max().item()
+    assert fast_error <= 2 * torch_error + 1e-3, (fast_error, torch_error)
