@@ -64,12 +64,7 @@ def sd15_rows(images: Path, results: dict[str, dict]) -> None:
                                                        image=str(images / "sd15-auto.png"),
                                                        decode_sizes=[512, 1024, 2048])),  # 2048²: tiled
     }
-    for name, (runner, kwargs) in plan.items():
-        if selected(name):
-            warm_page_cache(path)  # every engine starts from the file in the page cache
-            steps = {"steps": SDCPP_STEPS} if runner == "sdcpp" else {}
-            results[name] = run_runner(runner, **{**common, **steps}, **kwargs)
-            print(name, json.dumps(results[name]), flush=True)
+    run_plan(plan, results, common, path)
 
 
 def sdxl_rows(images: Path, results: dict[str, dict]) -> None:
@@ -81,15 +76,28 @@ def sdxl_rows(images: Path, results: dict[str, dict]) -> None:
                                                        image=None)),
         "diffusers bf16 + channels_last": ("diffusers", dict(path=str(path), config=config, mode="bf16", xl=True,
                                                              image=None)),
+        "diffusers bf16 + channels_last + torch.compile (inductor, freezing)": (
+            "diffusers", dict(path=str(path), config=config, mode="compile", xl=True, image=None)),
         "sdstudio fp32": ("sdstudio", dict(path=str(path), precision="fp32", image=str(images / "sdxl-fp32.png"))),
         "sdstudio --precision auto": ("sdstudio", dict(path=str(path), precision="auto",
                                                        image=str(images / "sdxl-auto.png"))),
     }
+    run_plan(plan, results, common, path, prefix="SDXL ")
+
+
+def run_plan(plan: dict[str, tuple[str, dict]], results: dict[str, dict], common: dict, path: Path,
+             prefix: str = "") -> None:
+    """Run the selected rows of `plan` (name -> runner, arguments), each in a fresh process from a warm page cache;
+    `results` ends in plan order (the tables' row order)."""
     for name, (runner, kwargs) in plan.items():
-        if selected("SDXL " + name):
-            warm_page_cache(path)
-            results[name] = run_runner(runner, **common, **kwargs)
-            print("SDXL", name, results[name], flush=True)
+        if selected(prefix + name):
+            warm_page_cache(path)  # every engine starts from the file in the page cache
+            steps = {"steps": SDCPP_STEPS} if runner == "sdcpp" else {}
+            results[name] = run_runner(runner, **{**common, **steps}, **kwargs)
+            print(prefix + name, json.dumps(results[name]), flush=True)
+    ordered = {name: results[name] for name in plan if name in results}
+    results.clear()
+    results.update(ordered)
 
 
 def ratio(base: dict | None, r: dict) -> str:
@@ -130,14 +138,16 @@ def sd15_table(results: dict[str, dict]) -> str:
 
 def sdxl_table(results: dict[str, dict]) -> str:
     base = results.get("diffusers fp32 (default)")
-    rows = ["| engine | load s | s / step (CFG, 1024²) | vs diffusers fp32 | first step s | peak RSS GiB |",
-            "|---" * 6 + "|"]
+    peers = [r for n, r in results.items() if not n.startswith("sdstudio") and "step_s" in r]
+    fastest = min(peers, key=lambda r: r["step_s"]) if peers else None
+    rows = ["| engine | load s | s / step (CFG, 1024²) | vs diffusers fp32 | vs fastest peer | first step s | "
+            "peak RSS GiB |", "|---" * 7 + "|"]
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | failed: {r['error']} |" + " |" * 4)
+            rows.append(f"| {name} | failed: {r['error']} |" + " |" * 5)
             continue
-        rows.append(f"| {name} | {fmt(r['load_s'])} | {fmt(r['step_s'])} | {ratio(base, r)} | "
-                    f"{fmt(r['first_step_s'])} | {fmt(r['rss_gib'])} |")
+        rows.append(f"| {name} | {fmt(r['load_s'])} | {fmt(r['step_s'])} | {ratio(base, r)} | {ratio(fastest, r)} | "
+                    f"{fmt(r['first_step_s'] + r.get('compile_s', 0))} | {fmt(r['rss_gib'])} |")
     return "\n".join(rows)
 
 
