@@ -32,8 +32,10 @@ def touch(modules) -> None:
     """Read one value per 4 KiB page of every weight (what the first generation pays when a loader maps the file)."""
     with torch.no_grad():
         for module in modules:
-            for param in module.parameters():
-                param.detach().reshape(-1)[::512].sum()
+            for param in module.parameters():   # over the storage: a channels-last weight's reshape would copy it
+                flat = torch.empty(0, dtype=param.dtype).set_(param.untyped_storage(), param.storage_offset(),
+                                                             (param.numel(),))
+                flat[::512].sum()
 
 
 class StepClock:
