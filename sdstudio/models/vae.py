@@ -153,9 +153,9 @@ def _decode_once(vae: AutoencoderKL, latents: torch.Tensor, dtype: torch.dtype, 
     module = vae if vae.dtype == dtype else _upcast_copy(vae, dtype)
     latents = latents.to(dtype) / vae.config.scaling_factor
     with torch.inference_mode():
-        if not tiled and dtype == torch.float32:
-            return module.decode(latents).sample   # the exact reference: diffusers' own forward
-        if not tiled:   # half precision, the fast path: the same arithmetic in strips, in half the memory
+        if not tiled:   # fp32 is the exact reference (diffusers' own forward); half precision, the fast path,
+            if dtype == torch.float32:   # runs the same arithmetic in strips of rows, in about half the memory
+                return module.decode(latents).sample
             return up_path_in_strips(module.decoder, _decoder_trunk(module, latents))
         # the low-resolution trunk (mid-block attention is global) runs whole; the high-resolution up path, where
         # the memory goes, runs in tiles
