@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import sys
 from pathlib import Path
@@ -98,6 +99,7 @@ def _load_model(args: argparse.Namespace, infotext_params: dict[str, str] | None
     checkpoint in the catalog; with --vae (Automatic / None / a VAE name or path) applied."""
     from sdstudio.files.catalog import Catalog
     from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
+    from sdstudio.models.converted import converted_weights
     from sdstudio.models.vae import resolve_vae
 
     catalog = Catalog(Path(args.data_dir), hash_on_scan=False)
@@ -112,7 +114,15 @@ def _load_model(args: argparse.Namespace, infotext_params: dict[str, str] | None
         path = _first_usable_checkpoint(catalog)
     vae = Path(args.vae) if args.vae and Path(args.vae).is_file() else resolve_vae(
         args.vae or "Automatic", path, {e.name.rsplit("/", 1)[-1]: e.path for e in catalog.vaes()})
-    return load_checkpoint(path, vae=vae, use_ema=args.ema, dtype=resolve_precision(args.precision))
+    converted = converted_weights(Path(args.data_dir), _gib(args.converted_cache_gb))
+    if converted:
+        atexit.register(converted.wait)  # a one-shot command still leaves the converted weights for the next run
+    return load_checkpoint(path, vae=vae, use_ema=args.ema, dtype=resolve_precision(args.precision),
+                           converted=converted)
+
+
+def _gib(size: float) -> int:
+    return int(size * 2**30)
 
 
 def _first_usable_checkpoint(catalog) -> Path:
@@ -253,7 +263,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sdstudio.api.app import serve
 
     serve(data_dir=Path(args.data_dir), host=args.host, port=args.port, listen=args.listen,
-          api_auth=args.api_auth, insecure=args.insecure, demo=not args.no_demo, precision=args.precision)
+          api_auth=args.api_auth, insecure=args.insecure, demo=not args.no_demo, precision=args.precision,
+          converted_cache_bytes=_gib(args.converted_cache_gb))
     return 0
 
 
@@ -296,10 +307,14 @@ def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for every subcommand."""
     from sdstudio import synthetic
+    from sdstudio.models.converted import DEFAULT_BUDGET
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", default=".", help="folder holding models/, outputs/ (default: current dir)")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--converted-cache-gb", type=float, default=DEFAULT_BUDGET / 2**30,
+                        help="disk kept for converted weights (bf16 copies of fp16 files) in DATA_DIR/cache/converted"
+                             " so the next load maps them instead of converting; 0 = off (default: %(default)g)")
     parser = argparse.ArgumentParser(prog="sdstudio", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

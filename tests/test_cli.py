@@ -144,3 +144,19 @@ def test_styles_from_styles_csv(data_dir):
     assert out.startswith("a street, film noir\nNegative prompt: lowres\n")
     bad = run("txt2img", "x", "--style", "nope", data_dir=data_dir, check=False)
     assert bad.returncode == 1 and "no style named 'nope'; available: noir" in bad.stderr
+
+
+def test_converted_weights_are_kept_for_the_next_run_and_give_the_same_image(tmp_path, sd1_file):
+    models = tmp_path / "models" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    os.link(sd1_file, models / "tiny.safetensors")       # an fp32 file: bf16 converts it
+    args = ("txt2img", "a cat", "--steps", "2", "-W", "64", "-H", "64", "--seed", "5", "--precision", "bf16", "-q")
+    first = Path(run(*args, data_dir=tmp_path).stdout.strip())
+    (kept,) = (tmp_path / "cache" / "converted").glob("*.safetensors")
+    second = Path(run(*args, data_dir=tmp_path).stdout.strip())      # maps the kept weights
+    assert second != first and second.read_bytes() == first.read_bytes()
+    off = tmp_path / "off"
+    (off / "models").mkdir(parents=True)
+    os.symlink(models, off / "models" / "Stable-diffusion")
+    run(*args, "--converted-cache-gb", "0", data_dir=off)
+    assert not (off / "cache" / "converted").exists() and kept.exists()

@@ -20,6 +20,7 @@ from sdstudio.api.schemas import Img2ImgRequest, PngInfoRequest, TokensRequest, 
 from sdstudio.errors import InvalidRequestError, SDStudioError
 from sdstudio.images.infotext import encode_image, parse_infotext, read_infotext
 from sdstudio.models.checkpoint import resolve_precision
+from sdstudio.models.converted import DEFAULT_BUDGET as CONVERTED_DEFAULT_BUDGET
 from sdstudio.sampling import registry
 from sdstudio.service.engine import SHUTTING_DOWN, Engine
 
@@ -417,9 +418,11 @@ def ensure_demo_model(data_dir: Path) -> Path | None:
 
 
 def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: bool = False,
-          api_auth: str | None = None, insecure: bool = False, demo: bool = True, precision: str = "auto") -> None:
+          api_auth: str | None = None, insecure: bool = False, demo: bool = True, precision: str = "auto",
+          converted_cache_bytes: int = CONVERTED_DEFAULT_BUDGET) -> None:
     """Run the server (blocking). `--listen` binds every interface and needs `--api-auth` unless `--insecure`;
-    `precision` names the dtype models load in (see models.checkpoint.resolve_precision)."""
+    `precision` names the dtype models load in (see models.checkpoint.resolve_precision); `converted_cache_bytes`
+    bounds the converted weights kept on disk (models/converted.py; 0 = none)."""
     import uvicorn
 
     if listen:
@@ -431,7 +434,7 @@ def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: boo
         made = ensure_demo_model(Path(data_dir))
         if made:
             print(f"models/Stable-diffusion was empty: wrote a DEMO checkpoint with random weights: {made}")
-    engine = Engine(data_dir, dtype=resolve_precision(precision))
+    engine = Engine(data_dir, dtype=resolve_precision(precision), converted_cache_bytes=converted_cache_bytes)
     flags = {"data_dir": str(data_dir), "host": host, "port": port, "listen": listen, "api_auth": bool(api_auth),
              "precision": precision}
 

@@ -443,6 +443,12 @@ def fit_text_encoder_keys(ours: Mapping[str, Tensor], module_keys: Iterable[str]
     return {k.removeprefix(TEXT_MODEL): t for k, t in ours.items()}
 
 
+def text_encoder_keys_as_ours(module_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of `fit_text_encoder_keys`: a text encoder module's state_dict in our names ("text_model.…",
+    "text_projection.…")."""
+    return {(k if k.startswith((TEXT_MODEL, "text_projection.")) else TEXT_MODEL + k): t for k, t in module_sd.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # EMA (formats.md §1.6)
 

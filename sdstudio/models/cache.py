@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from sdstudio.models.checkpoint import LoadedCheckpoint, load_checkpoint
+from sdstudio.models.converted import ConvertedWeights
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,9 @@ def model_bytes(model: LoadedCheckpoint) -> int:
 class CheckpointCache:
     """`get()` returns a cached model or loads it; the current model changes only after a successful load."""
 
-    def __init__(self, budget_bytes: int = DEFAULT_BUDGET):
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET, converted: ConvertedWeights | None = None):
         self.budget = budget_bytes
+        self.converted = converted    # converted weights kept on disk between processes (models/converted.py)
         self._models: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
         self.current: LoadedCheckpoint | None = None
 
@@ -38,7 +40,7 @@ class CheckpointCache:
         key = (path.resolve(), stat.st_size if stat else None, stat.st_mtime_ns if stat else None, use_ema, dtype)
         model = self._models.get(key)
         if model is None:
-            model = load_checkpoint(path, use_ema=use_ema, dtype=dtype)   # raises: nothing below changes
+            model = load_checkpoint(path, use_ema=use_ema, dtype=dtype, converted=self.converted)  # raises: nothing changes
             self._models[key] = model
             self._evict(keep=key)
         self._models.move_to_end(key)

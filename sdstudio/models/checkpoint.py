@@ -12,9 +12,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from sdstudio.errors import ModelFileError
 from sdstudio.files.detect import CheckpointInfo, detect_checkpoint, yaml_prediction
-from sdstudio.files.keymaps import KeyMapError, split_checkpoint, swap_in_ema
+from sdstudio.files.keymaps import KeyMapError, split_checkpoint, swap_in_ema, text_encoder_keys_as_ours
 from sdstudio.files.readers import read_state_dict
 from sdstudio.models.build import build_text_encoder, build_unet, build_vae
+from sdstudio.models.converted import ConvertedWeights, worth_storing
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,11 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bool = False,
-                    dtype: torch.dtype | str = torch.float32) -> LoadedCheckpoint:
+                    dtype: torch.dtype | str = torch.float32,
+                    converted: ConvertedWeights | None = None) -> LoadedCheckpoint:
     """Load a checkpoint file (.safetensors/.ckpt) as modules; `vae` = a standalone VAE file to use instead of the
-    baked-in one; `use_ema` selects the EMA UNet weights when the file has them (A1111 uses the main ones)."""
+    baked-in one; `use_ema` selects the EMA UNet weights when the file has them (A1111 uses the main ones);
+    `converted` = the on-disk cache of converted weights to read from and fill (models/converted.py)."""
     from sdstudio.models.vae import load_vae_module  # vae.py imports this module's types
 
     start = time.perf_counter()
@@ -96,12 +99,20 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     if not parts.text_encoders:
         raise ModelFileError(path, "has no text encoder weights (cond_stage_model.* / conditioner.*); "
                                    "UNet-only files are not supported")
-    encoders = [TextEncoder(TEXT_KIND_OF_PREFIX[p.prefix],
-                            build_text_encoder(p.weights, TEXT_KIND_OF_PREFIX[p.prefix], dtype, f"{where} ({p.prefix})"))
-                for p in parts.text_encoders]
+    file_weights = {"unet": parts.unet, **({"vae": parts.vae} if parts.vae else {}),
+                    **{f"text{i}": p.weights for i, p in enumerate(parts.text_encoders)}}
+    stored = converted.read(path, dtype, use_ema) if converted else None
+    weights = stored if stored is not None and stored.keys() == file_weights.keys() else file_weights
+    encoders = [TextEncoder(TEXT_KIND_OF_PREFIX[p.prefix], build_text_encoder(
+                    weights[f"text{i}"], TEXT_KIND_OF_PREFIX[p.prefix], dtype, f"{where} ({p.prefix})"))
+                for i, p in enumerate(parts.text_encoders)]
     pooled_dim = getattr(encoders[-1].model.config, "projection_dim", None)
-    unet = build_unet(parts.unet, info.family, pooled_dim, dtype, f"{where} (UNet)")
-    own_vae = build_vae(parts.vae, info.family, dtype, f"{where} (VAE)") if parts.vae else None
+    unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)")
+    own_vae = build_vae(weights["vae"], info.family, dtype, f"{where} (VAE)") if "vae" in weights else None
+    if converted and weights is file_weights and worth_storing(_file_dtype(parts.unet), dtype):
+        converted.write(path, dtype, use_ema, {"unet": unet.state_dict()}
+                        | ({"vae": own_vae.state_dict()} if own_vae else {})
+                        | {f"text{i}": text_encoder_keys_as_ours(e.model.state_dict()) for i, e in enumerate(encoders)})
     alphas = parts.extras.get("alphas_cumprod")
     loaded = LoadedCheckpoint(path=path, info=info, unet=unet, vae=own_vae, text_encoders=encoders,
                               alphas_cumprod=alphas.float() if alphas is not None else None, dtype=dtype,
@@ -114,3 +125,7 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     loaded.load_seconds = time.perf_counter() - start
     log.info("loaded %s (%s) in %.2f s", path.name, info.label, loaded.load_seconds)
     return loaded
+
+
+def _file_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype:
+    return next((w.dtype for w in weights.values() if w.is_floating_point()), torch.float32)

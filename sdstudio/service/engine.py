@@ -22,6 +22,7 @@ from sdstudio.errors import SDStudioError
 from sdstudio.files.catalog import Catalog
 from sdstudio.models.cache import CheckpointCache
 from sdstudio.models.checkpoint import LoadedCheckpoint
+from sdstudio.models.converted import DEFAULT_BUDGET as CONVERTED_DEFAULT_BUDGET, converted_weights
 from sdstudio.models.embeddings import EmbeddingDB
 from sdstudio.models.lora import LoraNetworks
 from sdstudio.images.infotext import parse_infotext
@@ -99,13 +100,14 @@ class Job:
 class Engine:
     """Models, settings and the worker; the API and the CLI server talk only to this."""
 
-    def __init__(self, data_dir: str | Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, data_dir: str | Path, dtype: torch.dtype = torch.float32,
+                 converted_cache_bytes: int = CONVERTED_DEFAULT_BUDGET):
         self.data_dir = Path(data_dir)
         self.dtype = dtype          # every checkpoint loads in this dtype (`--precision`)
         self.settings = Settings(self.data_dir / "config.json")
         self.catalog = Catalog(self.data_dir, hash_on_scan=False)
         self.embeddings = EmbeddingDB.for_data_dir(self.data_dir)
-        self.models = CheckpointCache()
+        self.models = CheckpointCache(converted=converted_weights(self.data_dir, converted_cache_bytes))
         self.history = History(self.data_dir / "history.sqlite")
         self._networks: dict[int, LoraNetworks] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue()

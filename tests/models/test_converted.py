@@ -1,0 +1,100 @@
+"""Converted weights kept on disk: the next load maps them, bit-exact; stale, damaged or oversized entries are never
+trusted or kept."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from sdstudio.files.readers import read_safetensors_header
+from sdstudio.models.checkpoint import load_checkpoint
+from sdstudio.models.converted import ConvertedWeights
+
+BF16 = torch.bfloat16
+
+
+def modules(model):
+    return {"unet": model.unet, "vae": model.vae} | {f"text{i}": e.model for i, e in enumerate(model.text_encoders)}
+
+
+def assert_same_weights(a, b):
+    for name, module in modules(a).items():
+        ours, theirs = module.state_dict(), modules(b)[name].state_dict()
+        assert ours.keys() == theirs.keys(), name
+        for key, tensor in ours.items():
+            assert tensor.dtype == theirs[key].dtype and tensor.stride() == theirs[key].stride(), f"{name} {key}"
+            assert torch.equal(tensor, theirs[key]), f"{name} {key}"
+
+
+def load_through(cache, path, dtype=BF16):
+    model = load_checkpoint(path, dtype=dtype, converted=cache)
+    cache.wait()
+    return model
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_converted_load_is_kept_and_the_next_load_maps_it_bit_exact(synth_file, tmp_path, family):
+    source = synth_file(family, "fp16")
+    cache = ConvertedWeights(tmp_path / "converted")
+    first = load_through(cache, source)
+    (stored,) = (tmp_path / "converted").glob("*.safetensors")
+    header = read_safetensors_header(stored)
+    assert {info.dtype for info in header.tensors.values() if info.dtype.is_floating_point} == {BF16}
+    second = load_through(cache, source)
+    assert_same_weights(second, load_checkpoint(source, dtype=BF16))
+    assert_same_weights(second, first)
+    conv = second.unet.conv_in.weight
+    assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_next_load_really_reads_the_cache_and_a_changed_source_does_not(synth_file, tmp_path):
+    source = tmp_path / "model.safetensors"
+    shutil.copy(synth_file("sd1", "fp16"), source)
+    cache = ConvertedWeights(tmp_path / "converted")
+    original = load_through(cache, source).unet.conv_out.bias.clone()
+    (stored,) = (tmp_path / "converted").glob("*.safetensors")
+    header = read_safetensors_header(stored)
+    begin, end = header.tensors["unet/conv_out.bias"].data_offsets
+    with open(stored, "r+b") as f:             # mark one weight in the cache file
+        f.seek(header.data_start + begin)
+        f.write(torch.full_like(original, 3.0).view(torch.uint8).numpy().tobytes())
+    assert torch.equal(load_through(cache, source).unet.conv_out.bias, torch.full_like(original, 3.0))
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))   # the source changed: cache not used
+    assert torch.equal(load_through(cache, source).unet.conv_out.bias, original)
+
+
+def test_a_damaged_cache_file_is_ignored_and_replaced(synth_file, tmp_path):
+    source = synth_file("sd1", "fp16")
+    cache = ConvertedWeights(tmp_path / "converted")
+    load_through(cache, source)
+    (stored,) = (tmp_path / "converted").glob("*.safetensors")
+    stored.write_bytes(stored.read_bytes()[:1000])
+    model = load_through(cache, source)
+    assert_same_weights(model, load_checkpoint(source, dtype=BF16))
+    assert stored.stat().st_size > 1000                     # written again, whole
+
+
+def test_the_folder_keeps_within_its_budget_least_recently_used_first(synth_file, tmp_path):
+    older, newer = synth_file("sd1", "fp16"), synth_file("sd1", "pruned")   # same size once in bf16
+    probe = ConvertedWeights(tmp_path / "probe")
+    load_through(probe, older)
+    one = next((tmp_path / "probe").glob("*.safetensors")).stat().st_size
+    cache = ConvertedWeights(tmp_path / "converted", budget_bytes=int(one * 1.5))
+    load_through(cache, older)
+    load_through(cache, newer)
+    (kept,) = (tmp_path / "converted").glob("*.safetensors")
+    assert kept.name.startswith("sd1-pruned-")
+    too_small = ConvertedWeights(tmp_path / "small", budget_bytes=one // 2)
+    load_through(too_small, older)
+    assert not list((tmp_path / "small").glob("*"))
+
+
+def test_loads_that_map_the_file_as_it_is_are_not_cached(synth_file, tmp_path):
+    cache = ConvertedWeights(tmp_path / "converted")
+    load_through(cache, synth_file("sd1", "pruned"), dtype=torch.float32)
+    assert not (tmp_path / "converted").exists()
+    load_through(cache, synth_file("sd1", "pruned"), dtype=BF16)       # fp32 file as bf16: converted, kept
+    assert len(list((tmp_path / "converted").glob("*.safetensors"))) == 1
