@@ -7,10 +7,11 @@ looks nearly free, so "load + touch" also reads every weight once (what the firs
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import diffusers_config_dir, full_checkpoint, machine, run_runner, warm_page_cache, write_section  # noqa: E402
+from common import BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, run_runner, warm_page_cache, write_section  # noqa: E402
 
 
 def main() -> None:
@@ -20,11 +21,16 @@ def main() -> None:
         path = full_checkpoint("sd1", variant)
         config = diffusers_config_dir(full_checkpoint("sd1", "fp16"))
         warm_page_cache(path)
-        ours = run_runner("sdstudio_load", path=str(path), dtype=dtype)
+        ours = [("sdstudio", run_runner("sdstudio_load", path=str(path), dtype=dtype))]
+        if variant == "fp16" and dtype == "bfloat16":   # the --precision auto load: a conversion, kept on disk
+            with tempfile.TemporaryDirectory(dir=BENCH_DIR) as folder:
+                run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=folder)   # converts, keeps
+                ours.append(("sdstudio, converted weights kept by an earlier load",
+                             run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=folder)))
         warm_page_cache(path)
         theirs = run_runner("diffusers_load", path=str(path), config=str(config), dtype=dtype)
         size = f"SD1.5 {variant} ({path.stat().st_size / 2**30:.1f} GiB) as {dtype}"
-        for name, r in (("sdstudio", ours), ("diffusers from_single_file", theirs)):
+        for name, r in ours + [("diffusers from_single_file", theirs)]:
             if "error" in r:
                 rows.append(f"| {size} | {name} | failed: {r['error']} | | | |")
                 continue
@@ -35,7 +41,9 @@ def main() -> None:
     write_section("Checkpoint load (bench/load.py)",
                   f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/load.py`. Page cache warm for "
                   "both; loaded in the file's dtype, and the fp16 file also in bf16 (`--precision auto` on this CPU); "
-                  f"ratios to diffusers' own load and load + touch; peak RSS = the child's VmHWM.\n\n{table}")
+                  "ratios to diffusers' own load and load + touch; peak RSS = the child's VmHWM. \"Converted weights "
+                  "kept\": a second process loading the same file through the `cache/converted/` folder that a first "
+                  f"one filled (models/converted.py; that file is in the page cache like the source).\n\n{table}")
 
 
 if __name__ == "__main__":

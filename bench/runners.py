@@ -251,15 +251,21 @@ def sdcpp(path: str, steps: int, size: int, wtype: str, e2e_steps: int) -> dict:
 
 # --- checkpoint load --------------------------------------------------------------------------------------------
 
-def sdstudio_load(path: str, dtype: str) -> dict:
-    """`load_checkpoint(path, dtype)`, then every weight touched once."""
+def sdstudio_load(path: str, dtype: str, converted: str | None = None) -> dict:
+    """`load_checkpoint(path, dtype)` (through the converted-weights folder `converted` when given: the first load
+    fills it, later ones map it), then every weight touched once."""
     from sdstudio.models.checkpoint import load_checkpoint
+    from sdstudio.models.converted import ConvertedWeights
 
+    cache = ConvertedWeights(converted) if converted else None
     start = time.perf_counter()
-    model = load_checkpoint(path, dtype=dtype)
+    model = load_checkpoint(path, dtype=dtype, converted=cache)
     loaded = time.perf_counter() - start
     touch([model.unet, model.vae] + [e.model for e in model.text_encoders])
-    return {"load_s": loaded, "touch_s": time.perf_counter() - start, "rss_gib": peak_rss_gib()}
+    touched = time.perf_counter() - start
+    if cache:
+        cache.wait()
+    return {"load_s": loaded, "touch_s": touched, "rss_gib": peak_rss_gib()}
 
 
 def diffusers_load(path: str, config: str, dtype: str) -> dict:
