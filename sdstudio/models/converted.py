@@ -98,7 +98,7 @@ class ConvertedWeights:
         path = self.path_for(source, dtype, use_ema)
         writer = threading.Thread(target=self._store, args=(path, tensors, metadata, size), daemon=True,
                                   name=f"sdstudio-convert-cache-{source.name}")
-        self._writers.append(writer)
+        self._writers = [w for w in self._writers if w.is_alive()] + [writer]
         writer.start()
 
     def wait(self) -> None:
