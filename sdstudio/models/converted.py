@@ -18,8 +18,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 
+import sdstudio
 from sdstudio.errors import ModelFileError
 from sdstudio.files.readers import read_safetensors_header, read_state_dict
 from sdstudio.files.writers import save_safetensors
@@ -53,9 +56,10 @@ class ConvertedWeights:
         self._lock = threading.Lock()     # one write (and trim) at a time
 
     def path_for(self, source: Path, dtype: torch.dtype, use_ema: bool) -> Path:
-        """The cache file of one file version loaded one way."""
+        """The cache file of one file version loaded one way by these library versions (their module key names)."""
         stat = source.stat()
-        key = json.dumps([FORMAT, str(source.resolve()), stat.st_size, stat.st_mtime_ns, str(dtype), use_ema])
+        key = json.dumps([FORMAT, sdstudio.__version__, diffusers.__version__, transformers.__version__,
+                          str(source.resolve()), stat.st_size, stat.st_mtime_ns, str(dtype), use_ema])
         return self.folder / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
     def read(self, source: Path, dtype: torch.dtype, use_ema: bool) -> dict[str, dict[str, torch.Tensor]] | None:
