@@ -2,12 +2,13 @@
 
 Anything that changes weights (LoRA networks, the LoRA merge tool) hands the patcher, per parameter, a list of
 patches (an identity, a strength and a function giving ΔW in fp32). W = W₀ + Σ strength·ΔW is computed in fp32 and
-stored in the weight's dtype in a fresh tensor that the parameter then holds (`param.data`), so the module sees the
-patched weight at zero cost per step, W₀ (often a view of the memory-mapped file) is never written, and restoring
+stored in the weight's dtype and layout in a tensor of its own (the previous patch set's, when there is one) that
+the parameter then holds (`param.data`), so the module sees the patched weight at zero cost per step, W₀ (often a view of the memory-mapped file) is never written, and restoring
 is handing W₀ back: bit-exact and free. Only parameters whose patch list changed are touched.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
@@ -40,11 +41,12 @@ class WeightPatcher:
         """Make the weights equal W₀ + Σ patches for the given names and W₀ everywhere else; returns how many
         parameters were rewritten (unchanged patch lists cost nothing)."""
         touched = 0
+        scratch = _Scratch()
         for name in set(self._applied) | set(patches):
             wanted = tuple(p.signature for p in patches.get(name, ()))
             if self._applied.get(name, ()) == wanted:
                 continue
-            self._write(name, patches.get(name, []))
+            self._write(name, patches.get(name, []), scratch)
             touched += 1
         return touched
 
@@ -52,7 +54,7 @@ class WeightPatcher:
         """Every patched parameter back to its original bits."""
         self.set_patches({})
 
-    def _write(self, name: str, patches: list[Patch]) -> None:
+    def _write(self, name: str, patches: list[Patch], scratch: _Scratch) -> None:
         param = self.parameters[name]
         original = self._backups.setdefault(name, param.data)
         if not patches:
@@ -60,18 +62,24 @@ class WeightPatcher:
             del self._backups[name]
             self._applied.pop(name, None)
             return
+        # an fp32 contiguous weight is merged straight into its result; any other (half precision, channels-last)
+        # is merged in fp32 scratch buffers, then copied into its own dtype and layout
+        direct = original.dtype == torch.float32 and original.is_contiguous()
+        current = param.data
+        # the buffer of the previous patch set, when there is one, takes the result: no fresh pages to fault in
+        reusable = current.data_ptr() != original.data_ptr() and current.stride() == original.stride()
         with torch.no_grad():
-            base = original.float().contiguous()  # factors multiply out in the logical (O, I·kh·kw) order
-            # reuse the buffer of the previous patch set when there is one (no fresh pages to fault in)
-            current = param.data
-            reusable = current.data_ptr() != original.data_ptr() and current.is_contiguous()
-            out = current if reusable and original.dtype == torch.float32 else None
+            # factors multiply out in the logical (O, I·kh·kw) order: fp32 and contiguous
+            base = original if direct else scratch.take(0, original.shape).copy_(original)
             merged = None
             for patch in patches:
                 if patch.strength == 0:
                     continue
                 if merged is None:
-                    merged = out if out is not None else torch.empty_like(base)
+                    if direct:
+                        merged = current if reusable else torch.empty_like(base)
+                    else:
+                        merged = scratch.take(1, base.shape)
                     source = base
                 else:
                     source = merged
@@ -81,7 +89,12 @@ class WeightPatcher:
                                 out=merged.view(a.shape[0], -1))
                 else:
                     torch.add(source, patch.delta(base), alpha=patch.strength, out=merged)
-            param.data = original if merged is None else _like(original, merged)
+            if merged is None:
+                param.data = original
+            elif direct:
+                param.data = merged
+            else:
+                param.data = (current if reusable else torch.empty_like(original)).copy_(merged)
         self._applied[name] = tuple(p.signature for p in patches)
 
     @property
@@ -90,8 +103,17 @@ class WeightPatcher:
         return sorted(self._applied)
 
 
-def _like(original: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
-    """`merged` in the original's dtype and memory layout (a channels-last fast-path weight stays channels-last)."""
-    if merged.dtype == original.dtype and merged.stride() == original.stride():
-        return merged
-    return torch.empty_like(original).copy_(merged)
+class _Scratch:
+    """fp32 working buffers reused from one half-precision parameter to the next during one `set_patches`
+    (allocating each afresh costs a page fault per 4 KiB; they go with the call)."""
+
+    def __init__(self):
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def take(self, slot: int, shape: torch.Size) -> torch.Tensor:
+        """A contiguous fp32 tensor of `shape` in buffer `slot` (its contents are whatever was there)."""
+        count = math.prod(shape)
+        buffer = self._buffers.get(slot)
+        if buffer is None or buffer.numel() < count:
+            buffer = self._buffers[slot] = torch.empty(count, dtype=torch.float32)
+        return buffer[:count].view(shape)

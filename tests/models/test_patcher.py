@@ -81,3 +81,25 @@ def test_only_changed_parameters_are_rewritten_and_zero_strength_is_the_original
     patcher.set_patches({"a": [Patch("x", 0.0, counted)]})
     assert torch.equal(tensors["a"], originals["a"]) and torch.equal(tensors["b"], originals["b"])
     assert patcher.patched == ["a"]
+
+
+def test_half_precision_weights_of_any_sizes_share_scratch_buffers_and_a_switch_reuses_the_patched_buffer():
+    weights = {"big": torch.randn(16, 32).bfloat16(), "small": torch.randn(4, 8).bfloat16(),
+               "conv": torch.randn(8, 4, 3, 3).bfloat16().to(memory_format=torch.channels_last)}
+    originals = {name: w.clone() for name, w in weights.items()}
+    patcher = WeightPatcher(dict(weights))
+
+    def patches(strength):
+        return {name: [Patch("x", strength, lambda w: torch.full_like(w, 1.5))] for name in weights}
+
+    patcher.set_patches(patches(1.0))
+    first = {name: patcher.parameters[name].data for name in weights}
+    for name, original in originals.items():
+        assert torch.equal(first[name], (original.float() + 1.5).bfloat16()), name
+    patcher.set_patches(patches(-2.0))
+    for name, original in originals.items():
+        now = patcher.parameters[name].data
+        assert torch.equal(now, (original.float() - 3.0).bfloat16()), name
+        assert now.data_ptr() == first[name].data_ptr() and now.stride() == original.stride(), name
+    patcher.restore()
+    assert all(torch.equal(patcher.parameters[n].data, o) for n, o in originals.items())
