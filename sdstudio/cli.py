@@ -268,6 +268,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_precision_args(parser: argparse.ArgumentParser) -> None:
+    """--precision and the converted weights it may leave on disk (commands that load a checkpoint)."""
+    from sdstudio.models.converted import DEFAULT_BUDGET
+
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    parser.add_argument("--converted-cache-gb", type=float, default=DEFAULT_BUDGET / 2**30,
+                        help="disk kept for converted weights (e.g. bf16 copies of fp16 files) in "
+                             "DATA_DIR/cache/converted, so the next load maps them instead of converting; "
+                             "0 = off (default: %(default)g)")
+
+
 def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None:
     parser.add_argument("prompt", nargs="?", default=None)
     parser.add_argument("-n", "--negative-prompt", dest="negative_prompt")
@@ -276,7 +287,7 @@ def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None
     parser.add_argument("--ckpt", help="checkpoint file, or a name/title/hash from models/Stable-diffusion")
     parser.add_argument("--vae", help="Automatic (default), None, a VAE name from models/VAE, or a path")
     parser.add_argument("--ema", action="store_true", help="use the EMA UNet weights when the file has them")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    _add_precision_args(parser)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--sampler", dest="sampler_name")
     parser.add_argument("--scheduler")
@@ -307,14 +318,10 @@ def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for every subcommand."""
     from sdstudio import synthetic
-    from sdstudio.models.converted import DEFAULT_BUDGET
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", default=".", help="folder holding models/, outputs/ (default: current dir)")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    common.add_argument("--converted-cache-gb", type=float, default=DEFAULT_BUDGET / 2**30,
-                        help="disk kept for converted weights (bf16 copies of fp16 files) in DATA_DIR/cache/converted"
-                             " so the next load maps them instead of converting; 0 = off (default: %(default)g)")
     parser = argparse.ArgumentParser(prog="sdstudio", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -323,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(sub.add_parser("img2img", parents=[common], help="generate images from images"), True)
     serve = sub.add_parser("serve", parents=[common], help="run the web page and the A1111-compatible API")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    _add_precision_args(serve)
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (requires --api-auth or --insecure)")
     serve.add_argument("--api-auth", help="user:pass[,user2:pass2] for HTTP basic auth on every route")
