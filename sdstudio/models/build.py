@@ -152,13 +152,17 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
                                         f"expected {tuple(target.shape)}")
     if unexpected:
         weights = {k: v for k, v in weights.items() if k in expected}
-    file_dtype = next((v.dtype for v in weights.values() if v.is_floating_point()), None)
-    half = (dtype or file_dtype) in (torch.bfloat16, torch.float16)
+    half = (dtype or weights_dtype(weights)) in (torch.bfloat16, torch.float16)
     layout = torch.channels_last if convolutional and half else None
     weights = {k: _converted(v, dtype or v.dtype, layout if v.dim() == 4 else None) for k, v in weights.items()}
     module.load_state_dict(weights, strict=True, assign=True)
     _materialise_meta_buffers(module)
     return module.eval().requires_grad_(False)
+
+
+def weights_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The dtype of the first floating-point weight (a file's dtype); None when there is none."""
+    return next((w.dtype for w in weights.values() if w.is_floating_point()), None)
 
 
 def _converted(tensor: torch.Tensor, dtype: torch.dtype, layout: torch.memory_format | None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from sdstudio.errors import ModelFileError
 from sdstudio.files.detect import CheckpointInfo, detect_checkpoint, yaml_prediction
 from sdstudio.files.keymaps import KeyMapError, split_checkpoint, swap_in_ema, text_encoder_keys_as_ours
 from sdstudio.files.readers import read_state_dict
-from sdstudio.models.build import build_text_encoder, build_unet, build_vae
+from sdstudio.models.build import build_text_encoder, build_unet, build_vae, weights_dtype
 from sdstudio.models.converted import ConvertedWeights, worth_storing
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     pooled_dim = getattr(encoders[-1].model.config, "projection_dim", None)
     unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)")
     own_vae = build_vae(weights["vae"], info.family, dtype, f"{where} (VAE)") if "vae" in weights else None
-    if converted and weights is file_weights and worth_storing(_file_dtype(parts.unet), dtype):
+    if converted and weights is file_weights and worth_storing(weights_dtype(parts.unet), dtype):
         converted.write(path, dtype, use_ema, {"unet": unet.state_dict()}
                         | ({"vae": own_vae.state_dict()} if own_vae else {})
                         | {f"text{i}": text_encoder_keys_as_ours(e.model.state_dict()) for i, e in enumerate(encoders)})
@@ -125,7 +125,3 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     loaded.load_seconds = time.perf_counter() - start
     log.info("loaded %s (%s) in %.2f s", path.name, info.label, loaded.load_seconds)
     return loaded
-
-
-def _file_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype:
-    return next((w.dtype for w in weights.values() if w.is_floating_point()), torch.float32)

@@ -35,7 +35,7 @@ HALF_TYPES = (torch.float16, torch.bfloat16)
 STALE_PARTIAL_SECONDS = 3600  # a write this old without finishing belongs to a process that is gone
 
 
-def worth_storing(file_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+def worth_storing(file_dtype: torch.dtype | None, dtype: torch.dtype) -> bool:
     """Whether loading a file of `file_dtype` as `dtype` copies weights (a dtype change, or the channels-last
     relayout of the half-precision path); a plain fp32 load maps the file and needs no cache."""
     return file_dtype != dtype or dtype in HALF_TYPES
