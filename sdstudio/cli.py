@@ -302,6 +302,14 @@ def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None
     parser.add_argument("--clip-skip", dest="clip_skip", type=int)
     parser.add_argument("--rng", dest="randn_source", choices=["GPU", "CPU", "NV"])
     parser.add_argument("--ensd", dest="eta_noise_seed_delta", type=int)
+    parser.add_argument("--skip-early-cfg", dest="skip_early_cond", type=float, metavar="FRACTION",
+                        help="leave the negative prompt out of this first fraction of the model calls (A1111 "
+                             "'Skip Early CFG'; faster, changes the image)")
+    parser.add_argument("--ngms", dest="s_min_uncond", type=float, metavar="SIGMA",
+                        help="leave the negative prompt out of every other model call below this sigma (A1111 "
+                             "'Negative Guidance minimum sigma'; faster, changes the image)")
+    parser.add_argument("--ngms-all-steps", dest="s_min_uncond_all", action="store_true", default=None,
+                        help="with --ngms: every call below that sigma, not every other one")
     parser.add_argument("--format", choices=["png", "jpg", "webp"], default="png",
                         help="image file format (infotext in a PNG text chunk or EXIF UserComment)")
     parser.add_argument("--no-save", action="store_true", help="do not write files; print the infotext")

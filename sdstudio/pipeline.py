@@ -82,6 +82,9 @@ class GenerationRequest:
     emphasis: str = "Original"
     comma_padding_backtrack: int = 20
     pad_conds: bool = False
+    skip_early_cond: float = 0.0            # A1111 "Skip Early CFG": no negative prompt for this fraction of calls
+    s_min_uncond: float = 0.0               # A1111 "NGMS": no negative prompt on every other call below this sigma
+    s_min_uncond_all: bool = False          # NGMS on every call below that sigma
     # img2img
     init_images: list[Image.Image] | None = None
     resize_mode: int = 0
@@ -160,6 +163,10 @@ def check_request(model: LoadedCheckpoint, request: GenerationRequest) -> tuple[
                      f"{needed / 2**30:.1f} GiB, but only {available / 2**30:.1f} GiB is available")
     if request.init_images is not None and not 0 <= request.denoising_strength <= 1:
         raise InvalidRequestError("denoising_strength", f"must be within 0..1, got {request.denoising_strength}")
+    if not 0 <= request.skip_early_cond <= 1:
+        raise InvalidRequestError("skip_early_cond", f"must be within 0..1, got {request.skip_early_cond}")
+    if request.s_min_uncond < 0:
+        raise InvalidRequestError("s_min_uncond", f"must be 0 (off) or a positive sigma, got {request.s_min_uncond}")
     if request.resize_mode not in RESIZE_MODES:
         raise InvalidRequestError("resize_mode", f"must be one of {sorted(RESIZE_MODES)}")
     return request, warnings
@@ -235,15 +242,49 @@ def _at(schedule: list[tuple[int, dict]], step: int) -> dict:
     return schedule[-1][1]
 
 
+@dataclass
+class NegativeSkipping:
+    """A1111's optimizations that leave the negative prompt out of some model calls (such a call does the UNet
+    work of the prompt alone; the image changes): "Skip Early CFG" for the first `early` fraction of the calls,
+    "NGMS" on every other call (`all_calls`: every call) whose sigma is below `min_sigma`."""
+
+    early: float = 0.0
+    min_sigma: float = 0.0
+    all_calls: bool = False
+    total_calls: int = 1
+    infotext: dict[str, Any] = field(default_factory=dict)   # what A1111 adds to the infotext once a call skipped
+
+    @classmethod
+    def of(cls, request: GenerationRequest, sigmas: torch.Tensor, second_order: bool, edit_model: bool):
+        """The request's skipping over these sigmas (A1111 counts 2 calls a step for second-order samplers; NGMS
+        never applies to instruct-pix2pix models)."""
+        return cls(request.skip_early_cond, 0.0 if edit_model else request.s_min_uncond, request.s_min_uncond_all,
+                   (len(sigmas) - 1) * (2 if second_order else 1))
+
+    def skips(self, call: int, sigma: float) -> bool:
+        """Whether model call number `call` (from 0) at noise level `sigma` leaves the negative prompt out."""
+        if self.early and call / self.total_calls <= self.early:
+            self.infotext["Skip Early CFG"] = self.early
+            return True
+        if (call % 2 or self.all_calls) and sigma < self.min_sigma:
+            self.infotext["NGMS"] = self.min_sigma
+            if self.all_calls:
+                self.infotext["NGMS all steps"] = True
+            return True
+        return False
+
+
 class ScheduledCFG:
     """k-diffusion model callable: picks each image's conds for the current step and applies CFG. The step
     counter advances once per model call, exactly like A1111's CFGDenoiser (so 2nd-order samplers advance
     the prompt schedule twice per sampler step, as in A1111)."""
 
-    def __init__(self, denoiser, cfg_scale: float, conds: list[PromptConds], pad_chunk: torch.Tensor | None = None):
+    def __init__(self, denoiser, cfg_scale: float, conds: list[PromptConds], pad_chunk: torch.Tensor | None = None,
+                 skipping: NegativeSkipping | None = None):
         self.cfg = CFGDenoiser(denoiser, cfg_scale)
         self.conds = conds
         self.pad_chunk = pad_chunk   # A1111 "Pad conds": the empty prompt's chunk, appended to the shorter side
+        self.skipping = skipping or NegativeSkipping()
         self.step = 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
@@ -253,7 +294,8 @@ class ScheduledCFG:
             longest = max(c["crossattn"].shape[0] for c in uncond + [c for image in parts for c, _ in image])
             parts = [[(self._padded(c, longest), w) for c, w in image] for image in parts]
             uncond = [self._padded(c, longest) for c in uncond]
-        out = self.cfg(x, sigma, CFGConds.build(parts, uncond))
+        skip_uncond = self.skipping.skips(self.step, sigma[0].item())
+        out = self.cfg(x, sigma, CFGConds.build(parts, uncond), skip_uncond)
         self.step += 1
         return out
 
@@ -499,6 +541,7 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
 
     encoder = PromptEncoder(model, request, embeddings)
     pad_chunk = encoder.schedule("", False, {})[0][1]["crossattn"] if request.pad_conds else None
+    skipping = NegativeSkipping.of(request, sigmas, sampler.second_order, model.info.variant == "instruct-pix2pix")
     result = GenerationResult([], [], seeds, subseeds, warnings=warnings, request=request)
     out_dir = output_dir(Path(data_dir or "."), mode) if save else None
     for batch in range(request.n_iter):
@@ -530,7 +573,7 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
         else:
             x = noise * sampler.initial_noise_scale(sigmas)
         try:
-            latents = _sample(sampler, request, ScheduledCFG(denoiser, request.cfg_scale, conds, pad_chunk), x,
+            latents = _sample(sampler, request, ScheduledCFG(denoiser, request.cfg_scale, conds, pad_chunk, skipping), x,
                               sigmas, rng, batch_seed, callback, model.family, interrupt, skip)
         except Skipped:
             skip.clear()
@@ -544,6 +587,7 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
             extra = dict(report.infotext)
             if ti_hashes:
                 extra["TI hashes"] = ti_hashes
+            extra.update(skipping.infotext)
             if report.warnings:
                 extra["Warnings"] = "; ".join(report.warnings)
             params = infotext_params(model, request, batch_seed[i], batch_subseed[i], model_hash or _hash(model), extra)
@@ -621,6 +665,9 @@ _INFOTEXT_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "Eta DDIM": ("eta", float),
     "Emphasis": ("emphasis", str),
     "Pad conds": ("pad_conds", lambda v: str(v).lower() == "true"),
+    "Skip Early CFG": ("skip_early_cond", float),
+    "NGMS": ("s_min_uncond", float),
+    "NGMS all steps": ("s_min_uncond_all", lambda v: str(v).lower() == "true"),
 }
 
 

@@ -114,6 +114,12 @@ def test_jpeg_and_webp_outputs_carry_the_infotext(data_dir, fmt):
     assert run("pnginfo", str(out), data_dir=data_dir).stdout.startswith("a boat\nSteps: 1,")
 
 
+def test_negative_prompt_skipping_flags_reach_the_infotext(data_dir):
+    out = run("txt2img", "a boat", "-n", "fog", "--steps", "2", "-W", "64", "-H", "64", "--ngms", "100",
+              "--ngms-all-steps", "--no-save", data_dir=data_dir).stdout
+    assert "NGMS: 100, NGMS all steps: True" in out
+
+
 def test_tokens(data_dir):
     assert run("tokens", "a cat", data_dir=data_dir).stdout.strip() == "2/75"
 

@@ -221,3 +221,60 @@ def test_skip_drops_the_current_batch_and_goes_on(sd1_model):
                               **SMALL)
     assert len(result.images) == 1 and "Seed: 11," in result.infotexts[0]
     assert result.warnings == ["batch 1 skipped"] and not skip.is_set()
+
+
+# --- leaving the negative prompt out (A1111 "Skip Early CFG", "NGMS") --------------------------------------
+
+def test_negative_skipping_follows_a1111_call_rules():
+    early = pipeline.NegativeSkipping(early=0.2, total_calls=10)
+    assert [early.skips(call, 5.0) for call in range(5)] == [True, True, True, False, False]  # call/total <= 0.2
+    assert early.infotext == {"Skip Early CFG": 0.2}
+    ngms = pipeline.NegativeSkipping(min_sigma=1.0, total_calls=10)
+    assert [ngms.skips(call, sigma) for call, sigma in enumerate([3.0, 2.0, 0.9, 0.8, 0.5, 0.4])] == \
+        [False, False, False, True, False, True]        # odd calls below the sigma only
+    assert ngms.infotext == {"NGMS": 1.0}
+    every = pipeline.NegativeSkipping(min_sigma=1.0, all_calls=True, total_calls=10)
+    assert [every.skips(call, sigma) for call, sigma in enumerate([2.0, 0.9, 0.8])] == [False, True, True]
+    assert every.infotext == {"NGMS": 1.0, "NGMS all steps": True}
+    off = pipeline.NegativeSkipping(total_calls=10)
+    assert not any(off.skips(call, 0.01) for call in range(10)) and off.infotext == {}
+
+
+def _unet_batches(model, **fields):
+    batches = []
+    hook = model.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        return pipeline.txt2img(model, **{"prompt": "a cat", "negative_prompt": "blurry", "seed": 21,
+                                          "sampler_name": "Euler", **SMALL, **fields}), batches
+    finally:
+        hook.remove()
+
+
+def test_ngms_runs_the_prompt_alone_on_odd_calls_and_regenerates_from_its_infotext(sd1_model):
+    plain, plain_batches = _unet_batches(sd1_model)
+    assert plain_batches == [2, 2, 2, 2]
+    never, _ = _unet_batches(sd1_model, s_min_uncond=0.001)      # below every sigma: nothing skipped, nothing said
+    assert np.array_equal(pixels(never.images[0]), pixels(plain.images[0])) and "NGMS" not in never.infotexts[0]
+    fast, fast_batches = _unet_batches(sd1_model, s_min_uncond=100.0)
+    assert fast_batches == [2, 1, 2, 1]
+    assert not np.array_equal(pixels(fast.images[0]), pixels(plain.images[0]))
+    params = parse_infotext(fast.infotexts[0]).params
+    assert float(params["NGMS"]) == 100 and "NGMS all steps" not in params
+    again = pipeline.txt2img(sd1_model, pipeline.request_from_infotext(fast.infotexts[0]), save=False)
+    assert np.array_equal(pixels(again.images[0]), pixels(fast.images[0]))
+    _, every_batches = _unet_batches(sd1_model, s_min_uncond=100.0, s_min_uncond_all=True)
+    assert every_batches == [1, 1, 1, 1]
+
+
+def test_skip_early_cfg_counts_model_calls_of_second_order_samplers(sd1_model):
+    # Heun makes 2 calls a step (the last step 1): A1111 counts total_steps = 2 × steps
+    result, batches = _unet_batches(sd1_model, sampler_name="Heun", skip_early_cond=0.25)
+    assert batches == [1, 1, 1, 2, 2, 2, 2]                      # calls 0..2 of 8: 0, 1/8, 2/8 <= 0.25
+    assert parse_infotext(result.infotexts[0]).params["Skip Early CFG"] == "0.25"
+
+
+def test_negative_skipping_values_out_of_range_are_refused(sd1_model):
+    with pytest.raises(InvalidRequestError, match="skip_early_cond: must be within 0..1"):
+        pipeline.txt2img(sd1_model, skip_early_cond=1.5, **SMALL)
+    with pytest.raises(InvalidRequestError, match="s_min_uncond: must be 0"):
+        pipeline.txt2img(sd1_model, s_min_uncond=-1, **SMALL)

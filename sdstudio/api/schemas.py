@@ -35,6 +35,7 @@ class Txt2ImgRequest(BaseModel):
     s_tmax: float | None = None
     s_tmin: float | None = None
     s_noise: float | None = None
+    s_min_uncond: float | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     do_not_save_samples: bool = False

@@ -194,13 +194,19 @@ class CFGDenoiser:
         self.denoiser = denoiser
         self.cond_scale = cond_scale
 
-    def __call__(self, x: Tensor, sigma: Tensor, conds: CFGConds) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, conds: CFGConds, skip_uncond: bool = False) -> Tensor:
         """x (B, C, H, W), sigma (B,) -> guided denoised (B, C, H, W); cond and uncond run in one batch when
-        their shapes agree (else two calls, as A1111 does for different token counts)."""
+        their shapes agree (else two calls, as A1111 does for different token counts). `skip_uncond`: the negative
+        prompt is not run at all and each image's first part stands in for it (A1111's NGMS and Skip Early CFG:
+        one image's result is then just its prompt's denoised latent)."""
         idx = conds.part_image.to(x.device)
         x_parts, sigma_parts = x[idx], sigma[idx]
         n_parts = len(idx)
-        if all(conds.cond[k].shape[1:] == conds.uncond[k].shape[1:] for k in conds.cond):
+        if skip_uncond:
+            out_cond = self.denoiser(x_parts, sigma_parts, **{k: v.to(x.device) for k, v in conds.cond.items()})
+            counts = torch.bincount(idx, minlength=x.shape[0])
+            out_uncond = out_cond[counts.cumsum(0) - counts]   # parts are grouped by image: each one's first
+        elif all(conds.cond[k].shape[1:] == conds.uncond[k].shape[1:] for k in conds.cond):
             cond_in = {k: torch.cat([conds.cond[k], conds.uncond[k]]).to(x.device) for k in conds.cond}
             out = self.denoiser(torch.cat([x_parts, x]), torch.cat([sigma_parts, sigma]), **cond_in)
             out_cond, out_uncond = out[:n_parts], out[n_parts:]

@@ -39,13 +39,17 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "randn_source": "GPU",
     "emphasis": "Original",
     "comma_padding_backtrack": 20,
+    "skip_early_cond": 0.0,
+    "s_min_uncond": 0.0,
+    "s_min_uncond_all": False,
     "samples_format": "png",
     "samples_save": True,
 }
 # request fields that settings supply when the request leaves them at their defaults (A1111 options)
 SETTING_FIELDS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_noise_seed_delta": "eta_noise_seed_delta",
                   "randn_source": "randn_source", "emphasis": "emphasis",
-                  "comma_padding_backtrack": "comma_padding_backtrack"}
+                  "comma_padding_backtrack": "comma_padding_backtrack", "skip_early_cond": "skip_early_cond",
+                  "s_min_uncond": "s_min_uncond", "s_min_uncond_all": "s_min_uncond_all"}
 PREVIEW_EVERY = 1  # steps between live previews
 SHUTTING_DOWN = "the server is shutting down"
 

@@ -85,6 +85,22 @@ def test_txt2img_returns_png_with_infotext_and_png_info_reads_it(server):
     assert parsed["parameters"]["Seed"] == "42" and parsed["parameters"]["Prompt"] == "a cat <lora:ink:0.5>"
 
 
+def test_negative_prompt_skipping_comes_from_the_request_or_the_options(server):
+    url, _ = server
+    body = {"prompt": "x", "negative_prompt": "y", "seed": 3, "sampler_name": "Euler", **SMALL}
+    by_field = httpx.post(url + "/sdapi/v1/txt2img", json={**body, "s_min_uncond": 100,
+                                                           "override_settings": {"s_min_uncond_all": True}},
+                          timeout=120).json()
+    assert "NGMS: 100, NGMS all steps: True" in json.loads(by_field["info"])["infotexts"][0]
+    httpx.post(url + "/sdapi/v1/options", json={"skip_early_cond": 0.5})
+    try:
+        by_option = httpx.post(url + "/sdapi/v1/txt2img", json=body, timeout=120).json()
+    finally:
+        httpx.post(url + "/sdapi/v1/options", json={"skip_early_cond": 0.0})
+    text = json.loads(by_option["info"])["infotexts"][0]
+    assert "Skip Early CFG: 0.5" in text and "NGMS" not in text
+
+
 def test_webuiapi_client_works_unchanged(server):
     import webuiapi
 

@@ -93,6 +93,24 @@ def test_cfg_runs_one_batch_and_combines_like_a1111():
         assert torch.allclose(out[i:i + 1], expected, atol=1e-5)
 
 
+def test_cfg_skipping_uncond_runs_only_the_parts_and_lets_each_image_first_part_stand_in():
+    # A1111 NGMS / Skip Early CFG: the negatives are not run; the first part's result takes the uncond's place
+    x, sigma = torch.randn(2, 4, 3, 3), torch.tensor([0.5, 0.5])
+    parts = [[(_cond(1.0), 1.0)], [(_cond(2.0), 0.7), (_cond(-1.0), 0.3)]]
+    uncond = [_cond(0.5), _cond(0.25)]
+    recorder = _Recorder()
+    out = CFGDenoiser(recorder, cond_scale=7.5)(x, sigma, CFGConds.build(parts, uncond), skip_uncond=True)
+    assert recorder.batches == [3]  # the 3 positive parts only
+
+    def single(i, c):
+        return _Recorder()(x[i:i + 1], sigma[i:i + 1], c["crossattn"][None], c["vector"][None])
+
+    assert torch.allclose(out[0:1], single(0, parts[0][0][0]), atol=1e-5)   # one part: its denoised latent
+    first = single(1, parts[1][0][0])
+    expected = first + sum(w * 7.5 * (single(1, c) - first) for c, w in parts[1])
+    assert torch.allclose(out[1:2], expected, atol=1e-5)
+
+
 def test_cfg_with_different_token_counts_pads_parts_and_runs_uncond_apart():
     x, sigma = torch.randn(1, 4, 3, 3), torch.tensor([1.5])
     short, long = _cond(1.0, tokens=4), _cond(3.0, tokens=8)

@@ -237,10 +237,15 @@ def test_settings_are_written_through_options(page, server):
     page.click("[data-tab=settings]")
     sync_api.expect(page.locator("[name=CLIP_stop_at_last_layers]")).to_have_value("1")   # loaded from options
     page.fill("[name=CLIP_stop_at_last_layers]", "2")
+    page.fill("[name=s_min_uncond]", "1.5")
+    page.check("[name=s_min_uncond_all]")
     page.click("#settings-form button[type=submit]")
     sync_api.expect(page.locator("#status")).to_have_text("Settings applied")
-    assert httpx.get(url + "/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
-    httpx.post(url + "/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+    options = httpx.get(url + "/sdapi/v1/options").json()
+    assert options["CLIP_stop_at_last_layers"] == 2
+    assert options["s_min_uncond"] == 1.5 and options["s_min_uncond_all"] is True and options["skip_early_cond"] == 0
+    httpx.post(url + "/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1, "s_min_uncond": 0,
+                                                "s_min_uncond_all": False})
 
 
 def test_img2img_tab_sends_the_init_image(page, tmp_path):
