@@ -308,6 +308,9 @@ def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None
     parser.add_argument("--ngms", dest="s_min_uncond", type=float, metavar="SIGMA",
                         help="leave the negative prompt out of every other model call below this sigma (A1111 "
                              "'Negative Guidance minimum sigma'; faster, changes the image)")
+    parser.add_argument("--token-merging-ratio", dest="token_merging_ratio", type=float, metavar="RATIO",
+                        help="merge this share of the tokens before self-attention at full resolution (A1111 "
+                             "'Token merging ratio', e.g. 0.5; faster, changes the image)")
     parser.add_argument("--ngms-all-steps", dest="s_min_uncond_all", action="store_true", default=None,
                         help="with --ngms: every call below that sigma, not every other one")
     parser.add_argument("--format", choices=["png", "jpg", "webp"], default="png",

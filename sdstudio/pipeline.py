@@ -24,6 +24,7 @@ from sdstudio.images.preview import latent_preview
 from sdstudio.images.saving import output_dir, save_generated
 from sdstudio.models import vae as vae_ops
 from sdstudio.models.checkpoint import LoadedCheckpoint
+from sdstudio.models.token_merging import token_merging
 from sdstudio.prompt.conditioning import EmbeddingLookup, encode_texts
 from sdstudio.prompt.parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_and
 from sdstudio.sampling import registry
@@ -85,6 +86,7 @@ class GenerationRequest:
     skip_early_cond: float = 0.0            # A1111 "Skip Early CFG": no negative prompt for this fraction of calls
     s_min_uncond: float = 0.0               # A1111 "NGMS": no negative prompt on every other call below this sigma
     s_min_uncond_all: bool = False          # NGMS on every call below that sigma
+    token_merging_ratio: float = 0.0        # A1111 "Token merging ratio" (models/token_merging.py)
     # img2img
     init_images: list[Image.Image] | None = None
     resize_mode: int = 0
@@ -165,6 +167,9 @@ def check_request(model: LoadedCheckpoint, request: GenerationRequest) -> tuple[
         raise InvalidRequestError("denoising_strength", f"must be within 0..1, got {request.denoising_strength}")
     if not 0 <= request.skip_early_cond <= 1:
         raise InvalidRequestError("skip_early_cond", f"must be within 0..1, got {request.skip_early_cond}")
+    if not 0 <= request.token_merging_ratio < 1:
+        raise InvalidRequestError("token_merging_ratio", f"must be within 0..1 (0 = off), got "
+                                                         f"{request.token_merging_ratio}")
     if request.s_min_uncond < 0:
         raise InvalidRequestError("s_min_uncond", f"must be 0 (off) or a positive sigma, got {request.s_min_uncond}")
     if request.resize_mode not in RESIZE_MODES:
@@ -442,6 +447,7 @@ def infotext_params(model: LoadedCheckpoint, request: GenerationRequest, seed: i
         "Denoising strength": request.denoising_strength if request.init_images else None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "ENSD": (request.eta_noise_seed_delta if request.eta_noise_seed_delta and sampler.uses_ensd else None),
+        "Token merging ratio": request.token_merging_ratio or None,
         "RNG": request.randn_source if request.randn_source != "GPU" else None,
     }
     eta = _eta(sampler, request)
@@ -573,8 +579,10 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
         else:
             x = noise * sampler.initial_noise_scale(sigmas)
         try:
-            latents = _sample(sampler, request, ScheduledCFG(denoiser, request.cfg_scale, conds, pad_chunk, skipping), x,
-                              sigmas, rng, batch_seed, callback, model.family, interrupt, skip)
+            with token_merging(model.unet, request.token_merging_ratio):
+                latents = _sample(sampler, request, ScheduledCFG(denoiser, request.cfg_scale, conds, pad_chunk,
+                                                                 skipping),
+                                  x, sigmas, rng, batch_seed, callback, model.family, interrupt, skip)
         except Skipped:
             skip.clear()
             result.warnings.append(f"batch {batch + 1} skipped")
@@ -668,6 +676,7 @@ _INFOTEXT_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "Skip Early CFG": ("skip_early_cond", float),
     "NGMS": ("s_min_uncond", float),
     "NGMS all steps": ("s_min_uncond_all", lambda v: str(v).lower() == "true"),
+    "Token merging ratio": ("token_merging_ratio", float),
 }
 
 

@@ -278,3 +278,24 @@ def test_negative_skipping_values_out_of_range_are_refused(sd1_model):
         pipeline.txt2img(sd1_model, skip_early_cond=1.5, **SMALL)
     with pytest.raises(InvalidRequestError, match="s_min_uncond: must be 0"):
         pipeline.txt2img(sd1_model, s_min_uncond=-1, **SMALL)
+
+
+def test_token_merging_changes_the_image_says_so_and_regenerates_from_its_infotext(sd1_model):
+    plain = pipeline.txt2img(sd1_model, prompt="a cat", seed=8, sampler_name="Euler", **SMALL)
+    merged = pipeline.txt2img(sd1_model, prompt="a cat", seed=8, sampler_name="Euler", token_merging_ratio=0.5,
+                              **SMALL)
+    assert not np.array_equal(pixels(merged.images[0]), pixels(plain.images[0]))
+    assert "Token merging ratio" not in plain.infotexts[0]
+    assert parse_infotext(merged.infotexts[0]).params["Token merging ratio"] == "0.5"
+    again = pipeline.txt2img(sd1_model, pipeline.request_from_infotext(merged.infotexts[0]), save=False)
+    assert np.array_equal(pixels(again.images[0]), pixels(merged.images[0]))
+    with pytest.raises(InvalidRequestError, match="token_merging_ratio: must be within 0..1"):
+        pipeline.txt2img(sd1_model, token_merging_ratio=1.0, **SMALL)
+
+
+def test_token_merging_leaves_sdxl_alone_like_a1111(synth_file):
+    # SDXL's full-resolution level has no transformer blocks; tomesd (max_downsample 1) merges nothing there
+    model = load_checkpoint(synth_file("sdxl", "pruned"))
+    plain = pipeline.txt2img(model, prompt="a house", seed=2, **SMALL)
+    merged = pipeline.txt2img(model, prompt="a house", seed=2, token_merging_ratio=0.5, **SMALL)
+    assert np.array_equal(pixels(merged.images[0]), pixels(plain.images[0]))

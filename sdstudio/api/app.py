@@ -65,7 +65,7 @@ def generation_request(body: Txt2ImgRequest) -> pipeline.GenerationRequest:
     values["scheduler"] = body.scheduler or base.scheduler
     values["seed_resize_from_w"] = max(body.seed_resize_from_w, 0)
     values["seed_resize_from_h"] = max(body.seed_resize_from_h, 0)
-    for name in ("s_churn", "s_tmin", "s_noise", "s_tmax", "s_min_uncond"):
+    for name in ("s_churn", "s_tmin", "s_noise", "s_tmax", "s_min_uncond", "token_merging_ratio"):
         if getattr(body, name) is not None:
             values[name] = getattr(body, name)
     if isinstance(body, Img2ImgRequest):

@@ -36,6 +36,7 @@ class Txt2ImgRequest(BaseModel):
     s_tmin: float | None = None
     s_noise: float | None = None
     s_min_uncond: float | None = None
+    token_merging_ratio: float | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     do_not_save_samples: bool = False

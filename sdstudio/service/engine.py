@@ -42,6 +42,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "skip_early_cond": 0.0,
     "s_min_uncond": 0.0,
     "s_min_uncond_all": False,
+    "token_merging_ratio": 0.0,
+    "token_merging_ratio_img2img": 0.0,
     "samples_format": "png",
     "samples_save": True,
 }
@@ -49,7 +51,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 SETTING_FIELDS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_noise_seed_delta": "eta_noise_seed_delta",
                   "randn_source": "randn_source", "emphasis": "emphasis",
                   "comma_padding_backtrack": "comma_padding_backtrack", "skip_early_cond": "skip_early_cond",
-                  "s_min_uncond": "s_min_uncond", "s_min_uncond_all": "s_min_uncond_all"}
+                  "s_min_uncond": "s_min_uncond", "s_min_uncond_all": "s_min_uncond_all",
+                  "token_merging_ratio": "token_merging_ratio"}
 PREVIEW_EVERY = 1  # steps between live previews
 SHUTTING_DOWN = "the server is shutting down"
 
@@ -238,7 +241,7 @@ class Engine:
         try:
             with self._lock:
                 model = self.model()
-                request = self._with_settings(job.request)
+                request = self._with_settings(job.request, job.mode, job.override_settings)
                 networks = self._networks.setdefault(id(model), LoraNetworks(model, self.catalog))
 
                 def on_step(info: pipeline.StepInfo) -> None:
@@ -270,13 +273,19 @@ class Engine:
                              path=str(result.paths[i]) if i < len(result.paths) else None, infotext=text,
                              seconds=seconds)
 
-    def _with_settings(self, request: pipeline.GenerationRequest) -> pipeline.GenerationRequest:
-        """Fill request fields left at their defaults from the A1111 options (clip skip, ENSD, RNG…)."""
+    def _with_settings(self, request: pipeline.GenerationRequest, mode: str = "txt2img",
+                       overrides: dict[str, Any] | None = None) -> pipeline.GenerationRequest:
+        """Fill request fields left at their defaults from the A1111 options (clip skip, ENSD, RNG…); img2img takes
+        `token_merging_ratio_img2img` when set, unless the job overrides `token_merging_ratio` (A1111's rule)."""
         defaults = pipeline.GenerationRequest()
         changes = {}
         for option, name in SETTING_FIELDS.items():
             if getattr(request, name) == getattr(defaults, name) and option in self.settings.values:
                 changes[name] = type(getattr(defaults, name))(self.settings.values[option])
+        img2img_ratio = self.settings.values.get("token_merging_ratio_img2img")
+        if (mode == "img2img" and img2img_ratio and not request.token_merging_ratio
+                and "token_merging_ratio" not in (overrides or {})):
+            changes["token_merging_ratio"] = float(img2img_ratio)
         return replace(request, **changes)
 
     def refresh(self) -> None:

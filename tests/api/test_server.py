@@ -21,6 +21,7 @@ from tests.conftest import wait_until_serving
 from sdstudio import pipeline
 from sdstudio.api.app import create_app, ensure_demo_model, serve
 from sdstudio.errors import SDStudioError
+from sdstudio.images.infotext import parse_infotext
 from sdstudio.service.engine import Engine
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
@@ -99,6 +100,26 @@ def test_negative_prompt_skipping_comes_from_the_request_or_the_options(server):
         httpx.post(url + "/sdapi/v1/options", json={"skip_early_cond": 0.0})
     text = json.loads(by_option["info"])["infotexts"][0]
     assert "Skip Early CFG: 0.5" in text and "NGMS" not in text
+
+
+def test_token_merging_ratio_options_follow_a1111_per_mode(server):
+    url, _ = server
+    body = {"prompt": "x", "seed": 4, "sampler_name": "Euler", **SMALL}
+
+    def ratio(mode, **extra):
+        reply = httpx.post(url + f"/sdapi/v1/{mode}", json={**body, **extra}, timeout=120).json()
+        return parse_infotext(json.loads(reply["info"])["infotexts"][0]).params.get("Token merging ratio")
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 30, 200)).save(png, format="PNG")
+    init = {"init_images": [base64.b64encode(png.getvalue()).decode()]}
+    httpx.post(url + "/sdapi/v1/options", json={"token_merging_ratio_img2img": 0.5})
+    try:
+        assert ratio("txt2img") is None and ratio("img2img", **init) == "0.5"
+        assert ratio("img2img", override_settings={"token_merging_ratio": 0.3}, **init) == "0.3"
+        assert ratio("txt2img", token_merging_ratio=0.2) == "0.2"
+    finally:
+        httpx.post(url + "/sdapi/v1/options", json={"token_merging_ratio_img2img": 0.0})
 
 
 def test_webuiapi_client_works_unchanged(server):
