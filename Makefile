@@ -40,6 +40,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/load.py
 	$(PY) bench/generate.py
 	$(PY) bench/lora.py
+	$(PY) bench/options.py
 
 clean:
 	rm -rf $(VENV)

@@ -85,6 +85,44 @@ def sdstudio(path: str, precision: str, steps: int, size: int, decode_sizes: lis
     return out
 
 
+def sdstudio_options(path: str, precision: str, steps: int, size: int, options: dict[str, dict],
+                     step_size: int, step_options: list[str]) -> dict:
+    """A1111's speed options in one process: a `steps`-step `size`² image with each entry of `options` (request
+    fields; the first entry is the plain run and runs again last, to show drift), its per-step time and the PSNR of
+    its image against the plain one; then 2 steps at `step_size`² for the names in `step_options` (per-step only)."""
+    import numpy as np
+
+    from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
+    from sdstudio.pipeline import txt2img
+
+    model = load_checkpoint(path, dtype=resolve_precision(precision))
+
+    def run(side: int, count: int, fields: dict) -> tuple[dict, np.ndarray]:
+        clock = StepClock()
+        clock.start()
+        e2e_s, result = timed(txt2img, model, prompt=PROMPT, negative_prompt=NEGATIVE, steps=count, width=side,
+                              height=side, sampler_name="Euler", cfg_scale=7, seed=1, save=False,
+                              callback=clock.mark, **fields)
+        steps_s = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
+        return {"e2e_s": e2e_s, "mean_step_s": sum(steps_s) / len(steps_s)}, np.asarray(result.images[0], float)
+
+    for fields in options.values():      # first use of each option's shapes (oneDNN primitives, OpenVINO graphs)
+        run(64 * (size // 64), 2, fields)
+    names = list(options) + [next(iter(options))]
+    out, images = {}, {}
+    for i, name in enumerate(names):
+        figures, images[name] = run(size, steps, options[name])
+        out[name if i < len(options) else name + " (again)"] = figures
+    plain = images[names[0]]
+    for name in options:
+        mse = float(((images[name] - plain) ** 2).mean())
+        out[name]["psnr_db"] = None if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+    for name in step_options:
+        run(step_size, 1, options[name])
+        out[name][f"step_{step_size}_s"] = run(step_size, 2, options[name])[0]["mean_step_s"]
+    return out
+
+
 # --- diffusers --------------------------------------------------------------------------------------------------
 
 def _import_diffusers() -> None:
@@ -316,7 +354,7 @@ def diffusers_lora(path: str, config: str, precision: str, lora_a: str, lora_b: 
 
 RUNNERS = {"sdstudio": sdstudio, "diffusers": diffusers, "openvino": openvino, "sdcpp": sdcpp,
            "sdstudio_load": sdstudio_load, "diffusers_load": diffusers_load, "sdstudio_lora": sdstudio_lora,
-           "diffusers_lora": diffusers_lora}
+           "diffusers_lora": diffusers_lora, "sdstudio_options": sdstudio_options}
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -273,8 +273,8 @@ class Engine:
                              path=str(result.paths[i]) if i < len(result.paths) else None, infotext=text,
                              seconds=seconds)
 
-    def _with_settings(self, request: pipeline.GenerationRequest, mode: str = "txt2img",
-                       overrides: dict[str, Any] | None = None) -> pipeline.GenerationRequest:
+    def _with_settings(self, request: pipeline.GenerationRequest, mode: str,
+                       overrides: dict[str, Any]) -> pipeline.GenerationRequest:
         """Fill request fields left at their defaults from the A1111 options (clip skip, ENSD, RNG…); img2img takes
         `token_merging_ratio_img2img` when set, unless the job overrides `token_merging_ratio` (A1111's rule)."""
         defaults = pipeline.GenerationRequest()
@@ -284,7 +284,7 @@ class Engine:
                 changes[name] = type(getattr(defaults, name))(self.settings.values[option])
         img2img_ratio = self.settings.values.get("token_merging_ratio_img2img")
         if (mode == "img2img" and img2img_ratio and not request.token_merging_ratio
-                and "token_merging_ratio" not in (overrides or {})):
+                and "token_merging_ratio" not in overrides):
             changes["token_merging_ratio"] = float(img2img_ratio)
         return replace(request, **changes)
 
