@@ -29,6 +29,15 @@ def full_checkpoint(family: str = "sd1", variant: str = "pruned") -> Path:
     return path
 
 
+def psnr(a, b) -> float:
+    """PSNR in dB between two 8-bit images (PIL) of the same size; inf when identical."""
+    import numpy as np
+
+    x, y = (np.asarray(image.convert("RGB"), dtype=np.float64) for image in (a, b))
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
 def warm_page_cache(path: Path) -> None:
     """Read the file once so every loader starts with it in the page cache."""
     with open(path, "rb") as f:

@@ -14,23 +14,15 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, run_runner,  # noqa: E402
+from common import (BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, psnr, run_runner,  # noqa: E402
                     warm_page_cache, write_section)
 
 SD15_STEPS = 20     # the end-to-end image; per-step time is the median of the intervals after the first
 SDXL_STEPS = 3      # a 1024² SDXL step is a minute or more here: the first step plus two measured ones
 SDCPP_STEPS = 4     # stable-diffusion.cpp: ~45 s a step here; its 20-step time is extended from 4 measured steps
-
-
-def psnr(a: Path, b: Path) -> float:
-    """PSNR in dB between two 8-bit images of the same size."""
-    x, y = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in (a, b))
-    mse = float(np.mean((x - y) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
 
 
 def selected(name: str) -> bool:
@@ -159,7 +151,7 @@ def quality(images: Path) -> str:
     for label, (a, b) in pairs.items():
         pa, pb = images / f"{a}.png", images / f"{b}.png"
         if pa.exists() and pb.exists():
-            rows.append(f"| {label} | {psnr(pa, pb):.1f} |")
+            rows.append(f"| {label} | {psnr(Image.open(pa), Image.open(pb)):.1f} |")
     return "\n".join(rows)
 
 

@@ -4,6 +4,7 @@ also gives the PSNR of its image against the plain one (same seed). On random we
 latents moved, not how a real model's picture looks."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def main() -> None:
             f"s / step at {STEP_SIZE}² | PSNR vs plain dB |", "|---" * 6 + "|"]
     for name, r in results.items():
         step = r.get(f"step_{STEP_SIZE}_s")
-        psnr = "–" if name.startswith("plain") else "identical" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"
+        psnr = "–" if name.startswith("plain") else "identical" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.1f}"
         rows.append(f"| {name} | {r['e2e_s']:.1f} | {plain / r['e2e_s']:.2f}× | {r['mean_step_s']:.2f} | "
                     f"{'–' if step is None else f'{step:.2f}'} | {psnr} |")
     body = (f"{machine()}\n\nCommand: `.venv/bin/python bench/options.py` (runner `sdstudio_options`). Full-size "

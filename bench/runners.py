@@ -90,21 +90,21 @@ def sdstudio_options(path: str, precision: str, steps: int, size: int, options: 
     """A1111's speed options in one process: a `steps`-step `size`² image with each entry of `options` (request
     fields; the first entry is the plain run and runs again last, to show drift), its per-step time and the PSNR of
     its image against the plain one; then 2 steps at `step_size`² for the names in `step_options` (per-step only)."""
-    import numpy as np
+    from common import psnr
 
     from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
     from sdstudio.pipeline import txt2img
 
     model = load_checkpoint(path, dtype=resolve_precision(precision))
 
-    def run(side: int, count: int, fields: dict) -> tuple[dict, np.ndarray]:
+    def run(side: int, count: int, fields: dict):
         clock = StepClock()
         clock.start()
         e2e_s, result = timed(txt2img, model, prompt=PROMPT, negative_prompt=NEGATIVE, steps=count, width=side,
                               height=side, sampler_name="Euler", cfg_scale=7, seed=1, save=False,
                               callback=clock.mark, **fields)
         steps_s = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
-        return {"e2e_s": e2e_s, "mean_step_s": sum(steps_s) / len(steps_s)}, np.asarray(result.images[0], float)
+        return {"e2e_s": e2e_s, "mean_step_s": sum(steps_s) / len(steps_s)}, result.images[0]
 
     for fields in options.values():      # first use of each option's shapes (oneDNN primitives, OpenVINO graphs)
         run(64 * (size // 64), 2, fields)
@@ -113,10 +113,8 @@ def sdstudio_options(path: str, precision: str, steps: int, size: int, options: 
     for i, name in enumerate(names):
         figures, images[name] = run(size, steps, options[name])
         out[name if i < len(options) else name + " (again)"] = figures
-    plain = images[names[0]]
     for name in options:
-        mse = float(((images[name] - plain) ** 2).mean())
-        out[name]["psnr_db"] = None if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+        out[name]["psnr_db"] = psnr(images[name], images[names[0]])
     for name in step_options:
         run(step_size, 1, options[name])
         out[name][f"step_{step_size}_s"] = run(step_size, 2, options[name])[0]["mean_step_s"]

@@ -79,8 +79,9 @@ class _MergingSelfAttention:
 def token_merging(unet: torch.nn.Module, ratio: float) -> Iterator[None]:
     """Inside, the self-attention of `unet`'s full-resolution transformer blocks runs on merged tokens (A1111
     "Token merging ratio" `ratio`, 0 = off)."""
-    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock) and not m.only_cross_attention]
-    if ratio <= 0 or not blocks:
+    blocks = [] if ratio <= 0 else [m for m in unet.modules()
+                                    if isinstance(m, BasicTransformerBlock) and not m.only_cross_attention]
+    if not blocks:
         yield
         return
     latent: dict[str, tuple[int, int]] = {}
