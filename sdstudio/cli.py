@@ -13,6 +13,7 @@ from sdstudio.errors import SDStudioError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")   # names models.checkpoint.resolve_precision takes
 PRECISION_HELP = ("auto (default): bf16 where the CPU computes it natively (AMX / AVX512-BF16), fp16 on a GPU, "
                   "else fp32; fp32 = the exact reference path")
+DEVICE_HELP = "where the models run: auto (default: the first CUDA GPU when there is one, else the CPU), cpu, cuda[:N]"
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -100,6 +101,7 @@ def _load_model(args: argparse.Namespace, infotext_params: dict[str, str] | None
     from sdstudio.files.catalog import Catalog
     from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
     from sdstudio.models.converted import converted_weights
+    from sdstudio.models.device import resolve_device
     from sdstudio.models.vae import resolve_vae
 
     catalog = Catalog(Path(args.data_dir), hash_on_scan=False)
@@ -117,8 +119,9 @@ def _load_model(args: argparse.Namespace, infotext_params: dict[str, str] | None
     converted = converted_weights(Path(args.data_dir), _gib(args.converted_cache_gb))
     if converted:
         atexit.register(converted.wait)  # a one-shot command still leaves the converted weights for the next run
-    return load_checkpoint(path, vae=vae, use_ema=args.ema, dtype=resolve_precision(args.precision),
-                           converted=converted)
+    device = resolve_device(args.device)
+    return load_checkpoint(path, vae=vae, use_ema=args.ema, dtype=resolve_precision(args.precision, device),
+                           converted=converted, device=device)
 
 
 def _gib(size: float) -> int:
@@ -264,14 +267,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(data_dir=Path(args.data_dir), host=args.host, port=args.port, listen=args.listen,
           api_auth=args.api_auth, insecure=args.insecure, demo=not args.no_demo, precision=args.precision,
-          converted_cache_bytes=_gib(args.converted_cache_gb))
+          converted_cache_bytes=_gib(args.converted_cache_gb), device=args.device)
     return 0
 
 
-def _add_precision_args(parser: argparse.ArgumentParser) -> None:
-    """--precision and the converted weights it may leave on disk (commands that load a checkpoint)."""
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--device, --precision and the converted weights it may leave on disk (commands that load a checkpoint)."""
     from sdstudio.models.converted import DEFAULT_BUDGET
 
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     parser.add_argument("--converted-cache-gb", type=float, default=DEFAULT_BUDGET / 2**30,
                         help="disk kept for converted weights (e.g. bf16 copies of fp16 files) in "
@@ -287,7 +291,7 @@ def _add_generation_args(parser: argparse.ArgumentParser, img2img: bool) -> None
     parser.add_argument("--ckpt", help="checkpoint file, or a name/title/hash from models/Stable-diffusion")
     parser.add_argument("--vae", help="Automatic (default), None, a VAE name from models/VAE, or a path")
     parser.add_argument("--ema", action="store_true", help="use the EMA UNet weights when the file has them")
-    _add_precision_args(parser)
+    _add_model_args(parser)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--sampler", dest="sampler_name")
     parser.add_argument("--scheduler")
@@ -341,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(sub.add_parser("img2img", parents=[common], help="generate images from images"), True)
     serve = sub.add_parser("serve", parents=[common], help="run the web page and the A1111-compatible API")
     serve.add_argument("--host", default="127.0.0.1")
-    _add_precision_args(serve)
+    _add_model_args(serve)
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (requires --api-auth or --insecure)")
     serve.add_argument("--api-auth", help="user:pass[,user2:pass2] for HTTP basic auth on every route")

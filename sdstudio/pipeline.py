@@ -24,6 +24,7 @@ from sdstudio.images.preview import latent_preview
 from sdstudio.images.saving import output_dir, save_generated
 from sdstudio.models import vae as vae_ops
 from sdstudio.models.checkpoint import LoadedCheckpoint
+from sdstudio.models.device import device_memory
 from sdstudio.models.token_merging import token_merging
 from sdstudio.prompt.conditioning import EmbeddingLookup, encode_texts
 from sdstudio.prompt.parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_and
@@ -158,7 +159,7 @@ def check_request(model: LoadedCheckpoint, request: GenerationRequest) -> tuple[
             warnings.append(f"{name} {value} is not a multiple of 8: rounded down to {rounded}")
             request = replace(request, **{name: rounded})
     needed = estimate_memory(model, request)
-    available = available_memory()
+    available = available_memory(model.device)
     if needed > available:
         raise InvalidRequestError(
             "width", f"{request.width}x{request.height} with batch size {request.batch_size} needs about "
@@ -193,8 +194,12 @@ def estimate_memory(model: LoadedCheckpoint, request: GenerationRequest) -> int:
     return max(unet, decode)
 
 
-def available_memory() -> int:
-    """Bytes of RAM available now (MemAvailable), or a large number where it cannot be read."""
+def available_memory(device: torch.device | None = None) -> int:
+    """Bytes available now where `device`'s tensors live: a CUDA GPU's free memory, else RAM (MemAvailable, or a
+    large number where it cannot be read)."""
+    gpu = device_memory(device) if device is not None else None
+    if gpu is not None:
+        return gpu[0]
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -210,25 +215,30 @@ def available_memory() -> int:
 
 
 class UNetModel:
-    """Calls the diffusers UNet with our cond dict: crossattn, SDXL text_embeds/time_ids, inpainting concat.
+    """Calls the diffusers UNet with our cond dict: crossattn, SDXL text_embeds/time_ids, inpainting concat; the
+    inputs go to the UNet's device and dtype, the output comes back as float32 on the CPU (models/device.py).
     Stops with an error suggesting fp32 when the output holds NaN."""
 
     def __init__(self, model: LoadedCheckpoint):
         self.unet = model.unet
         self.dtype = model.unet.dtype
+        self.device = model.unet.device
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, crossattn: torch.Tensor, text_embeds=None, time_ids=None,
                  concat=None) -> torch.Tensor:
         if concat is not None:
             x = torch.cat([x, concat], dim=1)
-        added = {"text_embeds": text_embeds.to(self.dtype), "time_ids": time_ids.to(self.dtype)} \
+        added = {"text_embeds": self._in(text_embeds), "time_ids": self._in(time_ids)} \
             if text_embeds is not None else None
         with torch.inference_mode():
-            out = self.unet(x.to(self.dtype), t.to(self.dtype), encoder_hidden_states=crossattn.to(self.dtype),
-                            added_cond_kwargs=added).sample.float()
+            out = self.unet(self._in(x), self._in(t), encoder_hidden_states=self._in(crossattn),
+                            added_cond_kwargs=added).sample.float().cpu()
         if torch.isnan(out).any():
             raise GenerationError(f"the UNet produced NaN in {self.dtype}; try --precision fp32")
         return out
+
+    def _in(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, self.dtype)
 
 
 @dataclass

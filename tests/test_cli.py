@@ -104,6 +104,14 @@ def test_errors_are_one_line(data_dir):
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "unknown sampler 'Nope'" in bad.stderr
     missing = run("txt2img", "x", "--ckpt", "nonexistent", data_dir=data_dir, check=False)
     assert missing.returncode == 1 and "nonexistent" in missing.stderr and "Traceback" not in missing.stderr
+    device = run("txt2img", "x", "--device", "tpu", data_dir=data_dir, check=False)
+    assert device.returncode == 1 and "--device 'tpu'" in device.stderr and "Traceback" not in device.stderr
+
+
+def test_device_cpu_runs_on_the_cpu(data_dir):
+    out = run("txt2img", "a boat", "--steps", "1", "-W", "64", "-H", "64", "--device", "cpu", "--no-save",
+              data_dir=data_dir).stdout
+    assert "Steps: 1," in out
 
 
 @pytest.mark.parametrize("fmt", ["jpg", "webp"])

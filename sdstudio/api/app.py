@@ -9,6 +9,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -21,6 +22,7 @@ from sdstudio.errors import InvalidRequestError, SDStudioError
 from sdstudio.images.infotext import encode_image, parse_infotext, read_infotext
 from sdstudio.models.checkpoint import resolve_precision
 from sdstudio.models.converted import DEFAULT_BUDGET as CONVERTED_DEFAULT_BUDGET
+from sdstudio.models.device import device_memory, resolve_device
 from sdstudio.sampling import registry
 from sdstudio.service.engine import SHUTTING_DOWN, Engine
 
@@ -219,7 +221,7 @@ def refresh(engine: Engine = Depends(get_engine)) -> dict:
 
 
 @sdapi.get("/memory")
-def memory() -> dict[str, Any]:
+def memory(engine: Engine = Depends(get_engine)) -> dict[str, Any]:
     from sdstudio.pipeline import available_memory
 
     total = 0
@@ -228,7 +230,24 @@ def memory() -> dict[str, Any]:
     except (OSError, StopIteration):
         pass
     free = available_memory()
-    return {"ram": {"free": free, "used": max(total - free, 0), "total": total}, "cuda": {"error": "no CUDA"}}
+    return {"ram": {"free": free, "used": max(total - free, 0), "total": total}, "cuda": _cuda_memory(engine.device)}
+
+
+def _cuda_memory(device: torch.device) -> dict[str, Any]:
+    """A1111's `cuda` part of /sdapi/v1/memory: the GPU's free/used/total and torch's allocator figures."""
+    gpu = device_memory(device)
+    if gpu is None:
+        return {"error": "no CUDA"}
+    free, total = gpu
+    stats = torch.cuda.memory_stats(device)
+
+    def current_peak(name: str) -> dict[str, int]:
+        return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+    return {"system": {"free": free, "used": total - free, "total": total},
+            "active": current_peak("active_bytes"), "allocated": current_peak("allocated_bytes"),
+            "reserved": current_peak("reserved_bytes"), "inactive": current_peak("inactive_split_bytes"),
+            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
 
 
 @sdapi.get("/cmd-flags")
@@ -419,9 +438,10 @@ def ensure_demo_model(data_dir: Path) -> Path | None:
 
 def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: bool = False,
           api_auth: str | None = None, insecure: bool = False, demo: bool = True, precision: str = "auto",
-          converted_cache_bytes: int = CONVERTED_DEFAULT_BUDGET) -> None:
+          converted_cache_bytes: int = CONVERTED_DEFAULT_BUDGET, device: str = "auto") -> None:
     """Run the server (blocking). `--listen` binds every interface and needs `--api-auth` unless `--insecure`;
-    `precision` names the dtype models load in (see models.checkpoint.resolve_precision); `converted_cache_bytes`
+    `device` names where models run (models/device.py) and `precision` the dtype they load in
+    (models.checkpoint.resolve_precision); `converted_cache_bytes`
     bounds the converted weights kept on disk (models/converted.py; 0 = none)."""
     import uvicorn
 
@@ -434,9 +454,11 @@ def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: boo
         made = ensure_demo_model(Path(data_dir))
         if made:
             print(f"models/Stable-diffusion was empty: wrote a DEMO checkpoint with random weights: {made}")
-    engine = Engine(data_dir, dtype=resolve_precision(precision), converted_cache_bytes=converted_cache_bytes)
+    where = resolve_device(device)
+    engine = Engine(data_dir, dtype=resolve_precision(precision, where), converted_cache_bytes=converted_cache_bytes,
+                    device=where)
     flags = {"data_dir": str(data_dir), "host": host, "port": port, "listen": listen, "api_auth": bool(api_auth),
-             "precision": precision}
+             "precision": precision, "device": str(where)}
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:

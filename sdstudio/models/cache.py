@@ -33,14 +33,16 @@ class CheckpointCache:
         self._models: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
         self.current: LoadedCheckpoint | None = None
 
-    def get(self, path: str | Path, use_ema: bool = False, dtype: torch.dtype = torch.float32) -> LoadedCheckpoint:
-        """The checkpoint at `path` (loaded once per file version, EMA choice and dtype), made current."""
+    def get(self, path: str | Path, use_ema: bool = False, dtype: torch.dtype = torch.float32,
+            device: torch.device | str = "cpu") -> LoadedCheckpoint:
+        """The checkpoint at `path` (loaded once per file version, EMA choice, dtype and device), made current."""
         path = Path(path)
         stat = path.stat() if path.exists() else None
-        key = (path.resolve(), stat.st_size if stat else None, stat.st_mtime_ns if stat else None, use_ema, dtype)
+        key = (path.resolve(), stat.st_size if stat else None, stat.st_mtime_ns if stat else None, use_ema, dtype,
+               torch.device(device))
         model = self._models.get(key)
-        if model is None:
-            model = load_checkpoint(path, use_ema=use_ema, dtype=dtype, converted=self.converted)  # raises: nothing changes
+        if model is None:   # raises: nothing changes
+            model = load_checkpoint(path, use_ema=use_ema, dtype=dtype, converted=self.converted, device=device)
             self._models[key] = model
             self._evict(keep=key)
         self._models.move_to_end(key)

@@ -32,8 +32,6 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 def fast_cpu_dtype() -> torch.dtype:
     """bf16 where the CPU has native bf16 math (AMX or AVX512-BF16), else fp32 (`--precision auto` on a CPU)."""
-    if torch.cuda.is_available():
-        return torch.float16
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
@@ -41,9 +39,12 @@ def fast_cpu_dtype() -> torch.dtype:
     return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
 
 
-def resolve_precision(name: str) -> torch.dtype:
-    """torch dtype for a `--precision` name; `auto` is the fast path of this machine (fast_cpu_dtype)."""
-    return fast_cpu_dtype() if name == "auto" else DTYPES[name]
+def resolve_precision(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """torch dtype for a `--precision` name; `auto` is the fast path of the device: fp16 on a CUDA GPU (as A1111
+    runs), on the CPU fast_cpu_dtype."""
+    if name != "auto":
+        return DTYPES[name]
+    return torch.float16 if torch.device(device).type == "cuda" else fast_cpu_dtype()
 
 
 @dataclass
@@ -75,13 +76,18 @@ class LoadedCheckpoint:
     def family(self) -> str:
         return self.info.family
 
+    @property
+    def device(self) -> torch.device:
+        """Where the networks run (models/device.py)."""
+        return self.unet.device
+
 
 def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bool = False,
                     dtype: torch.dtype | str = torch.float32,
-                    converted: ConvertedWeights | None = None) -> LoadedCheckpoint:
-    """Load a checkpoint file (.safetensors/.ckpt) as modules; `vae` = a standalone VAE file to use instead of the
-    baked-in one; `use_ema` selects the EMA UNet weights when the file has them (A1111 uses the main ones);
-    `converted` = the on-disk cache of converted weights to read from and fill (models/converted.py)."""
+                    converted: ConvertedWeights | None = None, device: torch.device | str = "cpu") -> LoadedCheckpoint:
+    """Load a checkpoint file (.safetensors/.ckpt) as modules on `device`; `vae` = a standalone VAE file to use
+    instead of the baked-in one; `use_ema` selects the EMA UNet weights when the file has them (A1111 uses the main
+    ones); `converted` = the on-disk cache of converted weights to read from and fill (models/converted.py)."""
     from sdstudio.models.vae import load_vae_module  # vae.py imports this module's types
 
     start = time.perf_counter()
@@ -113,12 +119,15 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
         converted.write(path, dtype, use_ema, {"unet": unet.state_dict()}
                         | ({"vae": own_vae.state_dict()} if own_vae else {})
                         | {f"text{i}": text_encoder_keys_as_ours(e.model.state_dict()) for i, e in enumerate(encoders)})
+    for module in [unet, own_vae] + [e.model for e in encoders]:
+        if module is not None:
+            module.to(device)   # no-op on the CPU; the converted-weights writer keeps its CPU tensors
     alphas = parts.extras.get("alphas_cumprod")
     loaded = LoadedCheckpoint(path=path, info=info, unet=unet, vae=own_vae, text_encoders=encoders,
                               alphas_cumprod=alphas.float() if alphas is not None else None, dtype=dtype,
                               own_vae=own_vae)
     if vae is not None:
-        loaded.vae = load_vae_module(vae, info.family, dtype)
+        loaded.vae = load_vae_module(vae, info.family, dtype, device)
         loaded.vae_path = Path(vae)
     elif own_vae is None:
         raise ModelFileError(path, "has no VAE weights (first_stage_model.*); choose an external VAE")

@@ -17,7 +17,7 @@ import torch
 
 @dataclass(frozen=True)
 class Patch:
-    """One change of one parameter: ΔW(W₀) in fp32 (same shape as W), scaled by `strength`."""
+    """One change of one parameter: ΔW(W₀) in fp32 (same shape as W, on any device), scaled by `strength`."""
 
     source: Hashable                       # identifies the adapter (e.g. (lora file, module name))
     strength: float
@@ -70,7 +70,7 @@ class WeightPatcher:
         reusable = current.data_ptr() != original.data_ptr() and current.stride() == original.stride()
         with torch.no_grad():
             # factors multiply out in the logical (O, I·kh·kw) order: fp32 and contiguous
-            base = original if direct else scratch.take(0, original.shape).copy_(original)
+            base = original if direct else scratch.take(0, original.shape, original.device).copy_(original)
             merged = None
             for patch in patches:
                 if patch.strength == 0:
@@ -79,16 +79,16 @@ class WeightPatcher:
                     if direct:
                         merged = current if reusable else torch.empty_like(base)
                     else:
-                        merged = scratch.take(1, base.shape)
+                        merged = scratch.take(1, base.shape, base.device)
                     source = base
                 else:
                     source = merged
                 if patch.factors is not None and patch.factors[0].shape[0] * patch.factors[1].shape[1] == base.numel():
-                    a, b = patch.factors
+                    a, b = (f.to(base.device) for f in patch.factors)
                     torch.addmm(source.reshape(a.shape[0], -1), a, b, alpha=patch.strength,
                                 out=merged.view(a.shape[0], -1))
                 else:
-                    torch.add(source, patch.delta(base), alpha=patch.strength, out=merged)
+                    torch.add(source, patch.delta(base).to(base.device), alpha=patch.strength, out=merged)
             if merged is None:
                 param.data = original
             elif direct:
@@ -110,10 +110,10 @@ class _Scratch:
     def __init__(self):
         self._buffers: dict[int, torch.Tensor] = {}
 
-    def take(self, slot: int, shape: torch.Size) -> torch.Tensor:
-        """A contiguous fp32 tensor of `shape` in buffer `slot` (its contents are whatever was there)."""
+    def take(self, slot: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """A contiguous fp32 tensor of `shape` on `device` in buffer `slot` (its contents are whatever was there)."""
         count = math.prod(shape)
         buffer = self._buffers.get(slot)
-        if buffer is None or buffer.numel() < count:
-            buffer = self._buffers[slot] = torch.empty(count, dtype=torch.float32)
+        if buffer is None or buffer.numel() < count or buffer.device != device:
+            buffer = self._buffers[slot] = torch.empty(count, dtype=torch.float32, device=device)
         return buffer[:count].view(shape)

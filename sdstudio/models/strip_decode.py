@@ -51,7 +51,8 @@ def group_statistics(values: torch.Tensor, groups: int) -> tuple[torch.Tensor, t
     """Mean and (biased) variance of each channel group of `values` (B,C,H,…), in fp32, from strips of rows (so no
     full-size copy is made): each strip's own group statistics, combined as a mixture of equal-width parts."""
     channels = values.shape[1]
-    ones, zeros = torch.ones(channels), torch.zeros(channels)   # fp32 parameters: fp32 statistics out
+    ones = torch.ones(channels, device=values.device)   # fp32 parameters: fp32 statistics out
+    zeros = torch.zeros(channels, device=values.device)
     channels_last = values.ndim == 4 and values.is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format   # the kernel wants a dense strip
     means, variances, rows = [], [], []
@@ -59,12 +60,14 @@ def group_statistics(values: torch.Tensor, groups: int) -> tuple[torch.Tensor, t
         strip = values[:, :, top:bottom].contiguous(memory_format=layout)
         if strip.stride(0) < strip[0].numel():   # a size-1 batch with an odd stride: the kernel refuses it
             strip = strip.clone(memory_format=layout)
+        if strip.device.type != "cpu":   # only the CPU kernel takes half-precision values with fp32 parameters
+            strip = strip.float()
         _, mean, rstd = torch.ops.aten.native_group_norm(strip, ones, zeros, strip.shape[0], channels,
                                                          strip[0, 0].numel(), groups, 0.0)
         means.append(mean.float())
         variances.append(rstd.double().pow(-2).float())   # eps 0: rstd = variance^-½ (inf → 0 for a flat group)
         rows.append(bottom - top)
-    weights = torch.tensor(rows, dtype=torch.float32) / values.shape[2]
+    weights = torch.tensor(rows, dtype=torch.float32, device=values.device) / values.shape[2]
     means, variances = torch.stack(means, -1), torch.stack(variances, -1)
     mean = (means * weights).sum(-1)
     return mean, ((variances + (means - mean[..., None]).square()) * weights).sum(-1)
@@ -104,7 +107,7 @@ def _convolve(rows_of: Rows, height: int, row_elements: int, conv: torch.nn.Conv
         result = F.conv2d(piece, conv.weight, conv.bias, padding=(0, halo))
         if out is None:
             out = torch.empty(result.shape[0], result.shape[1], height, result.shape[3], dtype=result.dtype,
-                              memory_format=torch.channels_last)
+                              device=result.device, memory_format=torch.channels_last)
         out[:, :, top:bottom] = result
     return out
 

@@ -65,8 +65,9 @@ def vae_family(path: str | Path, latent_channels: int, metadata: dict[str, str])
     return "sdxl" if XL_NAME.search(Path(path).stem) else None
 
 
-def load_vae_module(path: str | Path, family: str, dtype: torch.dtype) -> AutoencoderKL:
-    """Build an AutoencoderKL from a standalone VAE file after checking it fits `family`."""
+def load_vae_module(path: str | Path, family: str, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> AutoencoderKL:
+    """Build an AutoencoderKL on `device` from a standalone VAE file after checking it fits `family`."""
     path = Path(path)
     infos, metadata = read_tensor_infos(path)
     latent = next((int(t.shape[0]) for k, t in infos.items() if k.endswith("post_quant_conv.weight")), None)
@@ -80,7 +81,7 @@ def load_vae_module(path: str | Path, family: str, dtype: torch.dtype) -> Autoen
         raise ModelFileError(path, f"this is an SDXL VAE; the loaded model is {family}: pick an SD1/SD2 VAE")
     if kind == "sd" and wants_xl:
         raise ModelFileError(path, f"this is an SD1/SD2 VAE; the loaded model is {family}: pick an SDXL VAE")
-    return build_vae(vae_weights(path), family, dtype, str(path))
+    return build_vae(vae_weights(path), family, dtype, str(path)).to(device)
 
 
 def find_automatic_vae(checkpoint: Path, candidates: Iterable[Path]) -> Path | None:
@@ -113,7 +114,7 @@ def swap_vae(model: LoadedCheckpoint, path: str | Path | None) -> None:
         return
     if model.vae_path is not None and Path(path) == model.vae_path:
         return
-    new_vae = load_vae_module(path, model.family, model.dtype)  # raises before anything changes
+    new_vae = load_vae_module(path, model.family, model.dtype, model.device)  # raises before anything changes
     model.vae, model.vae_path = new_vae, Path(path)
 
 
@@ -124,9 +125,9 @@ TILE_ABOVE = 128 * 128  # latent pixels above which decode/encode go tiled (larg
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None = None, tile: int = TILE_LATENT,
            overlap: int = TILE_OVERLAP) -> torch.Tensor:
-    """Scaled latents (B,4,h,w) -> images (B,3,8h,8w) in [0,1]. Large images (or `tiled=True`) decode in
-    overlapping tiles of at most `tile` latents so memory stays bounded. A NaN in half precision retries the decode
-    in fp32 (logged), never returning a black image."""
+    """Scaled latents (B,4,h,w) -> images (B,3,8h,8w) in [0,1], float32 on the CPU, whatever device the VAE runs on.
+    Large images (or `tiled=True`) decode in overlapping tiles of at most `tile` latents so memory stays bounded. A
+    NaN in half precision retries the decode in fp32 (logged), never returning a black image."""
     tiled = latents.shape[-2] * latents.shape[-1] > TILE_ABOVE if tiled is None else tiled
     return_freed_heap()
     images = _decode_once(vae, latents, vae.dtype, tiled, tile, overlap)
@@ -135,7 +136,7 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None = None,
         images = _decode_once(vae, latents, torch.float32, tiled, tile, overlap)
     if torch.isnan(images).any():
         raise ModelFileError("<vae>", "VAE decode produced NaN even in float32; the VAE or latents are broken")
-    return ((images.float() + 1) / 2).clamp(0, 1)
+    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
 
 
 def return_freed_heap() -> None:
@@ -151,11 +152,11 @@ def return_freed_heap() -> None:
 def _decode_once(vae: AutoencoderKL, latents: torch.Tensor, dtype: torch.dtype, tiled: bool, tile: int,
                  overlap: int) -> torch.Tensor:
     module = vae if vae.dtype == dtype else _upcast_copy(vae, dtype)
-    latents = latents.to(dtype) / vae.config.scaling_factor
+    latents = latents.to(vae.device, dtype) / vae.config.scaling_factor
     with torch.inference_mode():
-        if not tiled:   # fp32 is the exact reference (diffusers' own forward); half precision, the fast path,
-            if dtype == torch.float32:   # runs the same arithmetic in strips of rows, in about half the memory
-                return module.decode(latents).sample
+        if not tiled:   # fp32 is the exact reference (diffusers' own forward), and a GPU runs it whole; half
+            if dtype == torch.float32 or latents.device.type != "cpu":   # precision on the CPU, the fast path,
+                return module.decode(latents).sample   # runs the same arithmetic in strips of rows, in half the memory
             return up_path_in_strips(module.decoder, _decoder_trunk(module, latents))
         # the low-resolution trunk (mid-block attention is global) runs whole; the high-resolution up path, where
         # the memory goes, runs in tiles
@@ -190,12 +191,13 @@ def _upcast_copy(vae: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:
 def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None,
            sample: bool = False, tiled: bool | None = None, tile: int = TILE_LATENT,
            overlap: int = TILE_OVERLAP) -> torch.Tensor:
-    """Images (B,3,H,W) in [0,1] -> scaled latents (B,4,H/8,W/8); the posterior mean unless `sample`. Large images
+    """Images (B,3,H,W) in [0,1] -> scaled latents (B,4,H/8,W/8), float32 on the CPU; the posterior mean unless
+    `sample` (drawn with `generator`, which must be on the VAE's device). Large images
     (or `tiled=True`) encode in overlapping tiles of at most 8×`tile` pixels; the posterior is blended, then sampled
     once."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    pixels = (images * 2 - 1).to(vae.dtype)
+    pixels = (images * 2 - 1).to(vae.device, vae.dtype)
     tiled = images.shape[-2] * images.shape[-1] > TILE_ABOVE * 64 if tiled is None else tiled
     with torch.inference_mode():
         if tiled:
@@ -206,7 +208,7 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator 
         else:
             posterior = vae.encode(pixels).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mean
-    return latents.float() * vae.config.scaling_factor
+    return latents.float().cpu() * vae.config.scaling_factor
 
 
 def _statistics_budget(tile: int) -> int:
@@ -256,14 +258,14 @@ def run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> tor
         for left, span_x in _tile_spans(width, tile, overlap):
             piece = fn(x[..., top:top + span_y, left:left + span_x]).float()
             if out is None:
-                out = torch.zeros(*piece.shape[:-2], round(height * scale), round(width * scale))
-                weight = torch.zeros(round(height * scale), round(width * scale))
+                out = piece.new_zeros(*piece.shape[:-2], round(height * scale), round(width * scale))
+                weight = piece.new_zeros(round(height * scale), round(width * scale))
             rows, cols = piece.shape[-2:]
             y, x0 = round(top * scale), round(left * scale)
             mask = (_ramp(rows, ramp, y > 0, y + rows < out.shape[-2])[:, None]
                     * _ramp(cols, ramp, x0 > 0, x0 + cols < out.shape[-1])[None, :])
-            out[..., y:y + rows, x0:x0 + cols] += piece * mask
-            weight[y:y + rows, x0:x0 + cols] += mask
+            out[..., y:y + rows, x0:x0 + cols] += piece * mask.to(piece.device)
+            weight[y:y + rows, x0:x0 + cols] += mask.to(piece.device)
     return out / weight
 
 

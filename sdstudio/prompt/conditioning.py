@@ -173,7 +173,7 @@ def _embedding_fixes(model: torch.nn.Module, kind: str, rows: list[list[tuple[in
         output = output.clone()
         for row, fixes in enumerate(rows):
             for offset, embedding in fixes:
-                vectors = embedding.vectors_for(kind).to(output.dtype)
+                vectors = embedding.vectors_for(kind).to(output.device, output.dtype)
                 output[row, offset + 1: offset + 1 + vectors.shape[0]] = vectors
         return output
 
@@ -186,14 +186,15 @@ def _embedding_fixes(model: torch.nn.Module, kind: str, rows: list[list[tuple[in
 
 def _encode_chunk_batch(model: torch.nn.Module, spec: EncoderSpec, batch: list[PromptChunk], clip_skip: int,
                         emphasis: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk per batch row through one encoder -> (z (B,77,C), pooled (B,P) or None)."""
+    """One chunk per batch row through one encoder (on its device) -> (z (B,77,C), pooled (B,P) or None), float32
+    on the CPU."""
     tokens = torch.tensor([c.tokens for c in batch], dtype=torch.long)
     if spec.pad != EOS:
         for row in tokens:
             first_eos = int((row == EOS).nonzero()[0])
             row[first_eos + 1:] = spec.pad
     with torch.inference_mode(), _embedding_fixes(model, spec.kind, [c.fixes for c in batch]):
-        out = model(input_ids=tokens, output_hidden_states=True)
+        out = model(input_ids=tokens.to(model.device), output_hidden_states=True)
     final_norm = model.text_model.final_layer_norm if hasattr(model, "text_model") else model.final_layer_norm
     if spec.layer == "clip_skip":
         z = out.last_hidden_state if clip_skip <= 1 else final_norm(out.hidden_states[-clip_skip])
@@ -201,14 +202,14 @@ def _encode_chunk_batch(model: torch.nn.Module, spec: EncoderSpec, batch: list[P
         z = final_norm(out.hidden_states[-2])
     else:
         z = out.hidden_states[-2]
-    z = z.float()
+    z = z.float().cpu()
     if emphasis in ("Original", "No norm"):
         multipliers = torch.tensor([c.multipliers for c in batch], dtype=torch.float32)
         original_mean = z.mean()
         z = z * multipliers.unsqueeze(-1)
         if emphasis == "Original":
             z = z * (original_mean / z.mean())
-    pooled = out.text_embeds.float() if spec.pooled else None
+    pooled = out.text_embeds.float().cpu() if spec.pooled else None
     return z, pooled
 
 

@@ -108,9 +108,10 @@ class Engine:
     """Models, settings and the worker; the API and the CLI server talk only to this."""
 
     def __init__(self, data_dir: str | Path, dtype: torch.dtype = torch.float32,
-                 converted_cache_bytes: int = CONVERTED_DEFAULT_BUDGET):
+                 converted_cache_bytes: int = CONVERTED_DEFAULT_BUDGET, device: torch.device | str = "cpu"):
         self.data_dir = Path(data_dir)
         self.dtype = dtype          # every checkpoint loads in this dtype (`--precision`)
+        self.device = torch.device(device)   # and runs there (`--device`)
         self.settings = Settings(self.data_dir / "config.json")
         self.catalog = Catalog(self.data_dir, hash_on_scan=False)
         self.embeddings = EmbeddingDB.for_data_dir(self.data_dir)
@@ -135,7 +136,7 @@ class Engine:
         `sd_vae` choice applied. A failed switch keeps the previous model and raises."""
         wanted = self.settings.values.get("sd_model_checkpoint")
         entry = self.catalog.find_checkpoint(wanted) if wanted else self._first_checkpoint()
-        model = self.models.get(entry.path, dtype=self.dtype)
+        model = self.models.get(entry.path, dtype=self.dtype, device=self.device)
         if self.settings.values.get("sd_model_checkpoint") != entry.title:
             self.catalog.ensure_hashes(entry)
             self.settings.values["sd_model_checkpoint"] = entry.title

@@ -69,6 +69,9 @@ def test_listings(server):
     assert page.status_code == 200 and "Generate" in page.text
     script = httpx.get(url + "/static/app.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    memory = httpx.get(url + "/sdapi/v1/memory").json()
+    assert memory["ram"]["total"] >= memory["ram"]["free"] > 0
+    assert memory["cuda"] == {"error": "no CUDA"}   # this engine runs on the CPU
 
 
 def test_txt2img_returns_png_with_infotext_and_png_info_reads_it(server):

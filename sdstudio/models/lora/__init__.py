@@ -265,8 +265,10 @@ class LoraSet:
         return report
 
     def _checked(self, source: tuple, adapter: Adapter) -> Callable[[Tensor], Tensor]:
-        """ΔW of the adapter, or zeros (recorded as a mismatch) when its shape does not fit the weight."""
+        """ΔW of the adapter, computed on the CPU where its tensors are (the patcher moves it to the weight's device),
+        or zeros (recorded as a mismatch) when its shape does not fit the weight."""
         def delta(weight: Tensor) -> Tensor:
+            weight = weight.cpu()
             try:
                 return adapter.delta(weight)
             except (ValueError, RuntimeError):
