@@ -41,6 +41,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/generate.py
 	$(PY) bench/lora.py
 	$(PY) bench/options.py
+	$(PY) bench/gpu.py
 
 clean:
 	rm -rf $(VENV)

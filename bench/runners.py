@@ -48,6 +48,8 @@ class StepClock:
         self.marks = [time.perf_counter()]
 
     def mark(self, *_args) -> None:
+        if torch.cuda.is_available():   # a GPU runs ahead of Python: count a step when its kernels finished
+            torch.cuda.synchronize()
         self.marks.append(time.perf_counter())
 
     def figures(self) -> dict[str, float]:
@@ -63,13 +65,14 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
 
 # --- sdstudio ---------------------------------------------------------------------------------------------------
 
-def sdstudio(path: str, precision: str, steps: int, size: int, decode_sizes: list[int], image: str | None) -> dict:
-    """sdstudio's own path: `load_checkpoint(dtype=…)` + `txt2img` (what the CLI and server run)."""
+def sdstudio(path: str, precision: str, steps: int, size: int, decode_sizes: list[int], image: str | None,
+             device: str = "cpu") -> dict:
+    """sdstudio's own path: `load_checkpoint(dtype=…, device=…)` + `txt2img` (what the CLI and server run)."""
     from sdstudio.models import vae as vae_ops
     from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
     from sdstudio.pipeline import txt2img
 
-    load_s, model = timed(load_checkpoint, path, dtype=resolve_precision(precision))
+    load_s, model = timed(load_checkpoint, path, dtype=resolve_precision(precision, device), device=device)
     clock = StepClock()
     clock.start()
     e2e_s, result = timed(txt2img, model, prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, width=size,
@@ -144,7 +147,7 @@ def _diffusers_pipeline(path: str, config: str, xl: bool, dtype: torch.dtype):
 def _diffusers_embeddings(pipe, xl: bool) -> dict:
     """Prompt embeddings from the pipeline's own text encoders (token ids given: no tokenizer files here)."""
     def encode(ids):
-        ids = torch.tensor([ids])
+        ids = torch.tensor([ids], device=pipe.device)
         if not xl:
             return {"": pipe.text_encoder(ids)[0]}
         first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
@@ -159,13 +162,15 @@ def _diffusers_embeddings(pipe, xl: bool) -> dict:
 
 
 def diffusers(path: str, config: str, mode: str, steps: int, size: int, decode_sizes: list[int], xl: bool,
-              image: str | None) -> dict:
+              image: str | None, device: str = "cpu") -> dict:
     """diffusers' pipeline from the same single file. `mode`: fp32 (its default), bf16 (+ channels_last, its
-    best eager CPU settings), compile (bf16 + channels_last + torch.compile(inductor) with freezing)."""
-    dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+    best eager CPU settings), compile (bf16 + channels_last + torch.compile(inductor) with freezing), fp16 (on a
+    GPU: its documented CUDA setting, SDPA attention by default)."""
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(mode, torch.bfloat16)
     _import_diffusers()
     load_s, pipe = timed(_diffusers_pipeline, path, config, xl, dtype)
-    if mode != "fp32":
+    pipe.to(device)
+    if mode in ("bf16", "compile"):
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     out: dict = {"load_s": load_s}
@@ -191,7 +196,8 @@ def diffusers(path: str, config: str, mode: str, steps: int, size: int, decode_s
             result.images[0].save(image)
         for side in decode_sizes:
             latent = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(2))
-            out[f"decode_{side}_s"], _ = timed(pipe.vae.decode, latent.to(dtype) / pipe.vae.config.scaling_factor)
+            out[f"decode_{side}_s"], _ = timed(pipe.vae.decode,
+                                               latent.to(device, dtype) / pipe.vae.config.scaling_factor)
     out["rss_all_gib"] = peak_rss_gib()
     return out
 
