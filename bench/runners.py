@@ -68,15 +68,18 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
 def sdstudio(path: str, precision: str, steps: int, size: int, decode_sizes: list[int], image: str | None,
              device: str = "cpu") -> dict:
     """sdstudio's own path: `load_checkpoint(dtype=…, device=…)` + `txt2img` (what the CLI and server run)."""
+    from sdstudio.files.hashing import sha256_file
     from sdstudio.models import vae as vae_ops
     from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
     from sdstudio.pipeline import txt2img
 
     load_s, model = timed(load_checkpoint, path, dtype=resolve_precision(precision, device), device=device)
+    model_hash = sha256_file(path)   # the infotext's model hash: the server and CLI keep it in their hash cache
     clock = StepClock()
     clock.start()
     e2e_s, result = timed(txt2img, model, prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, width=size,
-                          height=size, sampler_name="Euler", cfg_scale=7, seed=1, save=False, callback=clock.mark)
+                          height=size, sampler_name="Euler", cfg_scale=7, seed=1, save=False, callback=clock.mark,
+                          model_hash=model_hash)
     out = {"load_s": load_s, "e2e_s": e2e_s, **clock.figures(), "rss_gib": peak_rss_gib(),
            "dtype": str(model.dtype).replace("torch.", "")}
     if image:

@@ -95,16 +95,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(args: argparse.Namespace, infotext_params: dict[str, str] | None = None):
+def _load_model(args: argparse.Namespace, catalog, infotext_params: dict[str, str] | None = None):
     """The checkpoint named by --ckpt (a path or a catalog name/hash), else the infotext's model, else the first
-    checkpoint in the catalog; with --vae (Automatic / None / a VAE name or path) applied."""
-    from sdstudio.files.catalog import Catalog
+    checkpoint in `catalog`; with --vae (Automatic / None / a VAE name or path) applied."""
     from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
     from sdstudio.models.converted import converted_weights
     from sdstudio.models.device import resolve_device
     from sdstudio.models.vae import resolve_vae
 
-    catalog = Catalog(Path(args.data_dir), hash_on_scan=False)
     if args.ckpt and Path(args.ckpt).is_file():
         path = Path(args.ckpt)
     elif args.ckpt:
@@ -147,7 +145,10 @@ def _generate(args: argparse.Namespace, mode: str) -> int:
     from tqdm import tqdm
 
     from sdstudio import pipeline
+    from sdstudio.files.catalog import Catalog
     from sdstudio.images.infotext import parse_infotext, read_infotext
+    from sdstudio.models.embeddings import EmbeddingDB
+    from sdstudio.models.lora import LoraNetworks
     from sdstudio.sampling import registry
 
     base = pipeline.GenerationRequest()
@@ -180,7 +181,8 @@ def _generate(args: argparse.Namespace, mode: str) -> int:
             overrides.get("prompt", base.prompt), overrides.get("negative_prompt", base.negative_prompt), args.styles)
     request = pipeline.make_request(base, overrides)
     registry.get_sampler_and_scheduler(request.sampler_name, request.scheduler)  # fail before the slow load
-    model = _load_model(args, infotext_params)
+    catalog = Catalog(Path(args.data_dir), hash_on_scan=False)
+    model = _load_model(args, catalog, infotext_params)
     bars: list[tqdm] = []
 
     def on_step(info: pipeline.StepInfo) -> None:
@@ -190,8 +192,11 @@ def _generate(args: argparse.Namespace, mode: str) -> int:
 
     run = pipeline.img2img if mode == "img2img" else pipeline.txt2img
     try:
+        # as the server runs a job: <lora:…> tags, the data dir's embeddings, the sha256 kept in the hash cache
         result = run(model, request, callback=on_step, data_dir=args.data_dir, save=not args.no_save,
-                     image_format=args.format)
+                     image_format=args.format, model_hash=catalog.hash_cache.hash(model.path),
+                     embeddings=EmbeddingDB.for_data_dir(args.data_dir).usable(model),
+                     networks=LoraNetworks(model, catalog))
     finally:
         for bar in bars:
             bar.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from sdstudio.files.writers import save_safetensors
 
@@ -174,3 +175,27 @@ def test_converted_weights_are_kept_for_the_next_run_and_give_the_same_image(tmp
     os.symlink(models, off / "models" / "Stable-diffusion")
     run(*args, "--converted-cache-gb", "0", data_dir=off)
     assert not (off / "cache" / "converted").exists() and kept.exists()
+
+
+def test_lora_tags_and_embeddings_apply_as_in_the_server(data_dir, tmp_path):
+    """`<lora:…>` in the prompt and an embedding's name work from the CLI too (infotext hashes, a changed image), and
+    the model's sha256 is kept in the hash cache for the next run."""
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    (data_dir / "models" / "Lora").mkdir(exist_ok=True)
+    save_safetensors({f"{key}.lora_down.weight": torch.randn(4, 32, generator=g),
+                      f"{key}.lora_up.weight": torch.randn(32, 4, generator=g)},
+                     data_dir / "models" / "Lora" / "ink.safetensors")
+    (data_dir / "embeddings").mkdir(exist_ok=True)
+    save_safetensors({"emb_params": torch.randn(2, 64, generator=g)}, data_dir / "embeddings" / "shiny.safetensors")
+    common = ["--steps", "2", "-W", "64", "-H", "64", "--seed", "4", "-q"]
+    images = {}
+    for name, prompt in (("plain", "a cat"), ("lora", "a cat <lora:ink:1>"), ("embedding", "a shiny cat")):
+        out = Path(run("txt2img", prompt, *common, data_dir=data_dir).stdout.strip())
+        images[name] = Image.open(out).tobytes()
+        info = run("pnginfo", str(out), data_dir=data_dir).stdout
+        assert "ignored" not in info
+        assert ('Lora hashes: "ink: ' in info) == (name == "lora")
+        assert ('TI hashes: "shiny: ' in info) == (name == "embedding")
+    assert images["lora"] != images["plain"]   # the tag is not just written down: the weights changed
+    assert "sha256" in (data_dir / "cache" / "sdstudio-hashes.json").read_text()
