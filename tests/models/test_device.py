@@ -2,7 +2,6 @@
 GPU (never on this CPU-only CI: they are the GPU machine's part of `make test`)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -10,6 +9,7 @@ from sdstudio import pipeline
 from sdstudio.errors import SDStudioError
 from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, resolve_precision
 from sdstudio.models.device import device_memory, resolve_device
+from tests.helpers import psnr
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="torch sees no CUDA GPU on this machine")
@@ -47,11 +47,6 @@ def test_models_load_onto_the_device_asked_for(sd1_file):
     assert {p.device for m in modules for p in m.parameters()} == {torch.device("cpu")}
 
 
-def _psnr(a, b) -> float:
-    a, b = (np.asarray(x, dtype=np.float64) for x in (a, b))
-    return float(10 * np.log10(255 ** 2 / max(((a - b) ** 2).mean(), 1e-12)))
-
-
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_gpu_txt2img_and_img2img_match_the_cpu(sd1_file, precision):
@@ -63,7 +58,7 @@ def test_gpu_txt2img_and_img2img_match_the_cpu(sd1_file, precision):
     assert gpu.device.type == "cuda"
     reference = pipeline.txt2img(cpu, **request, save=False).images[0]
     image = pipeline.txt2img(gpu, **request, save=False).images[0]
-    assert _psnr(image, reference) >= 30
+    assert psnr(image, reference) >= 30
     changed = pipeline.img2img(gpu, **request, init_images=[reference], denoising_strength=0.5, save=False)
     assert changed.images[0].size == (64, 64)
 
@@ -111,4 +106,4 @@ def test_gpu_lora_patches_and_embeddings_match_the_cpu(sd1_file, tmp_path):
     embeddings = [load_embedding(tmp_path / "shiny.safetensors")]
     images = [pipeline.txt2img(m, **request, embeddings=embeddings, save=False).images[0] for m in models]
     plain = pipeline.txt2img(models[1], **request, save=False).images[0]
-    assert _psnr(images[1], images[0]) >= 30 and _psnr(plain, images[1]) < 30
+    assert psnr(images[1], images[0]) >= 30 and psnr(plain, images[1]) < 30

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -15,6 +14,7 @@ from sdstudio.files.catalog import Catalog
 from sdstudio.files.readers import read_state_dict
 from sdstudio.models.checkpoint import load_checkpoint
 from sdstudio.models.lora import LoraNetworks
+from tests.helpers import psnr
 
 
 def make_lora(path, seed):
@@ -25,11 +25,6 @@ def make_lora(path, seed):
                f"{k}.lora_up.weight": torch.randn(64, 4, generator=g) * 0.2,
                f"{t}.lora_down.weight": torch.randn(4, 64, generator=g) * 0.2,
                f"{t}.lora_up.weight": torch.randn(256, 4, generator=g) * 0.2}, path)
-
-
-def psnr(a, b) -> float:
-    mse = ((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
 
 
 def test_merged_checkpoint_equals_base_with_tags(sd1_file, tmp_path):

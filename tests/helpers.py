@@ -1,0 +1,14 @@
+"""Small measures shared by tests."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def psnr(a, b, peak: float = 255.0) -> float:
+    """PSNR in dB between two images of the same size: PIL images (8-bit, the default `peak`) or tensors/arrays with
+    values spanning `peak`; inf when identical."""
+    x, y = (np.asarray(v.detach().float().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
+            for v in (a, b))
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
