@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -16,16 +18,23 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 RUNNERS = Path(__file__).parent / "runners.py"
 
 
+def in_child(fn, *args):
+    """fn(*args) in a fresh process: building or loading a full-size model there keeps this process small (its freed
+    heap stays mapped here, and the runners after it need the RAM: SDXL fp32 peaks near 20 GiB)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def full_checkpoint(family: str = "sd1", variant: str = "pruned") -> Path:
     """A full-size random-weight checkpoint (sd1 = SD1.5, sdxl = SDXL base) in the real single-file layout,
-    written once under BENCH_DIR, then reused."""
+    written once under BENCH_DIR (in a child process), then reused."""
     from sdstudio import synthetic
 
     name = {"sd1": "sd15", "sdxl": "sdxl"}[family]
     path = BENCH_DIR / f"{name}-full-{variant}.safetensors"
     if not path.exists():
         BENCH_DIR.mkdir(parents=True, exist_ok=True)
-        synthetic.write_checkpoint(path, family, "full", variant)
+        in_child(synthetic.write_checkpoint, path, family, "full", variant)
     return path
 
 
@@ -47,14 +56,18 @@ def warm_page_cache(path: Path) -> None:
 
 def diffusers_config_dir(checkpoint: Path) -> Path:
     """A local diffusers pipeline folder (configs only, no weights, no tokenizer files) for `from_single_file`,
-    made from our own loaded modules (which are diffusers/transformers classes) of the same file."""
+    made (in a child process) from our own loaded modules (diffusers/transformers classes) of the same file."""
+    folder = BENCH_DIR / f"{checkpoint.stem}-diffusers-config"
+    if not (folder / "model_index.json").exists():
+        in_child(_write_diffusers_config, checkpoint, folder)
+    return folder
+
+
+def _write_diffusers_config(checkpoint: Path, folder: Path) -> None:
     from diffusers import EulerDiscreteScheduler
 
     from sdstudio.models.checkpoint import load_checkpoint
 
-    folder = BENCH_DIR / f"{checkpoint.stem}-diffusers-config"
-    if (folder / "model_index.json").exists():
-        return folder
     model = load_checkpoint(checkpoint, dtype="fp16")
     xl = model.info.family == "sdxl"
     model.unet.save_config(folder / "unet")
@@ -77,7 +90,6 @@ def diffusers_config_dir(checkpoint: Path) -> Path:
         index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
                       "requires_safety_checker": False})
     (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
 
 
 def run_runner(name: str, **kwargs) -> dict:
