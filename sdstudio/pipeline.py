@@ -222,7 +222,7 @@ class UNetModel:
     def __init__(self, model: LoadedCheckpoint):
         self.unet = model.unet
         self.dtype = model.unet.dtype
-        self.device = model.unet.device
+        self.device = model.device
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, crossattn: torch.Tensor, text_embeds=None, time_ids=None,
                  concat=None) -> torch.Tensor:

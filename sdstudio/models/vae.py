@@ -263,9 +263,9 @@ def run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> tor
             rows, cols = piece.shape[-2:]
             y, x0 = round(top * scale), round(left * scale)
             mask = (_ramp(rows, ramp, y > 0, y + rows < out.shape[-2])[:, None]
-                    * _ramp(cols, ramp, x0 > 0, x0 + cols < out.shape[-1])[None, :])
-            out[..., y:y + rows, x0:x0 + cols] += piece * mask.to(piece.device)
-            weight[y:y + rows, x0:x0 + cols] += mask.to(piece.device)
+                    * _ramp(cols, ramp, x0 > 0, x0 + cols < out.shape[-1])[None, :]).to(piece.device)
+            out[..., y:y + rows, x0:x0 + cols] += piece * mask
+            weight[y:y + rows, x0:x0 + cols] += mask
     return out / weight
 
 
