@@ -21,6 +21,7 @@ from sdstudio.files.keymaps import fit_text_encoder_keys
 from sdstudio.files.readers import release_file_pages
 from sdstudio.models.attention import use_fast_cpu_attention
 from sdstudio.models.fused import use_fused_layers
+from sdstudio.models.winograd import use_winograd_convolutions
 
 CONFIG_FILE = Path(__file__).parent / "configs" / "families.json"
 GROUP_NORM_GROUPS = 32  # every SD UNet/VAE uses GroupNorm(32)
@@ -194,7 +195,7 @@ def _materialise_meta_buffers(module: torch.nn.Module) -> None:
 def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int | None = None,
                dtype: torch.dtype | None = None, where: str = "<unet>") -> UNet2DConditionModel:
     """UNet2DConditionModel from diffusers-named weights; a bf16 UNet (the CPU fast path) gets the fast CPU
-    attention (models/attention.py) and fused layers (models/fused.py)."""
+    attention (models/attention.py), fused layers (models/fused.py) and Winograd convolutions (models/winograd.py)."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
@@ -202,6 +203,7 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
     if unet.dtype == torch.bfloat16:
         use_fast_cpu_attention(unet)
         use_fused_layers(unet)
+        use_winograd_convolutions(unet)
     return unet
 
 

@@ -1,0 +1,312 @@
+"""3×3 convolutions of the bf16 CPU fast path by Winograd's minimal filtering F(m×m, 3×3).
+
+A UNet step is mostly 3×3 convolutions, and oneDNN already runs them near these cores' bf16 peak, so only less
+arithmetic makes them faster. Winograd computes each m×m output tile from an (m+2)² input tile as (m+2)² independent
+products over channels: 4 products per output instead of 9 for F(2×2, 3×3). In steps:
+
+1. input transform: every (m+2)² tile of the zero-padded input, d → Bᵀ·d·B, in fp32, stored bf16 as
+   V[(m+2)², tiles, channels in];
+2. weight transform: every 3×3 filter g → G·g·Gᵀ, stored bf16 as U[(m+2)², channels out, channels in] (done per
+   call from the layer's current weight, so a LoRA patch needs nothing and no second copy of the weights stays);
+3. (m+2)² matrix products V[i]·U[i]ᵀ by oneDNN (torch.bmm), the bulk of the time: 4/9 of the direct arithmetic;
+4. output transform: Aᵀ·M·A per tile in fp32, plus the bias, written bf16 into the channels-last output.
+
+The transforms are C loops over channels (vectorised by the compiler), generated from the matrices below and
+compiled once per machine with the system C compiler into the user's cache; they run on torch's thread count
+through ctypes (which releases the GIL). Where there is no compiler, and for any convolution outside the narrow
+case (another dtype or device, gradients, channels not a multiple of 16, too few tiles to pay for the transforms),
+the layer runs oneDNN's direct convolution as before.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TILE = 2        # F(2×2, 3×3): per-layer error 1.9× the direct bf16 convolution's (F(4×4) was 7×)
+POINTS = (0.0, 1.0, -1.0)   # Toom-Cook interpolation points (and ∞) for F(2, 3)
+CHANNEL_BLOCK = 16     # channels per vector loop in the C transforms; channel counts must be multiples of it
+MIN_TILES = 128        # fewer output tiles than this (SD1.5's 8×8 level: 32 with CFG) do not pay for the weight transform
+CHUNK_BYTES = 16 << 20  # at most this much transformed input (a part of the tiles) and transformed weight (a part of
+                        # the output channels) at once: bounds the buffers (the transformed input is 4× the input)
+
+
+def winograd_matrices(m: int = OUTPUT_TILE, points: tuple[float, ...] = POINTS) -> tuple[torch.Tensor, ...]:
+    """Aᵀ (m × n), G (n × 3), Bᵀ (n × n), n = m + 2, float64, for F(m, 3) with the given finite points and ∞:
+    Aᵀ·[(G·g) ⊙ (Bᵀ·d)] is the correlation of d (n values) with g (3 values). Aᵀ and G follow from the points
+    (Lagrange interpolation); Bᵀ is solved from that identity."""
+    n = m + 2
+    p = torch.tensor(points, dtype=torch.float64)
+    a_t = torch.zeros(m, n, dtype=torch.float64)
+    a_t[:, :n - 1] = p ** torch.arange(m, dtype=torch.float64)[:, None]
+    a_t[m - 1, n - 1] = 1
+    g = torch.zeros(n, 3, dtype=torch.float64)
+    for j in range(n - 1):
+        g[j] = p[j] ** torch.arange(3, dtype=torch.float64) / torch.prod(p[j] - torch.cat([p[:j], p[j + 1:]]))
+    g[n - 1, 2] = 1
+    # Σ_j Aᵀ[i, j]·G[j, k]·Bᵀ[j, a] = [a = i + k] for every output i, filter tap k and input a
+    equations = torch.einsum("ij,jk,jb,ac->ikabc", a_t, g, torch.eye(n, dtype=torch.float64),
+                             torch.eye(n, dtype=torch.float64)).reshape(m * 3 * n, n * n)
+    wanted = torch.tensor([float(a == i + k) for i in range(m) for k in range(3) for a in range(n)],
+                          dtype=torch.float64)
+    b_t = torch.linalg.lstsq(equations, wanted[:, None]).solution.reshape(n, n).round(decimals=12)
+    return a_t, g, b_t
+
+
+def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv2d(x, weight, bias, padding=1) for bf16 CPU tensors (3×3 weight), channels-last output, by F(m×m, 3×3).
+    The caller checks `winograd_applies` first."""
+    kernels = _kernels()
+    batch, channels, height, width = x.shape
+    out_channels = weight.shape[0]
+    n, m = OUTPUT_TILE + 2, OUTPUT_TILE
+    rows, cols = -(-height // m), -(-width // m)
+    tiles = batch * rows * cols
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    bias_pointer = None if bias is None else bias.contiguous().data_ptr()
+    y = torch.empty(batch, out_channels, height, width, dtype=x.dtype, memory_format=torch.channels_last)
+    scratch, per_channel = _scratch(), n * n * channels * x.element_size()
+    span = max(1, min(tiles, CHUNK_BYTES // per_channel))     # tiles per pass
+    block = min(out_channels, max(CHANNEL_BLOCK, CHUNK_BYTES // per_channel // CHANNEL_BLOCK * CHANNEL_BLOCK))
+    for low in range(0, out_channels, block):                 # output channels per pass
+        high = min(low + block, out_channels)
+        u = scratch.take("weight", (n * n, high - low, channels))
+        _parallel(0, high - low, lambda a, b: kernels.weight_transform(
+            weight[low:].data_ptr(), u.data_ptr(), high - low, channels, a, b))
+        for first in range(0, tiles, span):
+            count = min(span, tiles - first)
+            v = scratch.take("input", (n * n, count, channels))
+            if low == 0 or span < tiles:                      # one pass over all tiles keeps its input
+                _parallel(first, first + count, lambda a, b: kernels.input_transform(
+                    x.data_ptr(), v.data_ptr(), batch, height, width, channels, rows, cols, first, count, a, b))
+            products = scratch.take("products", (n * n, count, high - low))
+            torch.bmm(v, u.transpose(1, 2), out=products)
+            _parallel(first, first + count, lambda a, b: kernels.output_transform(
+                products.data_ptr(), None if bias is None else bias_pointer + low * x.element_size(),
+                y.data_ptr() + low * x.element_size(), batch, height, width, high - low, out_channels, rows, cols,
+                first, count, a, b))
+    return y
+
+
+def winograd_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv(x)` takes the Winograd path: a plain 3×3 convolution (stride 1, padding 1, no dilation or
+    groups) of a bf16 CPU tensor without gradients, channels in multiples of CHANNEL_BLOCK, enough tiles, and the
+    transforms compiled on this machine."""
+    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and conv.weight.dtype == torch.bfloat16
+            and not torch.is_grad_enabled() and x.dim() == 4):
+        return False
+    if not (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
+        return False
+    if conv.in_channels % CHANNEL_BLOCK or conv.out_channels % CHANNEL_BLOCK:
+        return False
+    tiles = x.shape[0] * -(-x.shape[2] // OUTPUT_TILE) * -(-x.shape[3] // OUTPUT_TILE)
+    return tiles >= MIN_TILES and _kernels() is not None
+
+
+class WinogradConv2d(torch.nn.Conv2d):
+    """Conv2d that runs by Winograd where `winograd_applies`, else as torch's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if winograd_applies(self, x):
+            return winograd_conv2d(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def use_winograd_convolutions(model: torch.nn.Module) -> None:
+    """Make every plain torch Conv2d of `model` a WinogradConv2d (same weights and state); the transforms' buffers
+    are kept through one call of `model` and released after it, so they add nothing to memory between calls (the
+    VAE decode, another model)."""
+    for module in model.modules():
+        if type(module) is torch.nn.Conv2d:
+            module.__class__ = WinogradConv2d
+    model.register_forward_hook(_release_scratch)
+
+
+def _release_scratch(*_) -> None:
+    _scratch().buffers.clear()
+
+
+class _Scratch:
+    """Reused buffers for the transforms' big intermediates (fresh ones cost page faults on every call)."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        size = 1
+        for d in shape:
+            size *= d
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < size:
+            self.buffers[name] = buffer = torch.empty(size, dtype=torch.bfloat16)
+        return buffer[:size].view(shape)
+
+
+_local = threading.local()
+
+
+def _scratch() -> _Scratch:
+    if not hasattr(_local, "scratch"):
+        _local.scratch = _Scratch()
+    return _local.scratch
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="winograd")
+
+
+def _parallel(start: int, stop: int, work) -> None:
+    """work(a, b) over [start, stop) in torch.get_num_threads() parts at once."""
+    threads = max(1, min(torch.get_num_threads(), stop - start))
+    step = -(-(stop - start) // threads)
+    list(_pool(threads).map(lambda a: work(a, min(a + step, stop)), range(start, stop, step)))
+
+
+def _linear_combination(coefficients: list[float], terms: list[str]) -> str:
+    parts = []
+    for c, term in zip(coefficients, terms):
+        if c == 0:
+            continue
+        parts.append(f"+{term}" if c == 1 else f"-{term}" if c == -1 else f"+({c!r}f)*{term}")
+    return "".join(parts) or "0.f"
+
+
+def kernel_source(m: int = OUTPUT_TILE, points: tuple[float, ...] = POINTS) -> str:
+    """C source of the three transforms for F(m, 3), with the matrices written into the expressions."""
+    a_t, g, b_t = (t.tolist() for t in winograd_matrices(m, points))
+    n = m + 2
+    lines = [f"""#include <stdint.h>
+#define N {n}
+#define M {m}
+#define CH {CHANNEL_BLOCK}
+typedef union {{ uint32_t u; float f; }} bits;
+static inline float load(uint16_t h) {{ bits v; v.u = (uint32_t)h << 16; return v.f; }}
+static inline uint16_t store(float f) {{ bits v; v.f = f; return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16); }}
+
+/* x: NHWC bf16 → v[N*N][count][c] for the tiles [first, first + count) of the rows×cols grids of the images;
+   this call does the tiles [t0, t1) */
+void input_transform(const uint16_t *x, uint16_t *v, int batch, int h, int w, int c, int rows, int cols,
+                     long first, long count, long t0, long t1) {{
+  for (long t = t0; t < t1; t++) {{
+    int b = t / ((long)rows * cols), r = (t / cols) % rows, q = t % cols;
+    for (int c0 = 0; c0 < c; c0 += CH) {{
+      float d[N][N][CH], e[N][N][CH];
+      for (int i = 0; i < N; i++) for (int j = 0; j < N; j++) {{
+        int y = r * M - 1 + i, z = q * M - 1 + j;
+        const uint16_t *s = x + (((long)b * h + y) * w + z) * c + c0;
+        int inside = y >= 0 && y < h && z >= 0 && z < w;
+        for (int k = 0; k < CH; k++) d[i][j][k] = inside ? load(s[k]) : 0.f;
+      }}"""]
+    for i in range(n):
+        for j in range(n):
+            expression = _linear_combination(b_t[i], [f"d[{l}][{j}][k]" for l in range(n)])
+            lines.append(f"      for (int k = 0; k < CH; k++) e[{i}][{j}][k] = {expression};")
+    for i in range(n):
+        for j in range(n):
+            expression = _linear_combination(b_t[j], [f"e[{i}][{l}][k]" for l in range(n)])
+            lines.append(f"      {{ uint16_t *o = v + ({i * n + j} * count + t - first) * c + c0;"
+                         f" for (int k = 0; k < CH; k++) o[k] = store({expression}); }}")
+    lines.append("""    }
+  }
+}
+
+/* w: [co][3][3][ci] bf16 (channels-last weight) → u[N*N][co][ci]; output channels [o0, o1) */
+void weight_transform(const uint16_t *w, uint16_t *u, int co, int ci, long o0, long o1) {
+  for (long o = o0; o < o1; o++) for (int c0 = 0; c0 < ci; c0 += CH) {
+    float g[3][3][CH], e[N][3][CH];
+    for (int i = 0; i < 3; i++) for (int j = 0; j < 3; j++) {
+      const uint16_t *s = w + ((o * 3 + i) * 3 + j) * ci + c0;
+      for (int k = 0; k < CH; k++) g[i][j][k] = load(s[k]);
+    }""")
+    for i in range(n):
+        for j in range(3):
+            expression = _linear_combination(g[i], [f"g[{l}][{j}][k]" for l in range(3)])
+            lines.append(f"    for (int k = 0; k < CH; k++) e[{i}][{j}][k] = {expression};")
+    for i in range(n):
+        for j in range(n):
+            expression = _linear_combination(g[j], [f"e[{i}][{l}][k]" for l in range(3)])
+            lines.append(f"    {{ uint16_t *dst = u + ({i * n + j} * (long)co + o) * ci + c0;"
+                         f" for (int k = 0; k < CH; k++) dst[k] = store({expression}); }}")
+    lines.append("""  }
+}
+
+/* p[N*N][count][c] (the tiles [first, first + count)) → c channels of y: NHWC bf16 with `stride` channels (+ bias);
+   this call does the tiles [t0, t1) */
+void output_transform(const uint16_t *p, const uint16_t *bias, uint16_t *y, int batch, int h, int w, int c,
+                      int stride, int rows, int cols, long first, long count, long t0, long t1) {
+  for (long t = t0; t < t1; t++) {
+    int b = t / ((long)rows * cols), r = (t / cols) % rows, q = t % cols;
+    for (int c0 = 0; c0 < c; c0 += CH) {
+      float d[N][N][CH], e[M][N][CH], beta[CH];
+      for (int k = 0; k < CH; k++) beta[k] = bias ? load(bias[c0 + k]) : 0.f;
+      for (int i = 0; i < N * N; i++) {
+        const uint16_t *s = p + (i * count + t - first) * c + c0;
+        for (int k = 0; k < CH; k++) d[i / N][i % N][k] = load(s[k]);
+      }""")
+    for i in range(m):
+        for j in range(n):
+            expression = _linear_combination(a_t[i], [f"d[{l}][{j}][k]" for l in range(n)])
+            lines.append(f"      for (int k = 0; k < CH; k++) e[{i}][{j}][k] = {expression};")
+    for i in range(m):
+        for j in range(m):
+            expression = _linear_combination(a_t[j], [f"e[{i}][{l}][k]" for l in range(n)])
+            lines.append(f"      if (r * M + {i} < h && q * M + {j} < w) {{"
+                         f" uint16_t *o = y + (((long)b * h + r * M + {i}) * w + q * M + {j}) * stride + c0;"
+                         f" for (int k = 0; k < CH; k++) o[k] = store(beta[k] {expression}); }}")
+    lines.append("""    }
+  }
+}""")
+    return "\n".join(lines)
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled transforms are kept: $SDSTUDIO_KERNEL_CACHE, else $XDG_CACHE_HOME (~/.cache)/sdstudio."""
+    if os.environ.get("SDSTUDIO_KERNEL_CACHE"):
+        return Path(os.environ["SDSTUDIO_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdstudio" / "kernels"
+
+
+COMPILER_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+
+
+@functools.cache
+def _kernels() -> ctypes.CDLL | None:
+    """The compiled transforms (built once per source and machine); None, logged once, where they cannot be."""
+    source = kernel_source()
+    machine = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line for line in machine.splitlines() if line.startswith("flags")), "")
+    key = hashlib.sha256("\n".join([source, " ".join(COMPILER_FLAGS), flags]).encode()).hexdigest()[:20]
+    library = kernel_cache_dir() / f"winograd-{key}.so"
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as work:
+                (Path(work) / "winograd.c").write_text(source)
+                subprocess.run([os.environ.get("CC", "cc"), *COMPILER_FLAGS, "winograd.c", "-o", "winograd.so"],
+                               cwd=work, check=True, capture_output=True, timeout=120)
+                os.replace(Path(work) / "winograd.so", library)
+        kernels = ctypes.CDLL(str(library))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        log.warning("Winograd convolutions off (3×3 convolutions run direct): cannot build %s: %s %s",
+                    library, exc, detail.decode(errors="replace")[:500])
+        return None
+    pointer, size, index = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    kernels.input_transform.argtypes = [pointer, pointer, *[size] * 6, *[index] * 4]
+    kernels.weight_transform.argtypes = [pointer, pointer, size, size, index, index]
+    kernels.output_transform.argtypes = [pointer, pointer, pointer, *[size] * 7, *[index] * 4]
+    return kernels

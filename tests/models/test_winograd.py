@@ -1,0 +1,141 @@
+"""Winograd F(2×2, 3×3) convolutions of the bf16 CPU fast path: the algebra, the compiled transforms against torch's
+convolution, the cases left to torch, and the UNet that uses them."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdstudio.models import winograd
+from sdstudio.models.checkpoint import load_checkpoint
+from sdstudio.models.winograd import (WinogradConv2d, use_winograd_convolutions, winograd_applies, winograd_conv2d,
+                                      winograd_matrices)
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value.double() - reference.double()).norm() / reference.double().norm()).item()
+
+
+@pytest.mark.parametrize("m,points", [(2, (0.0, 1.0, -1.0)), (4, (0.0, 1.0, -1.0, 0.5, -2.0))])
+def test_the_matrices_compute_a_correlation(m, points):
+    a_t, g, b_t = winograd_matrices(m, points)
+    torch.manual_seed(0)
+    d, taps = torch.randn(m + 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    expected = torch.stack([d[i:i + 3] @ taps for i in range(m)])
+    assert torch.allclose(a_t @ ((g @ taps) * (b_t @ d)), expected, atol=1e-12)
+
+
+def conv_case(batch, channels, out_channels, height, width, bias=True):
+    torch.manual_seed(1)
+    x = torch.randn(batch, channels, height, width).bfloat16().contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(channels, out_channels, 3, padding=1, bias=bias).bfloat16()
+    if bias:
+        with torch.no_grad():
+            conv.bias.normal_()
+    return x, conv
+
+
+@pytest.mark.parametrize("shape,bias", [((2, 64, 32, 32, 48), True), ((1, 32, 16, 7, 9), False),
+                                        ((3, 16, 32, 5, 33), True)])
+def test_winograd_matches_the_convolution_within_bf16_rounding(shape, bias):
+    batch, channels, out_channels, height, width = shape
+    x, conv = conv_case(batch, channels, out_channels, height, width, bias)
+    with torch.inference_mode():
+        exact = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                         padding=1)
+        direct = conv(x)
+        fast = winograd_conv2d(x, conv.weight, conv.bias)
+    assert fast.shape == exact.shape and fast.dtype == torch.bfloat16
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    # odd sizes: the last tiles hang over the edge; a wrong border or bias shows as a large error
+    assert relative_error(fast, exact) < 4 * relative_error(direct, exact) < 0.03
+
+
+def test_passes_over_parts_of_the_tiles_and_channels_give_the_same_bits(monkeypatch):
+    x, conv = conv_case(2, 64, 80, 19, 23)
+    with torch.inference_mode():
+        whole = winograd_conv2d(x, conv.weight, conv.bias)
+        monkeypatch.setattr(winograd, "CHUNK_BYTES", 16 * 64 * 2 * 40)   # 40 tiles and 32 channels per pass
+        parts = winograd_conv2d(x, conv.weight, conv.bias)
+    assert torch.equal(parts, whole)
+
+
+def test_only_plain_bf16_inference_convolutions_with_enough_tiles_apply(monkeypatch):
+    x, conv = conv_case(2, 32, 32, 32, 32)
+    with torch.inference_mode():
+        assert winograd_applies(conv, x)
+        assert not winograd_applies(conv, x[:, :, :8, :8])             # 32 tiles < MIN_TILES
+        assert not winograd_applies(conv.float(), x.float())
+        strided = torch.nn.Conv2d(32, 32, 3, stride=2, padding=1).bfloat16()
+        odd = torch.nn.Conv2d(32, 24, 3, padding=1).bfloat16()           # 24 channels: not whole blocks of 16
+        assert not winograd_applies(strided, x) and not winograd_applies(odd, x)
+    assert not winograd_applies(conv.bfloat16(), x)                      # gradients on: torch's own
+    monkeypatch.setattr(winograd, "MIN_TILES", 1)
+    with torch.inference_mode():
+        assert winograd_applies(conv, x[:, :, :8, :8])
+
+
+def test_a_module_runs_winograd_and_follows_a_patched_weight():
+    x, conv = conv_case(2, 32, 32, 32, 32)
+    use_winograd_convolutions(torch.nn.Sequential(conv))
+    assert type(conv) is WinogradConv2d
+    with torch.inference_mode():
+        before = conv(x)
+        assert torch.equal(before, winograd_conv2d(x, conv.weight, conv.bias))
+        conv.weight.data = conv.weight.data * 2          # what the LoRA weight patcher does
+        after = conv(x)
+        exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert relative_error(after, exact) < 0.03 and relative_error(before, exact) > 0.2
+
+
+def test_without_a_compiler_convolutions_run_direct(tmp_path, monkeypatch):
+    x, conv = conv_case(2, 32, 32, 32, 32)
+    monkeypatch.setenv("SDSTUDIO_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    winograd._kernels.cache_clear()
+    try:
+        with torch.inference_mode():
+            assert not winograd_applies(conv, x)
+            use_winograd_convolutions(torch.nn.Sequential(conv))
+            assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    finally:
+        winograd._kernels.cache_clear()
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_the_transforms_are_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDSTUDIO_KERNEL_CACHE", str(tmp_path))
+    winograd._kernels.cache_clear()
+    try:
+        assert winograd._kernels() is not None
+        built = list(tmp_path.glob("winograd-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        winograd._kernels.cache_clear()
+        assert winograd._kernels() is not None and built[0].stat().st_mtime_ns == stamp
+    finally:
+        winograd._kernels.cache_clear()
+
+
+def test_a_bf16_unet_uses_winograd_close_to_its_direct_convolutions(sd1_file, monkeypatch):
+    unet = load_checkpoint(sd1_file, dtype=torch.bfloat16).unet
+    convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert any(type(m) is WinogradConv2d for m in convs)
+    assert not any(type(m) is WinogradConv2d for m in load_checkpoint(sd1_file).unet.modules())   # fp32: exact
+    monkeypatch.setattr(winograd, "MIN_TILES", 1)    # the tiny UNet's latents are a few tiles
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16).bfloat16()
+    context = torch.randn(2, 77, unet.config.cross_attention_dim).bfloat16()
+    used = []
+    hooks = [conv.register_forward_hook(lambda module, args, out: used.append(winograd_applies(module, args[0])))
+             for conv in convs if conv.kernel_size == (3, 3)]
+    with torch.inference_mode():
+        fast = unet(latents, 10, encoder_hidden_states=context).sample
+        assert not winograd._scratch().buffers               # released after the call
+        for hook in hooks:
+            hook.remove()
+        for conv in convs:
+            conv.__class__ = torch.nn.Conv2d
+        direct = unet(latents, 10, encoder_hidden_states=context).sample
+    assert sum(used) >= len(used) // 2    # all but the latent-channel and downsampling convolutions
+    assert relative_error(fast, direct) < 0.05
