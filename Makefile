@@ -8,6 +8,8 @@ BENCH_STAMP := $(VENV)/.bench-installed
 DATA_DIR ?= .
 # browser tests drive Debian's chromium (never a downloaded browser); CI runs as root and installs it
 CHROMIUM := /usr/bin/chromium
+# the bf16 fast path compiles its Winograd transforms with the system C compiler (without one: direct convolutions)
+CC_BIN := /usr/bin/cc
 
 .PHONY: run test bench install clean
 
@@ -29,7 +31,10 @@ run: $(STAMP)
 $(CHROMIUM):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-test: $(STAMP) $(CHROMIUM)
+$(CC_BIN):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc
+
+test: $(STAMP) $(CHROMIUM) $(CC_BIN)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 $(BENCH_STAMP): $(STAMP)
@@ -41,6 +46,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/generate.py
 	$(PY) bench/lora.py
 	$(PY) bench/options.py
+	$(PY) bench/winograd.py
 	$(PY) bench/gpu.py
 
 clean:

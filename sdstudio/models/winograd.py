@@ -75,7 +75,7 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     tiles = batch * rows * cols
     x = x.contiguous(memory_format=torch.channels_last)
     weight = weight.contiguous(memory_format=torch.channels_last)
-    bias_pointer = None if bias is None else bias.contiguous().data_ptr()
+    bias = None if bias is None else bias.contiguous()
     y = torch.empty(batch, out_channels, height, width, dtype=x.dtype, memory_format=torch.channels_last)
     scratch, per_channel = _scratch(), n * n * channels * x.element_size()
     span = max(1, min(tiles, CHUNK_BYTES // per_channel))     # tiles per pass
@@ -94,7 +94,7 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             products = scratch.take("products", (n * n, count, high - low))
             torch.bmm(v, u.transpose(1, 2), out=products)
             _parallel(first, first + count, lambda a, b: kernels.output_transform(
-                products.data_ptr(), None if bias is None else bias_pointer + low * x.element_size(),
+                products.data_ptr(), None if bias is None else bias.data_ptr() + low * x.element_size(),
                 y.data_ptr() + low * x.element_size(), batch, height, width, high - low, out_channels, rows, cols,
                 first, count, a, b))
     return y
@@ -104,8 +104,8 @@ def winograd_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv(x)` takes the Winograd path: a plain 3×3 convolution (stride 1, padding 1, no dilation or
     groups) of a bf16 CPU tensor without gradients, channels in multiples of CHANNEL_BLOCK, enough tiles, and the
     transforms compiled on this machine."""
-    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and conv.weight.dtype == torch.bfloat16
-            and not torch.is_grad_enabled() and x.dim() == 4):
+    if not (x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.bfloat16 and x.dim() == 4
+            and (conv.bias is None or conv.bias.dtype == torch.bfloat16) and not torch.is_grad_enabled()):
         return False
     if not (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
@@ -189,7 +189,8 @@ def kernel_source(m: int = OUTPUT_TILE, points: tuple[float, ...] = POINTS) -> s
     """C source of the three transforms for F(m, 3), with the matrices written into the expressions."""
     a_t, g, b_t = (t.tolist() for t in winograd_matrices(m, points))
     n = m + 2
-    lines = [f"""#include <stdint.h>
+    lines = [f"""typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
+typedef unsigned int uint32_t;
 #define N {n}
 #define M {m}
 #define CH {CHANNEL_BLOCK}
