@@ -185,6 +185,17 @@ def _linear_combination(coefficients: list[float], terms: list[str]) -> str:
     return "".join(parts) or "0.f"
 
 
+def _sandwich(matrix: list[list[float]], source: str, columns: int, indent: str, store) -> list[str]:
+    """C lines for matrix·source·matrixᵀ on CH lanes: the first product into e[i][j][k] (source has `columns`
+    columns), then one line store(i, j, value expression) per element of the result."""
+    rows, inner = len(matrix), len(matrix[0])
+    lines = [f"{indent}for (int k = 0; k < CH; k++) e[{i}][{j}][k] = "
+             f"{_linear_combination(matrix[i], [f'{source}[{l}][{j}][k]' for l in range(inner)])};"
+             for i in range(rows) for j in range(columns)]
+    return lines + [indent + store(i, j, _linear_combination(matrix[j], [f"e[{i}][{l}][k]" for l in range(columns)]))
+                    for i in range(rows) for j in range(rows)]
+
+
 def kernel_source(m: int = OUTPUT_TILE, points: tuple[float, ...] = POINTS) -> str:
     """C source of the three transforms for F(m, 3), with the matrices written into the expressions."""
     a_t, g, b_t = (t.tolist() for t in winograd_matrices(m, points))
@@ -212,15 +223,9 @@ void input_transform(const uint16_t *x, uint16_t *v, int batch, int h, int w, in
         int inside = y >= 0 && y < h && z >= 0 && z < w;
         for (int k = 0; k < CH; k++) d[i][j][k] = inside ? load(s[k]) : 0.f;
       }}"""]
-    for i in range(n):
-        for j in range(n):
-            expression = _linear_combination(b_t[i], [f"d[{l}][{j}][k]" for l in range(n)])
-            lines.append(f"      for (int k = 0; k < CH; k++) e[{i}][{j}][k] = {expression};")
-    for i in range(n):
-        for j in range(n):
-            expression = _linear_combination(b_t[j], [f"e[{i}][{l}][k]" for l in range(n)])
-            lines.append(f"      {{ uint16_t *o = v + ({i * n + j} * count + t - first) * c + c0;"
-                         f" for (int k = 0; k < CH; k++) o[k] = store({expression}); }}")
+    lines += _sandwich(b_t, "d", n, "      ", lambda i, j, value: (
+        f"{{ uint16_t *o = v + ({i * n + j} * count + t - first) * c + c0;"
+        f" for (int k = 0; k < CH; k++) o[k] = store({value}); }}"))
     lines.append("""    }
   }
 }
@@ -233,15 +238,9 @@ void weight_transform(const uint16_t *w, uint16_t *u, int co, int ci, long o0, l
       const uint16_t *s = w + ((o * 3 + i) * 3 + j) * ci + c0;
       for (int k = 0; k < CH; k++) g[i][j][k] = load(s[k]);
     }""")
-    for i in range(n):
-        for j in range(3):
-            expression = _linear_combination(g[i], [f"g[{l}][{j}][k]" for l in range(3)])
-            lines.append(f"    for (int k = 0; k < CH; k++) e[{i}][{j}][k] = {expression};")
-    for i in range(n):
-        for j in range(n):
-            expression = _linear_combination(g[j], [f"e[{i}][{l}][k]" for l in range(3)])
-            lines.append(f"    {{ uint16_t *dst = u + ({i * n + j} * (long)co + o) * ci + c0;"
-                         f" for (int k = 0; k < CH; k++) dst[k] = store({expression}); }}")
+    lines += _sandwich(g, "g", 3, "    ", lambda i, j, value: (
+        f"{{ uint16_t *dst = u + ({i * n + j} * (long)co + o) * ci + c0;"
+        f" for (int k = 0; k < CH; k++) dst[k] = store({value}); }}"))
     lines.append("""  }
 }
 
@@ -258,16 +257,10 @@ void output_transform(const uint16_t *p, const uint16_t *bias, uint16_t *y, int 
         const uint16_t *s = p + (i * count + t - first) * c + c0;
         for (int k = 0; k < CH; k++) d[i / N][i % N][k] = load(s[k]);
       }""")
-    for i in range(m):
-        for j in range(n):
-            expression = _linear_combination(a_t[i], [f"d[{l}][{j}][k]" for l in range(n)])
-            lines.append(f"      for (int k = 0; k < CH; k++) e[{i}][{j}][k] = {expression};")
-    for i in range(m):
-        for j in range(m):
-            expression = _linear_combination(a_t[j], [f"e[{i}][{l}][k]" for l in range(n)])
-            lines.append(f"      if (r * M + {i} < h && q * M + {j} < w) {{"
-                         f" uint16_t *o = y + (((long)b * h + r * M + {i}) * w + q * M + {j}) * stride + c0;"
-                         f" for (int k = 0; k < CH; k++) o[k] = store(beta[k] {expression}); }}")
+    lines += _sandwich(a_t, "d", n, "      ", lambda i, j, value: (
+        f"if (r * M + {i} < h && q * M + {j} < w) {{"
+        f" uint16_t *o = y + (((long)b * h + r * M + {i}) * w + q * M + {j}) * stride + c0;"
+        f" for (int k = 0; k < CH; k++) o[k] = store(beta[k] {value}); }}"))
     lines.append("""    }
   }
 }""")
