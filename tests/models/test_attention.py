@@ -46,6 +46,24 @@ def test_short_cross_attention_stays_with_pytorch_bit_for_bit():
                        run(module, AttnProcessor2_0(), hidden, context))
 
 
+@pytest.mark.parametrize("repeated", [True, False])
+def test_a_cfg_batch_of_one_half_repeated_computes_its_self_attention_once(monkeypatch, repeated):
+    import sdstudio.models.attention as attention
+
+    module = attention_module(8, 40).to(torch.bfloat16)
+    half = torch.randn(2, LONG_ATTENTION, 320, dtype=torch.bfloat16)
+    other = half.clone()
+    other[-1, -1, -1] += 1   # one value apart: not a repeat
+    hidden = torch.cat([half, half if repeated else other])
+    batches = []
+    real = attention.openvino_attention
+    monkeypatch.setattr(attention, "openvino_attention", lambda q, *rest: batches.append(len(q)) or real(q, *rest))
+    out = run(module, FastCPUAttention(), hidden)
+    assert batches == ([2] if repeated else [4])
+    each = torch.cat([run(module, FastCPUAttention(), image[None]) for image in hidden])
+    assert torch.equal(out, each)
+
+
 def test_fp32_and_gradients_stay_with_pytorch():
     module = attention_module(2, 32)
     hidden = torch.randn(1, LONG_ATTENTION, 64)
