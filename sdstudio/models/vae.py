@@ -1,7 +1,6 @@
 """External VAE files: read, check the family, swap in without reloading the checkpoint; NaN-safe decode."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import re
@@ -18,7 +17,7 @@ from sdstudio.files.keymaps import vae_to_diffusers
 from sdstudio.files.readers import read_state_dict, read_tensor_infos
 from sdstudio.models.build import build_vae
 from sdstudio.models.checkpoint import LoadedCheckpoint
-from sdstudio.models.strip_decode import group_normalise, group_statistics, up_path_in_strips
+from sdstudio.models.strip_decode import group_normalise, group_statistics, return_freed_heap, up_path_in_strips
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +136,6 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None = None,
     if torch.isnan(images).any():
         raise ModelFileError("<vae>", "VAE decode produced NaN even in float32; the VAE or latents are broken")
     return ((images.float().cpu() + 1) / 2).clamp(0, 1)
-
-
-def return_freed_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc's malloc_trim): the sampler's freed activations stay
-    mapped otherwise, and the decode's full-resolution tensors (fresh mappings) would add to them. Measured at
-    512²: peak RSS −0.11 GiB; a no-op where there is no glibc."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _decode_once(vae: AutoencoderKL, latents: torch.Tensor, dtype: torch.dtype, tiled: bool, tile: int,

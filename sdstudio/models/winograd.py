@@ -1,7 +1,7 @@
 """3×3 convolutions of the bf16 CPU fast path by Winograd's minimal filtering F(m×m, 3×3).
 
-A UNet step is mostly 3×3 convolutions, and oneDNN already runs them near these cores' bf16 peak, so only less
-arithmetic makes them faster. Winograd computes each m×m output tile from an (m+2)² input tile as (m+2)² independent
+A UNet step (and a VAE decode) is mostly 3×3 convolutions, and oneDNN already runs them near these cores' bf16
+peak, so only less arithmetic makes them faster. Winograd computes each m×m output tile from an (m+2)² input tile as (m+2)² independent
 products over channels: 4 products per output instead of 9 for F(2×2, 3×3). In steps:
 
 1. input transform: every (m+2)² tile of the zero-padded input, d → Bᵀ·d·B, in fp32, stored bf16 as
@@ -14,8 +14,8 @@ products over channels: 4 products per output instead of 9 for F(2×2, 3×3). In
 The transforms are C loops over channels (vectorised by the compiler), generated from the matrices below and
 compiled once per machine with the system C compiler into the user's cache; they run on torch's thread count
 through ctypes (which releases the GIL). Where there is no compiler, and for any convolution outside the narrow
-case (another dtype or device, gradients, channels not a multiple of 16, too few tiles to pay for the transforms),
-the layer runs oneDNN's direct convolution as before.
+case (another dtype or device, gradients, channels not a multiple of 16, too few channels or tiles to pay for the
+transforms), the layer runs oneDNN's direct convolution as before.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 OUTPUT_TILE = 2        # F(2×2, 3×3): per-layer error 1.9× the direct bf16 convolution's (F(4×4) was 7×)
 POINTS = (0.0, 1.0, -1.0)   # Toom-Cook interpolation points (and ∞) for F(2, 3)
 CHANNEL_BLOCK = 16     # channels per vector loop in the C transforms; channel counts must be multiples of it
+MIN_CHANNELS = 256     # narrower layers (the VAE's 128-channel ones at 512²: 198 vs 188 ms direct) do not pay
 MIN_TILES = 128        # fewer output tiles than this (SD1.5's 8×8 level: 32 with CFG) do not pay for the weight transform
 CHUNK_BYTES = 16 << 20  # at most this much transformed input (a part of the tiles) and transformed weight (a part of
                         # the output channels) at once: bounds the buffers (the transformed input is 4× the input)
@@ -64,11 +65,14 @@ def winograd_matrices(m: int = OUTPUT_TILE, points: tuple[float, ...] = POINTS) 
     return a_t, g, b_t
 
 
-def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """conv2d(x, weight, bias, padding=1) for bf16 CPU tensors (3×3 weight), channels-last output, by F(m×m, 3×3).
-    The caller checks `winograd_applies` first."""
+def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    row_padding: int = 1) -> torch.Tensor:
+    """conv2d(x, weight, bias, padding=(row_padding, 1)) for bf16 CPU tensors (3×3 weight), channels-last output, by
+    F(m×m, 3×3); row_padding 0 = x brings the rows above and below the output (a strip with its halo). The caller
+    checks `winograd_applies` first."""
     kernels = _kernels()
-    batch, channels, height, width = x.shape
+    batch, channels, rows_in, width = x.shape
+    height = rows_in - 2 + 2 * row_padding   # output rows
     out_channels = weight.shape[0]
     n, m = OUTPUT_TILE + 2, OUTPUT_TILE
     rows, cols = -(-height // m), -(-width // m)
@@ -90,7 +94,8 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             v = scratch.take("input", (n * n, count, channels))
             if low == 0 or span < tiles:                      # one pass over all tiles keeps its input
                 _parallel(first, first + count, lambda a, b: kernels.input_transform(
-                    x.data_ptr(), v.data_ptr(), batch, height, width, channels, rows, cols, first, count, a, b))
+                    x.data_ptr(), v.data_ptr(), batch, rows_in, width, channels, row_padding, rows, cols, first,
+                    count, a, b))
             products = scratch.take("products", (n * n, count, high - low))
             torch.bmm(v, u.transpose(1, 2), out=products)
             _parallel(first, first + count, lambda a, b: kernels.output_transform(
@@ -102,15 +107,15 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def winograd_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv(x)` takes the Winograd path: a plain 3×3 convolution (stride 1, padding 1, no dilation or
-    groups) of a bf16 CPU tensor without gradients, channels in multiples of CHANNEL_BLOCK, enough tiles, and the
-    transforms compiled on this machine."""
+    groups) of a bf16 CPU tensor without gradients, channels in multiples of CHANNEL_BLOCK and at least
+    MIN_CHANNELS in, enough tiles, and the transforms compiled on this machine."""
     if not (x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.bfloat16 and x.dim() == 4
             and (conv.bias is None or conv.bias.dtype == torch.bfloat16) and not torch.is_grad_enabled()):
         return False
     if not (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
         return False
-    if conv.in_channels % CHANNEL_BLOCK or conv.out_channels % CHANNEL_BLOCK:
+    if conv.in_channels % CHANNEL_BLOCK or conv.out_channels % CHANNEL_BLOCK or conv.in_channels < MIN_CHANNELS:
         return False
     tiles = x.shape[0] * -(-x.shape[2] // OUTPUT_TILE) * -(-x.shape[3] // OUTPUT_TILE)
     return tiles >= MIN_TILES and _kernels() is not None
@@ -132,10 +137,11 @@ def use_winograd_convolutions(model: torch.nn.Module) -> None:
     for module in model.modules():
         if type(module) is torch.nn.Conv2d:
             module.__class__ = WinogradConv2d
-    model.register_forward_hook(_release_scratch)
+    model.register_forward_hook(release_winograd_buffers)
 
 
-def _release_scratch(*_) -> None:
+def release_winograd_buffers(*_) -> None:
+    """Free this thread's transform buffers (they are kept from one convolution to the next)."""
     _scratch().buffers.clear()
 
 
@@ -209,16 +215,17 @@ typedef union {{ uint32_t u; float f; }} bits;
 static inline float load(uint16_t h) {{ bits v; v.u = (uint32_t)h << 16; return v.f; }}
 static inline uint16_t store(float f) {{ bits v; v.f = f; return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16); }}
 
-/* x: NHWC bf16 → v[N*N][count][c] for the tiles [first, first + count) of the rows×cols grids of the images;
-   this call does the tiles [t0, t1) */
-void input_transform(const uint16_t *x, uint16_t *v, int batch, int h, int w, int c, int rows, int cols,
+/* x: NHWC bf16 → v[N*N][count][c] for the tiles [first, first + count) of the rows×cols grids of the images,
+   with `pad` zero rows above the image (1, or 0 where x holds the rows around the output); this call does the
+   tiles [t0, t1) */
+void input_transform(const uint16_t *x, uint16_t *v, int batch, int h, int w, int c, int pad, int rows, int cols,
                      long first, long count, long t0, long t1) {{
   for (long t = t0; t < t1; t++) {{
     int b = t / ((long)rows * cols), r = (t / cols) % rows, q = t % cols;
     for (int c0 = 0; c0 < c; c0 += CH) {{
       float d[N][N][CH], e[N][N][CH];
       for (int i = 0; i < N; i++) for (int j = 0; j < N; j++) {{
-        int y = r * M - 1 + i, z = q * M - 1 + j;
+        int y = r * M - pad + i, z = q * M - 1 + j;
         const uint16_t *s = x + (((long)b * h + y) * w + z) * c + c0;
         int inside = y >= 0 && y < h && z >= 0 && z < w;
         for (int k = 0; k < CH; k++) d[i][j][k] = inside ? load(s[k]) : 0.f;
@@ -300,7 +307,7 @@ def _kernels() -> ctypes.CDLL | None:
                     library, exc, detail.decode(errors="replace")[:500])
         return None
     pointer, size, index = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-    kernels.input_transform.argtypes = [pointer, pointer, *[size] * 6, *[index] * 4]
+    kernels.input_transform.argtypes = [pointer, pointer, *[size] * 7, *[index] * 4]
     kernels.weight_transform.argtypes = [pointer, pointer, size, size, index, index]
     kernels.output_transform.argtypes = [pointer, pointer, pointer, *[size] * 7, *[index] * 4]
     return kernels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdstudio.models import strip_decode
+from sdstudio.models import strip_decode, winograd
 from sdstudio.models import vae as vae_ops
 from sdstudio.models.checkpoint import load_checkpoint
 from tests.helpers import psnr
@@ -17,17 +17,27 @@ def vae(request, sd1_file):
 
 
 @pytest.mark.parametrize("strip_elements", [1 << 21, 2000, 300])   # one strip per tensor; many; one row each
-def test_the_up_path_in_strips_is_diffusers_decoder(vae, monkeypatch, strip_elements):
+@pytest.mark.parametrize("narrow_winograd", [False, True])
+def test_the_up_path_in_strips_is_diffusers_decoder(vae, monkeypatch, strip_elements, narrow_winograd):
     monkeypatch.setattr(strip_decode, "STRIP_ELEMENTS", strip_elements)
+    if narrow_winograd:   # the tiny VAE's layers are too narrow and small for Winograd to pay: let them qualify
+        monkeypatch.setattr(winograd, "MIN_CHANNELS", winograd.CHANNEL_BLOCK)
+        monkeypatch.setattr(winograd, "MIN_TILES", 1)
+    by_winograd = []
+    real = strip_decode.winograd_conv2d
+    monkeypatch.setattr(strip_decode, "winograd_conv2d", lambda *a, **k: by_winograd.append(1) or real(*a, **k))
     latents = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(3)).to(vae.dtype)
     with torch.inference_mode():
         reference = vae.decode(latents).sample
         strips = strip_decode.up_path_in_strips(vae.decoder, vae_ops._decoder_trunk(vae, latents))
+    assert bool(by_winograd) == (narrow_winograd and vae.dtype == torch.bfloat16)
+    assert not winograd._scratch().buffers   # released level by level
     assert strips.shape == reference.shape == (2, 3, 96, 80) and strips.dtype == reference.dtype
     if vae.dtype == torch.float32:   # only the order of the statistics' sums differs
         assert torch.allclose(strips, reference, atol=1e-4, rtol=1e-4), (strips - reference).abs().max()
     else:                             # and bf16 roundings of intermediate values
-        assert psnr(strips, reference, peak=2) >= 45   # images in [-1, 1]
+        assert psnr(strips, reference, peak=2) >= (40 if by_winograd else 45)   # images in [-1, 1]; Winograd's
+        # per-layer error is up to 4× the direct convolution's (here on every layer; full-size 512²: 49.9 dB)
 
 
 def test_group_statistics_from_strips_are_the_whole_tensors(monkeypatch):

@@ -12,6 +12,12 @@ from sdstudio.models.winograd import (WinogradConv2d, use_winograd_convolutions,
                                       winograd_matrices)
 
 
+@pytest.fixture(autouse=True)
+def narrow_layers(monkeypatch):
+    """The layers here are narrower than MIN_CHANNELS (the width where Winograd pays on these cores)."""
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", winograd.CHANNEL_BLOCK)
+
+
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value.double() - reference.double()).norm() / reference.double().norm()).item()
 
@@ -51,6 +57,17 @@ def test_winograd_matches_the_convolution_within_bf16_rounding(shape, bias):
     assert relative_error(fast, exact) < 4 * relative_error(direct, exact) < 0.03
 
 
+@pytest.mark.parametrize("rows", [3, 4, 9])   # one and two output rows; an odd count
+def test_a_strip_with_its_halo_rows_convolves_without_row_padding(rows):
+    x, conv = conv_case(2, 32, 48, rows, 21)
+    with torch.inference_mode():
+        exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=(0, 1))
+        direct = F.conv2d(x, conv.weight, conv.bias, padding=(0, 1))
+        fast = winograd_conv2d(x, conv.weight, conv.bias, row_padding=0)
+    assert fast.shape == exact.shape == (2, 48, rows - 2, 21)
+    assert relative_error(fast, exact) < 4 * relative_error(direct, exact) < 0.03
+
+
 def test_passes_over_parts_of_the_tiles_and_channels_give_the_same_bits(monkeypatch):
     x, conv = conv_case(2, 64, 80, 19, 23)
     with torch.inference_mode():
@@ -69,6 +86,9 @@ def test_only_plain_bf16_inference_convolutions_with_enough_tiles_apply(monkeypa
         strided = torch.nn.Conv2d(32, 32, 3, stride=2, padding=1).bfloat16()
         odd = torch.nn.Conv2d(32, 24, 3, padding=1).bfloat16()           # 24 channels: not whole blocks of 16
         assert not winograd_applies(strided, x) and not winograd_applies(odd, x)
+        monkeypatch.setattr(winograd, "MIN_CHANNELS", 48)
+        assert not winograd_applies(conv, x)                             # 32 channels in < MIN_CHANNELS
+        monkeypatch.setattr(winograd, "MIN_CHANNELS", 32)
     assert not winograd_applies(conv.bfloat16(), x)                      # gradients on: torch's own
     monkeypatch.setattr(winograd, "MIN_TILES", 1)
     with torch.inference_mode():
