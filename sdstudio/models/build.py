@@ -21,7 +21,7 @@ from sdstudio.files.keymaps import fit_text_encoder_keys
 from sdstudio.files.readers import release_file_pages
 from sdstudio.models.attention import use_fast_cpu_attention
 from sdstudio.models.fused import use_fused_layers
-from sdstudio.models.winograd import use_winograd_convolutions
+from sdstudio.models.winograd import release_winograd_buffers, use_winograd_convolutions
 
 CONFIG_FILE = Path(__file__).parent / "configs" / "families.json"
 GROUP_NORM_GROUPS = 32  # every SD UNet/VAE uses GroupNorm(32)
@@ -222,15 +222,20 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
         use_fast_cpu_attention(unet)
         use_fused_layers(unet)
         use_winograd_convolutions(unet)
+        unet.register_forward_hook(release_winograd_buffers)   # kept through a call, nothing between calls
     return unet
 
 
 def build_vae(weights: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype | None = None,
               where: str = "<vae>") -> AutoencoderKL:
-    """AutoencoderKL from diffusers-named weights."""
+    """AutoencoderKL from diffusers-named weights; a bf16 one (the CPU fast path) gets Winograd convolutions
+    (models/winograd.py; vae.decode and vae.encode release their buffers)."""
     with torch.device("meta"):
         vae = AutoencoderKL(**vae_config(weights, family, where))
-    return assign_weights(vae, weights, dtype, where, convolutional=True)
+    vae = assign_weights(vae, weights, dtype, where, convolutional=True)
+    if vae.dtype == torch.bfloat16:
+        use_winograd_convolutions(vae)
+    return vae
 
 
 def build_text_encoder(weights: Mapping[str, torch.Tensor], kind: str, dtype: torch.dtype | None = None,

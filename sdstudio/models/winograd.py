@@ -131,17 +131,15 @@ class WinogradConv2d(torch.nn.Conv2d):
 
 
 def use_winograd_convolutions(model: torch.nn.Module) -> None:
-    """Make every plain torch Conv2d of `model` a WinogradConv2d (same weights and state); the transforms' buffers
-    are kept through one call of `model` and released after it, so they add nothing to memory between calls (the
-    VAE decode, another model)."""
+    """Make every plain torch Conv2d of `model` a WinogradConv2d (same weights and state). The transforms' buffers
+    are kept from one convolution to the next: release_winograd_buffers once the model's work is done."""
     for module in model.modules():
         if type(module) is torch.nn.Conv2d:
             module.__class__ = WinogradConv2d
-    model.register_forward_hook(release_winograd_buffers)
 
 
 def release_winograd_buffers(*_) -> None:
-    """Free this thread's transform buffers (they are kept from one convolution to the next)."""
+    """Free this thread's transform buffers (takes and ignores a forward hook's arguments)."""
     _scratch().buffers.clear()
 
 

@@ -159,3 +159,35 @@ def test_a_bf16_unet_uses_winograd_close_to_its_direct_convolutions(sd1_file, mo
         direct = unet(latents, 10, encoder_hidden_states=context).sample
     assert sum(used) >= len(used) // 2    # all but the latent-channel and downsampling convolutions
     assert relative_error(fast, direct) < 0.05
+
+
+def test_a_bf16_vae_uses_winograd_and_its_decode_and_encode_release_the_buffers(sd1_file, monkeypatch):
+    from sdstudio.models import vae as vae_ops
+    from tests.helpers import psnr
+
+    vae = load_checkpoint(sd1_file, dtype=torch.bfloat16).vae
+    convs = [m for m in vae.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert any(type(m) is WinogradConv2d for m in convs)
+    assert not any(type(m) is WinogradConv2d for m in load_checkpoint(sd1_file).vae.modules())   # fp32: exact
+    monkeypatch.setattr(winograd, "MIN_TILES", 1)
+    latents = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(5))
+    images = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(6))
+    used = []
+    real = winograd.winograd_conv2d
+    monkeypatch.setattr(winograd, "winograd_conv2d", lambda *a, **k: used.append(1) or real(*a, **k))
+
+    def run() -> list[torch.Tensor]:
+        out = []
+        for work in (lambda: vae_ops.decode(vae, latents, tiled=True, tile=8, overlap=4),
+                     lambda: vae_ops.encode(vae, images, sample=False)):
+            out.append(work())
+            assert not winograd._scratch().buffers
+        return out
+
+    fast = run()
+    assert used   # the tiled decode's and the encoder's modules (the strips call winograd_conv2d themselves)
+    for conv in convs:
+        conv.__class__ = torch.nn.Conv2d
+    direct = run()
+    assert psnr(fast[0], direct[0], peak=1) >= 35
+    assert psnr(fast[1], direct[1], peak=direct[1].abs().max().item()) >= 35
