@@ -1,8 +1,8 @@
 """3×3 convolutions of the bf16 CPU fast path by Winograd's minimal filtering F(m×m, 3×3).
 
 A UNet step (and a VAE decode) is mostly 3×3 convolutions, and oneDNN already runs them near these cores' bf16
-peak, so only less arithmetic makes them faster. Winograd computes each m×m output tile from an (m+2)² input tile as (m+2)² independent
-products over channels: 4 products per output instead of 9 for F(2×2, 3×3). In steps:
+peak, so only less arithmetic makes them faster. Winograd computes each m×m output tile from an (m+2)² input tile
+as (m+2)² independent products over channels: 4 products per output instead of 9 for F(2×2, 3×3). In steps:
 
 1. input transform: every (m+2)² tile of the zero-padded input, d → Bᵀ·d·B, in fp32, stored bf16 as
    V[(m+2)², tiles, channels in];
@@ -38,7 +38,7 @@ OUTPUT_TILE = 2        # F(2×2, 3×3): per-layer error 1.9× the direct bf16 co
 POINTS = (0.0, 1.0, -1.0)   # Toom-Cook interpolation points (and ∞) for F(2, 3)
 CHANNEL_BLOCK = 16     # channels per vector loop in the C transforms; channel counts must be multiples of it
 MIN_CHANNELS = 256     # narrower layers (the VAE's 128-channel ones at 512²: 198 vs 188 ms direct) do not pay
-MIN_TILES = 128        # fewer output tiles than this (SD1.5's 8×8 level: 32 with CFG) do not pay for the weight transform
+MIN_TILES = 128        # fewer output tiles (SD1.5's 8×8 level: 32 with CFG) do not pay for the weight transform
 CHUNK_BYTES = 16 << 20  # at most this much transformed input (a part of the tiles) and transformed weight (a part of
                         # the output channels) at once: bounds the buffers (the transformed input is 4× the input)
 
