@@ -121,8 +121,11 @@ def machine() -> str:
                   if line.startswith("model name")),
                  platform.processor())
     flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f in cpuinfo_text]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown (no git checkout)"
+    except FileNotFoundError:   # a machine without git (a GPU machine given a copy of the tree)
+        commit = "unknown (no git)"
     return (f"{model} ({', '.join(flags) or 'no avx512'}), {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{date.today().isoformat()}, commit {commit}")
 

@@ -48,7 +48,7 @@ def test_models_load_onto_the_device_asked_for(sd1_file):
 
 
 @needs_cuda
-@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
 def test_gpu_txt2img_and_img2img_match_the_cpu(sd1_file, precision):
     """The same request on the GPU and the CPU (fp32 reference): the GPU path moves every tensor it needs."""
     request = {"prompt": "a (red:1.2) cat [dog:cat:2]", "negative_prompt": "blurry", "steps": 4, "width": 64,
