@@ -1,5 +1,6 @@
-"""SD1.5 512² and SDXL 1024² on a CUDA GPU: sdstudio (`--device cuda`, `--precision auto` = fp16) vs diffusers fp16
-(its CUDA defaults: SDPA attention), one run, each engine in a fresh process, iterations per second side by side.
+"""SD1.5 512² and SDXL 1024² on a CUDA GPU: sdstudio (`--device cuda`, `--precision auto` = fp16, and fp32 for the
+quality guard) vs diffusers fp16 (its CUDA defaults: SDPA attention), one run, each engine in a fresh process,
+iterations per second side by side.
 
 On a machine where torch sees no CUDA GPU it says so and measures nothing (RESULTS.md is left as it is).
 """
@@ -17,27 +18,31 @@ STEPS = 20
 
 
 def rows_for(family: str, size: int, images: Path) -> list[str]:
-    """The table rows of one model: diffusers fp16 and sdstudio auto on the GPU, with the PSNR between their images."""
+    """The table rows of one model: diffusers fp16 and sdstudio auto on the GPU, and the quality guard: sdstudio's
+    fp16 image against its fp32 one (same seed and noise). No PSNR between the engines: their first noise comes from
+    different generators (A1111's GPU RNG vs diffusers' CPU generator) and their Euler schedules differ."""
     path = full_checkpoint(family, "fp16")
     common = {"path": str(path), "steps": STEPS, "size": size, "decode_sizes": [], "device": "cuda"}
     theirs = run_runner("diffusers", **common, config=str(diffusers_config_dir(path)), mode="fp16",
-                        xl=family == "sdxl", image=str(images / f"{family}-diffusers.png"))
-    ours = run_runner("sdstudio", **common, precision="auto", image=str(images / f"{family}-sdstudio.png"))
+                        xl=family == "sdxl", image=None)
+    ours = run_runner("sdstudio", **common, precision="auto", image=str(images / f"{family}-fp16.png"))
+    reference = run_runner("sdstudio", **common, precision="fp32", image=str(images / f"{family}-fp32.png"))
     label = f"{'SDXL' if family == 'sdxl' else 'SD1.5'} {size}²"
     rows = []
-    for name, r in (("diffusers fp16 (SDPA)", theirs), ("sdstudio --device cuda --precision auto", ours)):
+    for name, r in (("diffusers fp16 (SDPA)", theirs), ("sdstudio --device cuda --precision auto", ours),
+                    ("sdstudio --device cuda --precision fp32", reference)):
         if "error" in r:
             rows.append(f"| {label} | {name} | failed: {r['error']} | | | | |")
             continue
         speedup = f"{theirs['step_s'] / r['step_s']:.2f}×" if "error" not in theirs else "–"
         rows.append(f"| {label} | {name} | {r['load_s']:.2f} | {1 / r['step_s']:.2f} | {speedup} | "
                     f"{r['e2e_s']:.2f} | {r['first_step_s']:.2f} |")
-    pair = [images / f"{family}-{engine}.png" for engine in ("diffusers", "sdstudio")]
+    pair = [images / f"{family}-{precision}.png" for precision in ("fp16", "fp32")]
     if all(p.exists() for p in pair):
         from PIL import Image
 
-        rows.append(f"| {label} | PSNR sdstudio vs diffusers image | {psnr(Image.open(pair[0]), Image.open(pair[1])):.1f}"
-                    " dB | | | | |")
+        rows.append(f"| {label} | quality guard: PSNR of sdstudio's fp16 image vs its fp32 one | "
+                    f"{psnr(Image.open(pair[0]), Image.open(pair[1])):.1f} dB | | | | |")
     return rows
 
 
@@ -56,7 +61,7 @@ def main() -> None:
                   f"{machine()}, GPU {torch.cuda.get_device_name(0)}\n\nCommand: `make bench` or "
                   "`.venv/bin/python bench/gpu.py`. Same full-size random-weight fp16 files as the CPU tables; "
                   f"Euler, CFG 7, batch 1, seed 1, {STEPS} steps; it/s = 1 / median step interval after the first "
-                  "(each step synchronised); each engine in a fresh process.\n\n" + table)
+                  "(each step synchronised); load s ends with the model on the GPU; each engine in a fresh process.\n\n" + table)
 
 
 if __name__ == "__main__":

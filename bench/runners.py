@@ -57,6 +57,15 @@ class StepClock:
         return {"first_step_s": steps[0], "step_s": statistics.median(steps[1:] or steps)}
 
 
+def load_on(target: str, load, *args, **kwargs):
+    """load(*args, **kwargs), finished on the `target` device (a GPU's copies synchronised): a load ends with the
+    model ready where it runs."""
+    model = load(*args, **kwargs)
+    if torch.device(target).type == "cuda":
+        torch.cuda.synchronize()
+    return model
+
+
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -73,7 +82,8 @@ def sdstudio(path: str, precision: str, steps: int, size: int, decode_sizes: lis
     from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
     from sdstudio.pipeline import txt2img
 
-    load_s, model = timed(load_checkpoint, path, dtype=resolve_precision(precision, device), device=device)
+    load_s, model = timed(load_on, device, load_checkpoint, path, dtype=resolve_precision(precision, device),
+                          device=device)
     model_hash = sha256_file(path)   # the infotext's model hash: the server and CLI keep it in their hash cache
     clock = StepClock()
     clock.start()
@@ -171,8 +181,7 @@ def diffusers(path: str, config: str, mode: str, steps: int, size: int, decode_s
     GPU: its documented CUDA setting, SDPA attention by default)."""
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(mode, torch.bfloat16)
     _import_diffusers()
-    load_s, pipe = timed(_diffusers_pipeline, path, config, xl, dtype)
-    pipe.to(device)
+    load_s, pipe = timed(load_on, device, lambda: _diffusers_pipeline(path, config, xl, dtype).to(device))
     if mode in ("bf16", "compile"):
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)

@@ -24,6 +24,7 @@ from sdstudio.images.preview import latent_preview
 from sdstudio.images.saving import output_dir, save_generated
 from sdstudio.models import vae as vae_ops
 from sdstudio.models.checkpoint import LoadedCheckpoint
+from sdstudio.models.cuda_graphs import unet_forward
 from sdstudio.models.device import device_memory
 from sdstudio.models.token_merging import token_merging
 from sdstudio.prompt.conditioning import EmbeddingLookup, encode_texts
@@ -216,7 +217,8 @@ def available_memory(device: torch.device | None = None) -> int:
 
 class UNetModel:
     """Calls the diffusers UNet with our cond dict: crossattn, SDXL text_embeds/time_ids, inpainting concat; the
-    inputs go to the UNet's device and dtype, the output comes back as float32 on the CPU (models/device.py).
+    inputs go to the UNet's device and dtype, the output comes back as float32 on the CPU (models/device.py). On a
+    GPU the calls replay CUDA graphs (models/cuda_graphs.py).
     Stops with an error suggesting fp32 when the output holds NaN."""
 
     def __init__(self, model: LoadedCheckpoint):
@@ -228,11 +230,11 @@ class UNetModel:
                  concat=None) -> torch.Tensor:
         if concat is not None:
             x = torch.cat([x, concat], dim=1)
-        added = {"text_embeds": self._in(text_embeds), "time_ids": self._in(time_ids)} \
-            if text_embeds is not None else None
+        inputs = {"sample": x, "timestep": t, "encoder_hidden_states": crossattn}
+        if text_embeds is not None:
+            inputs |= {"text_embeds": text_embeds, "time_ids": time_ids}
         with torch.inference_mode():
-            out = self.unet(self._in(x), self._in(t), encoder_hidden_states=self._in(crossattn),
-                            added_cond_kwargs=added).sample.float().cpu()
+            out = unet_forward(self.unet, {name: self._in(value) for name, value in inputs.items()}).float().cpu()
         if torch.isnan(out).any():
             raise GenerationError(f"the UNet produced NaN in {self.dtype}; try --precision fp32")
         return out

@@ -140,8 +140,8 @@ def text_config(weights: Mapping[str, Any], kind: str, where: str = "<text encod
 def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
                    where: str, convolutional: bool = False) -> torch.nn.Module:
     """Load `weights` into a meta-device `module` by assignment (no copy when dtypes already match). A
-    `convolutional` model in half precision (the fast path) gets its 4-D weights channels-last, the layout oneDNN and
-    cuDNN run fastest, in the same copy as the dtype conversion; fp32 keeps the default layout (the exact reference)."""
+    `convolutional` CPU model in half precision (the fast path) gets its 4-D weights channels-last, the layout oneDNN
+    runs fastest, in the same copy as the dtype conversion; fp32 keeps the default layout (the exact reference)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -211,14 +211,16 @@ def _materialise_meta_buffers(module: torch.nn.Module) -> None:
 
 
 def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int | None = None,
-               dtype: torch.dtype | None = None, where: str = "<unet>") -> UNet2DConditionModel:
-    """UNet2DConditionModel from diffusers-named weights; a bf16 UNet (the CPU fast path) gets the fast CPU
-    attention (models/attention.py), fused layers (models/fused.py) and Winograd convolutions (models/winograd.py)."""
+               dtype: torch.dtype | None = None, where: str = "<unet>",
+               device: torch.device | str = "cpu") -> UNet2DConditionModel:
+    """UNet2DConditionModel from diffusers-named weights, built on the CPU to run on `device` (the caller moves it);
+    a bf16 UNet for the CPU (the CPU fast path) gets the fast CPU attention (models/attention.py), fused layers
+    (models/fused.py) and Winograd convolutions (models/winograd.py)."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
-    unet = assign_weights(unet, weights, dtype, where, convolutional=True)
-    if unet.dtype == torch.bfloat16:
+    unet = assign_weights(unet, weights, dtype, where, convolutional=_runs_on_cpu(device))
+    if unet.dtype == torch.bfloat16 and _runs_on_cpu(device):
         use_fast_cpu_attention(unet)
         use_fused_layers(unet)
         use_winograd_convolutions(unet)
@@ -227,15 +229,23 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
 
 
 def build_vae(weights: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype | None = None,
-              where: str = "<vae>") -> AutoencoderKL:
-    """AutoencoderKL from diffusers-named weights; a bf16 one (the CPU fast path) gets Winograd convolutions
-    (models/winograd.py; vae.decode and vae.encode release their buffers)."""
+              where: str = "<vae>", device: torch.device | str = "cpu") -> AutoencoderKL:
+    """AutoencoderKL from diffusers-named weights, built on the CPU to run on `device`; a bf16 one for the CPU (the
+    CPU fast path) gets Winograd convolutions (models/winograd.py; vae.decode and vae.encode release their
+    buffers)."""
     with torch.device("meta"):
         vae = AutoencoderKL(**vae_config(weights, family, where))
-    vae = assign_weights(vae, weights, dtype, where, convolutional=True)
-    if vae.dtype == torch.bfloat16:
+    vae = assign_weights(vae, weights, dtype, where, convolutional=_runs_on_cpu(device))
+    if vae.dtype == torch.bfloat16 and _runs_on_cpu(device):
         use_winograd_convolutions(vae)
     return vae
+
+
+def _runs_on_cpu(device: torch.device | str) -> bool:
+    """Whether a module is built for the CPU: only there do its half-precision convolution weights go channels-last
+    (a copy at load) and a bf16 model get the CPU kernels. On a CUDA GPU the file's layout is kept: cuDNN ran the
+    UNet as fast or faster so (H200, fp16, 512² and 1024²), and the load makes no copy before the move."""
+    return torch.device(device).type == "cpu"
 
 
 def build_text_encoder(weights: Mapping[str, torch.Tensor], kind: str, dtype: torch.dtype | None = None,

@@ -113,8 +113,8 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
                     weights[f"text{i}"], TEXT_KIND_OF_PREFIX[p.prefix], dtype, f"{where} ({p.prefix})"))
                 for i, p in enumerate(parts.text_encoders)]
     pooled_dim = getattr(encoders[-1].model.config, "projection_dim", None)
-    unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)")
-    own_vae = build_vae(weights["vae"], info.family, dtype, f"{where} (VAE)") if "vae" in weights else None
+    unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)", device)
+    own_vae = build_vae(weights["vae"], info.family, dtype, f"{where} (VAE)", device) if "vae" in weights else None
     if converted and weights is file_weights and worth_storing(weights_dtype(parts.unet), dtype):
         converted.write(path, dtype, use_ema, {"unet": unet.state_dict()}
                         | ({"vae": own_vae.state_dict()} if own_vae else {})

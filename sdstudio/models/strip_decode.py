@@ -69,8 +69,10 @@ def group_statistics(values: torch.Tensor, groups: int) -> tuple[torch.Tensor, t
     channels = values.shape[1]
     ones = torch.ones(channels, device=values.device)   # fp32 parameters: fp32 statistics out
     zeros = torch.zeros(channels, device=values.device)
-    channels_last = values.ndim == 4 and values.is_contiguous(memory_format=torch.channels_last)
-    layout = torch.channels_last if channels_last else torch.contiguous_format   # the kernel wants a dense strip
+    # the kernel wants a dense strip: in either layout on the CPU, in the default one on CUDA
+    channels_last = (values.device.type == "cpu" and values.ndim == 4
+                     and values.is_contiguous(memory_format=torch.channels_last))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     means, variances, rows = [], [], []
     for top, bottom in _strips(values):
         strip = values[:, :, top:bottom].contiguous(memory_format=layout)

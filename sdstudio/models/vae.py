@@ -81,7 +81,7 @@ def load_vae_module(path: str | Path, family: str, dtype: torch.dtype,
         raise ModelFileError(path, f"this is an SDXL VAE; the loaded model is {family}: pick an SD1/SD2 VAE")
     if kind == "sd" and wants_xl:
         raise ModelFileError(path, f"this is an SD1/SD2 VAE; the loaded model is {family}: pick an SDXL VAE")
-    return build_vae(vae_weights(path), family, dtype, str(path)).to(device)
+    return build_vae(vae_weights(path), family, dtype, str(path), device).to(device)
 
 
 def find_automatic_vae(checkpoint: Path, candidates: Iterable[Path]) -> Path | None:
