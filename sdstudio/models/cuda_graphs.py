@@ -34,14 +34,15 @@ def unet_forward(unet: torch.nn.Module, inputs: Inputs) -> torch.Tensor:
     """`unet(...).sample` for these inputs (on the UNet's device and dtype); replayed from a CUDA graph when the UNet
     is on a GPU and nothing hooks its forward (module docstring), else called directly."""
     if inputs["sample"].device.type != "cuda" or torch.is_grad_enabled() or _hooked(unet):
-        return _call(unet, inputs)
+        return call_unet(unet, inputs)
     graphs = _GRAPHS.get(unet)
     if graphs is None:
         graphs = _GRAPHS.setdefault(unet, UNetGraphs(unet))
     return graphs.run(unet, inputs)
 
 
-def _call(unet: torch.nn.Module, inputs: Inputs) -> torch.Tensor:
+def call_unet(unet: torch.nn.Module, inputs: Inputs) -> torch.Tensor:
+    """`unet(...).sample`, called directly (what a replay reproduces)."""
     added = {name: inputs[name] for name in ("text_embeds", "time_ids") if name in inputs} or None
     return unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
                 added_cond_kwargs=added).sample
@@ -83,7 +84,7 @@ class UNetGraphs:
                 self._seen[key] = None
                 while len(self._seen) > 4 * MAX_GRAPHS:
                     self._seen.popitem(last=False)
-                return _call(unet, inputs)
+                return call_unet(unet, inputs)
             self._graphs.move_to_end(key)
             for name, tensor in inputs.items():
                 recorded.inputs[name].copy_(tensor)
@@ -99,10 +100,10 @@ class UNetGraphs:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(stream):
-                _call(unet, static)   # a warm-up on the recording stream (lazy library set-up happens outside)
+                call_unet(unet, static)   # a warm-up on the recording stream (lazy library set-up happens outside)
             torch.cuda.current_stream().wait_stream(stream)
             with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-                output = _call(unet, static)
+                output = call_unet(unet, static)
         except RuntimeError as exc:
             log.warning("recording a CUDA graph of the UNet failed (%s); it runs without graphs", exc)
             self.failed = True
