@@ -1,6 +1,7 @@
 """The UNet on a CUDA GPU through CUDA graphs: a call at one set of input shapes is recorded once and then replayed
 each step, so the GPU no longer waits on Python launching a thousand kernels per call (H200, fp16, CFG batch 2, one
-UNet call: SD1.5 512² 25–38 ms eager → 10 ms replayed, SDXL 1024² 69–87 → 44 ms; `bench/gpu.py`).
+UNet call: SD1.5 512² 38–56 ms eager → 10–12 ms replayed, SDXL 1024² 63–87 → 42–44 ms, `bench/gpu_unet.py`; a
+20-step image's steps 1.96× / 1.44× diffusers' it/s, `bench/gpu.py`).
 
 A replay reruns the recorded kernels on the recorded memory, so:
 - its inputs are copied into buffers the graph owns and its output is copied out at once;
@@ -10,7 +11,10 @@ A replay reruns the recorded kernels on the recorded memory, so:
 - a UNet with hooks on its forward (token merging plans its merges in one) runs eagerly: a replay would skip them;
 - a key is recorded the second time it is met (a shape used for one call only never pays for a recording), and at
   most MAX_GRAPHS are kept per UNet, all in one memory pool: replays run one at a time (a lock), and each output is
-  copied before the next replay can reuse the pool's memory.
+  copied before the next replay can reuse the pool's memory;
+- the pool keeps one UNet call's activations (by the pipeline's estimate 0.2 GiB for SD1.5 512², 0.8 for SDXL
+  1024², CFG) from the rest of the job, so graphs are dropped, and the UNet runs eagerly, when recording leaves less
+  than a quarter of the GPU's memory free (SDXL on an 8 GB card).
 Replayed outputs equal eager ones bit for bit (the same kernels). Anything that fails to record runs eagerly.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 6   # per UNet: CFG and no-CFG batches, a hires pass, an inpainting model's 9-channel input…
+MIN_FREE_AFTER_RECORDING = 0.25   # of the GPU's memory; else no graphs (an 8 GB card with SDXL needs it for the VAE)
 
 Inputs = dict[str, torch.Tensor]   # sample, timestep, encoder_hidden_states[, text_embeds, time_ids]
 
@@ -107,6 +112,15 @@ class UNetGraphs:
         except RuntimeError as exc:
             log.warning("recording a CUDA graph of the UNet failed (%s); it runs without graphs", exc)
             self.failed = True
+            return None
+        free, total = torch.cuda.mem_get_info()
+        if free < MIN_FREE_AFTER_RECORDING * total:   # the graphs' activations are kept from the VAE and the rest
+            log.warning("CUDA graphs of the UNet leave %.1f of %.1f GiB free on the GPU; it runs without graphs",
+                        free / 2 ** 30, total / 2 ** 30)
+            self._graphs.clear()
+            self.failed = True
+            del graph, output
+            torch.cuda.empty_cache()
             return None
         while len(self._graphs) >= MAX_GRAPHS:
             self._graphs.popitem(last=False)

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from sdstudio import pipeline
 from sdstudio.models.checkpoint import load_checkpoint
+from sdstudio.models import cuda_graphs
 from sdstudio.models.cuda_graphs import call_unet, recorded_graphs, unet_forward
 from sdstudio.models.lora import AppliedLora, LoraSet
 from sdstudio.models.token_merging import token_merging
@@ -72,3 +73,13 @@ def test_token_merging_runs_eagerly_and_generation_repeats_exactly(sd1_file):
     request = {"prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 7, "save": False}
     first, second = (pipeline.txt2img(model, **request).images[0] for _ in range(2))
     assert recorded_graphs(model.unet) == 1 and list(first.getdata()) == list(second.getdata())
+
+
+@needs_cuda
+def test_no_graphs_when_recording_leaves_too_little_gpu_memory(sd1_file, monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "MIN_FREE_AFTER_RECORDING", 1.0)   # no GPU has all its memory free
+    unet = load_checkpoint(sd1_file, dtype="fp16", device="cuda").unet
+    inputs = unet_inputs(unet)
+    with torch.inference_mode():
+        assert all(torch.equal(unet_forward(unet, inputs), call_unet(unet, inputs)) for _ in range(4))
+    assert recorded_graphs(unet) == 0
