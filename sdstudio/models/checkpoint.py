@@ -14,7 +14,7 @@ from sdstudio.errors import ModelFileError
 from sdstudio.files.detect import CheckpointInfo, detect_checkpoint, yaml_prediction
 from sdstudio.files.keymaps import KeyMapError, split_checkpoint, swap_in_ema, text_encoder_keys_as_ours
 from sdstudio.files.readers import read_state_dict
-from sdstudio.models.build import build_text_encoder, build_unet, build_vae, weights_dtype
+from sdstudio.models.build import build_text_encoder, build_unet, build_vae, gpu_unet_layout, weights_dtype
 from sdstudio.models.converted import ConvertedWeights, worth_storing
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,8 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     for module in [unet, own_vae] + [e.model for e in encoders]:
         if module is not None:
             module.to(device)   # no-op on the CPU; the converted-weights writer keeps its CPU tensors
+    if torch.device(device).type == "cuda" and dtype != torch.float32:
+        unet.to(memory_format=gpu_unet_layout(info.family))   # relaid on the GPU, after the move
     alphas = parts.extras.get("alphas_cumprod")
     loaded = LoadedCheckpoint(path=path, info=info, unet=unet, vae=own_vae, text_encoders=encoders,
                               alphas_cumprod=alphas.float() if alphas is not None else None, dtype=dtype,

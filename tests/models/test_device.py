@@ -107,3 +107,12 @@ def test_gpu_lora_patches_and_embeddings_match_the_cpu(sd1_file, tmp_path):
     images = [pipeline.txt2img(m, **request, embeddings=embeddings, save=False).images[0] for m in models]
     plain = pipeline.txt2img(models[1], **request, save=False).images[0]
     assert psnr(images[1], images[0]) >= 30 and psnr(plain, images[1]) < 30
+
+
+@needs_cuda
+def test_gpu_unet_layout_is_the_measured_one(synth_file):
+    """Half-precision UNets on a GPU: SD1/SD2 channels-last, SDXL in the file's layout (models/build.py)."""
+    sd1 = load_checkpoint(synth_file("sd1"), dtype="fp16", device="cuda").unet
+    xl = load_checkpoint(synth_file("sdxl"), dtype="fp16", device="cuda").unet
+    assert sd1.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert xl.conv_in.weight.is_contiguous() and not xl.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
