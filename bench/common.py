@@ -131,8 +131,10 @@ def machine() -> str:
 
 
 def write_section(title: str, body: str) -> None:
-    """Replace (or append) the `## title` section of bench/RESULTS.md."""
+    """Replace the `## title` section of bench/RESULTS.md where it stands, or append it."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    sections = text.split("\n## ")
-    kept = [s for s in sections[1:] if not s.startswith(title + "\n")]
-    RESULTS.write_text("\n## ".join([sections[0].rstrip() + "\n"] + kept + [f"{title}\n\n{body.strip()}\n"]))
+    head, *sections = text.split("\n## ")
+    section = f"{title}\n\n{body.strip()}\n"
+    place = next((i for i, s in enumerate(sections) if s.startswith(title + "\n")), len(sections))
+    sections[place:place + 1] = [section]
+    RESULTS.write_text("\n## ".join([head.rstrip() + "\n"] + [s.rstrip() + "\n" for s in sections]))
