@@ -219,8 +219,9 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
-    unet = assign_weights(unet, weights, dtype, where, convolutional=_runs_on_cpu(device))
-    if unet.dtype == torch.bfloat16 and _runs_on_cpu(device):
+    on_cpu = _runs_on_cpu(device)
+    unet = assign_weights(unet, weights, dtype, where, convolutional=on_cpu)
+    if unet.dtype == torch.bfloat16 and on_cpu:
         use_fast_cpu_attention(unet)
         use_fused_layers(unet)
         use_winograd_convolutions(unet)
@@ -235,8 +236,9 @@ def build_vae(weights: Mapping[str, torch.Tensor], family: str, dtype: torch.dty
     buffers)."""
     with torch.device("meta"):
         vae = AutoencoderKL(**vae_config(weights, family, where))
-    vae = assign_weights(vae, weights, dtype, where, convolutional=_runs_on_cpu(device))
-    if vae.dtype == torch.bfloat16 and _runs_on_cpu(device):
+    on_cpu = _runs_on_cpu(device)
+    vae = assign_weights(vae, weights, dtype, where, convolutional=on_cpu)
+    if vae.dtype == torch.bfloat16 and on_cpu:
         use_winograd_convolutions(vae)
     return vae
 
