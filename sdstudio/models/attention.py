@@ -1,22 +1,32 @@
-"""Attention for the bf16 CPU fast path: long attention through OpenVINO's SDPA kernel.
+"""Attention for the bf16 CPU fast path: long attention through OpenVINO's SDPA kernel, one wide head by blocks.
 
 On CPUs without AMX, PyTorch's flash-attention kernel runs the UNet's long self-attention (4096 tokens at 512²,
 head width 40 or 64) at a fraction of the speed of its matrix products: it was 29 % of an SD1.5 step. OpenVINO's
 CPU SDPA kernel does the same attention 1.6–2× faster (bench/RESULTS.md). Attention has no weights, so this costs
 nothing at load and LoRA patching is untouched; the OpenVINO graph (reshape to heads → SDPA → merge heads) is
 built in code per head count and compiles in milliseconds. Short attention (cross-attention over 77 tokens, the
-smallest levels) stays with PyTorch, which is faster there. Any case the narrow path does not cover (masks,
-group norm, residual, 4-D input, another device or dtype, gradients, OpenVINO not installed) goes to diffusers' own processor.
+smallest levels) stays with PyTorch, which is faster there.
+
+The VAE's attention block (one head of 512 over every latent pixel: 4096 tokens at 512², 65536 at 2048²) runs as
+blocks of query rows, each two oneDNN matrix products around a softmax: 2–3× PyTorch's kernel at 4096 to 65536
+tokens; OpenVINO's kernel is as fast at 4096 but falls below PyTorch's once the keys outgrow the cache. Scores are rounded to
+bf16 before the softmax, as OpenVINO's kernel does (output error 4.5e-3 of the fp32 reference, both).
+
+Any case the narrow paths do not cover (masks, spatial or q/k norms, another device or dtype, gradients, OpenVINO
+not installed for a multi-head attention) goes to diffusers' own processor.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 LONG_ATTENTION = 1024   # keys from this many tokens on go through OpenVINO (measured crossover: 77 no, 1024 yes)
+ROWS = 256   # query rows per block (measured, width 512, rows 128 / 256 / 512: 4096 tokens 96 / 89 / 88 ms, 16384
+             # tokens 1.69 / 1.53 / 1.48 s, 65536 tokens 33.8 / 30.3 / 30.0 s; a block's scores: 32 MiB at 65536)
 
 
 @functools.cache
@@ -57,6 +67,19 @@ def openvino_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     return out
 
 
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√width)·v for one head, bf16 (batch, tokens, width) tensors: a block of query rows at a time,
+    its scores (bf16) by one matrix product, softmax, then the product with v into the output's rows."""
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    q = q * q.shape[-1] ** -0.5
+    for image in range(q.shape[0]):
+        keys_t, values = k[image].t(), v[image]
+        for start in range(0, q.shape[1], ROWS):
+            scores = torch.mm(q[image, start:start + ROWS], keys_t)
+            torch.mm(torch.softmax(scores, -1), values, out=out[image, start:start + ROWS])
+    return out
+
+
 def _repeated_halves(x: torch.Tensor) -> bool:
     """True when the second half of the batch repeats the first (a CFG batch before the text condition enters)."""
     half = x.shape[0] // 2
@@ -65,8 +88,9 @@ def _repeated_halves(x: torch.Tensor) -> bool:
 
 
 class FastCPUAttention:
-    """diffusers attention processor: long plain attention of bf16 CPU tensors via OpenVINO, the rest via
-    diffusers' AttnProcessor2_0 (PyTorch SDPA). A self-attention whose batch is one half repeated (a CFG step's
+    """diffusers attention processor: long plain attention of bf16 CPU tensors via OpenVINO (a single head by
+    `blocked_attention`), the rest via diffusers' AttnProcessor2_0 (PyTorch SDPA), with the same steps around it
+    (a VAE block's 4-D input, group norm, residual). A self-attention whose batch is one half repeated (a CFG step's
     first transformer block: the text condition enters after it) computes the half once."""
 
     def __init__(self):
@@ -78,23 +102,38 @@ class FastCPUAttention:
                 and _repeated_halves(hidden_states)):   # exact: each image's attention is its own
             half = self(attn, hidden_states[:hidden_states.shape[0] // 2], None, None, temb, *args, **kwargs)
             return torch.cat([half, half])
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if not self._covers(attn, hidden_states, context, attention_mask):
+        if not self._covers(attn, hidden_states, encoder_hidden_states, attention_mask):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual, shape = hidden_states, hidden_states.shape
+        if hidden_states.ndim == 4:   # a VAE attention block: (batch, channels, height, width) → tokens
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        out = openvino_attention(q, k, v, attn.heads)
-        return attn.to_out[1](attn.to_out[0](out))
+        out = blocked_attention(q, k, v) if attn.heads == 1 else openvino_attention(q, k, v, attn.heads)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if len(shape) == 4:
+            out = out.transpose(1, 2).reshape(shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor if attn.rescale_output_factor != 1.0 else out
 
     @staticmethod
-    def _covers(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor,
+    def _covers(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                 attention_mask: torch.Tensor | None) -> bool:
         width = attn.inner_dim // attn.heads
-        return (_openvino() is not None and not torch.is_grad_enabled() and attention_mask is None
-                and hidden_states.ndim == 3
+        if encoder_hidden_states is None:   # self-attention: the keys are the tokens (a 4-D input's pixels)
+            keys = math.prod(hidden_states.shape[2:]) if hidden_states.ndim == 4 else hidden_states.shape[1]
+        elif hidden_states.ndim == 3 and encoder_hidden_states.ndim == 3:
+            keys = encoder_hidden_states.shape[1]
+        else:
+            return False
+        return ((attn.heads == 1 or _openvino() is not None) and not torch.is_grad_enabled()
+                and attention_mask is None and hidden_states.ndim in (3, 4)
                 and hidden_states.device.type == "cpu" and hidden_states.dtype == torch.bfloat16
-                and context.shape[1] >= LONG_ATTENTION and attn.group_norm is None and attn.spatial_norm is None
+                and keys >= LONG_ATTENTION and attn.spatial_norm is None
                 and attn.norm_q is None and attn.norm_k is None and not attn.norm_cross
-                and not attn.residual_connection and attn.rescale_output_factor == 1.0
                 and abs(attn.scale - width ** -0.5) < 1e-9 and attn.inner_dim == attn.inner_kv_dim)
 
 

@@ -232,13 +232,14 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
 def build_vae(weights: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype | None = None,
               where: str = "<vae>", device: torch.device | str = "cpu") -> AutoencoderKL:
     """AutoencoderKL from diffusers-named weights, built on the CPU to run on `device`; a bf16 one for the CPU (the
-    CPU fast path) gets Winograd convolutions (models/winograd.py; vae.decode and vae.encode release their
-    buffers)."""
+    CPU fast path) gets the fast CPU attention (models/attention.py: its attention block by blocks of rows) and
+    Winograd convolutions (models/winograd.py; vae.decode and vae.encode release their buffers)."""
     with torch.device("meta"):
         vae = AutoencoderKL(**vae_config(weights, family, where))
     on_cpu = _runs_on_cpu(device)
     vae = assign_weights(vae, weights, dtype, where, convolutional=on_cpu)
     if vae.dtype == torch.bfloat16 and on_cpu:
+        use_fast_cpu_attention(vae)
         use_winograd_convolutions(vae)
     return vae
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from sdstudio.models.attention import LONG_ATTENTION, FastCPUAttention, _compiled_attention
+from sdstudio.models import attention
+from sdstudio.models.attention import LONG_ATTENTION, FastCPUAttention, _compiled_attention, blocked_attention
 from sdstudio.models.checkpoint import load_checkpoint
 
 
@@ -64,6 +65,48 @@ def test_a_cfg_batch_of_one_half_repeated_computes_its_self_attention_once(monke
     assert torch.equal(out, each)
 
 
+def vae_attention_block(channels: int) -> Attention:
+    """The VAE's mid-block attention as diffusers builds it: one head, group norm, residual."""
+    torch.manual_seed(0)
+    return Attention(channels, heads=1, dim_head=channels, rescale_output_factor=1.0, eps=1e-6, norm_num_groups=32,
+                     residual_connection=True, bias=True, upcast_softmax=True,
+                     _from_deprecated_attn_block=True).eval()
+
+
+@pytest.mark.parametrize("rows", [attention.ROWS, 16])   # one block of rows per image; many, a short last one
+def test_blocked_attention_is_the_softmax_attention_of_each_image(monkeypatch, rows):
+    monkeypatch.setattr(attention, "ROWS", rows)
+    q, k, v = (torch.randn(2, tokens, 96) for tokens in (200, 1100, 1100))
+    q = q * 3   # scores of spread 3: the softmax is far from uniform
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out = blocked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    torch_bf16 = torch.nn.functional.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == reference.shape
+    error = ((out.float() - reference).norm() / reference.norm()).item()
+    assert error < 2e-2, error   # scores rounded to bf16 (OpenVINO's kernel: the same 1.3e-2 here); PyTorch's
+    assert ((torch_bf16.float() - reference).norm() / reference.norm()).item() < error / 2   # kernel keeps fp32
+
+
+@pytest.mark.parametrize("channels", [64, 512])
+def test_a_vae_attention_block_runs_by_blocks_and_matches_the_fp32_reference(monkeypatch, channels):
+    module = vae_attention_block(channels)
+    side = int(LONG_ATTENTION ** 0.5)
+    hidden = (torch.randn(1, channels, side, side) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    reference = run(module, AttnProcessor2_0(), hidden)
+    torch_bf16 = run(module.to(torch.bfloat16), AttnProcessor2_0(), hidden.bfloat16())
+    blocked = []
+    monkeypatch.setattr(attention, "blocked_attention", lambda *a: blocked.append(1) or blocked_attention(*a))
+    fast = run(module, FastCPUAttention(), hidden.bfloat16())
+    assert blocked == [1]
+    assert fast.dtype == torch.bfloat16 and fast.shape == reference.shape
+    fast_error = (fast.float() - reference).abs().max().item()
+    torch_error = (torch_bf16.float() - reference).abs().max().item()
+    assert fast_error <= 2 * torch_error + 1e-2, (fast_error, torch_error)   # the residual dominates the values
+    smaller = hidden[:, :, : side // 2].bfloat16()   # too few tokens: PyTorch's kernel, bit for bit
+    assert torch.equal(run(module, FastCPUAttention(), smaller), run(module, AttnProcessor2_0(), smaller))
+    assert blocked == [1]
+
+
 def test_fp32_and_gradients_stay_with_pytorch():
     module = attention_module(2, 32)
     hidden = torch.randn(1, LONG_ATTENTION, 64)
@@ -76,10 +119,12 @@ def test_fp32_and_gradients_stay_with_pytorch():
 
 
 def test_a_bf16_unet_gets_the_fast_attention_and_the_fp32_reference_keeps_diffusers(sd1_file):
-    fast = load_checkpoint(sd1_file, dtype=torch.bfloat16).unet
-    exact = load_checkpoint(sd1_file, dtype=torch.float32).unet
-    assert {type(p) for p in fast.attn_processors.values()} == {FastCPUAttention}
-    assert {type(p) for p in exact.attn_processors.values()} == {AttnProcessor2_0}
+    fast_model = load_checkpoint(sd1_file, dtype=torch.bfloat16)
+    exact_model = load_checkpoint(sd1_file, dtype=torch.float32)
+    fast, exact = fast_model.unet, exact_model.unet
+    for fast_part, exact_part in ((fast, exact), (fast_model.vae, exact_model.vae)):
+        assert {type(p) for p in fast_part.attn_processors.values()} == {FastCPUAttention}
+        assert {type(p) for p in exact_part.attn_processors.values()} == {AttnProcessor2_0}
     side = int(LONG_ATTENTION ** 0.5)   # the first level's self-attention sees side² tokens: the OpenVINO path
     x = torch.randn(1, 4, side, side)
     context = torch.randn(1, 77, exact.config.cross_attention_dim)
