@@ -47,6 +47,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/lora.py
 	$(PY) bench/options.py
 	$(PY) bench/winograd.py
+	$(PY) bench/vae_attention.py
 	$(PY) bench/gpu.py
 	$(PY) bench/gpu_unet.py
 

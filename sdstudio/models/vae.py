@@ -148,16 +148,16 @@ def _decode_once(vae: AutoencoderKL, latents: torch.Tensor, dtype: torch.dtype, 
         if not tiled:   # fp32 is the exact reference (diffusers' own forward), and a GPU runs it whole; half
             if dtype == torch.float32 or latents.device.type != "cpu":   # precision on the CPU, the fast path,
                 return module.decode(latents).sample   # runs the same arithmetic in strips of rows, in half the memory
-            return up_path_in_strips(module.decoder, _decoder_trunk(module, latents))
+            return up_path_in_strips(module.decoder, decoder_trunk(module, latents))
         # the low-resolution trunk (mid-block attention is global) runs whole; the high-resolution up path, where
         # the memory goes, runs in tiles
-        features = _decoder_trunk(module, latents)
+        features = decoder_trunk(module, latents)
         up_path = partial(_decoder_up_path, module)
         with shared_group_norm_statistics(module.decoder, up_path, features, _statistics_budget(tile)):
             return run_tiled(up_path, features, tile, overlap, scale=8)
 
 
-def _decoder_trunk(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+def decoder_trunk(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """diffusers' Decoder.forward up to the end of its mid block (at latent resolution)."""
     if vae.post_quant_conv is not None:
         latents = vae.post_quant_conv(latents)

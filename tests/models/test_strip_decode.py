@@ -29,7 +29,7 @@ def test_the_up_path_in_strips_is_diffusers_decoder(vae, monkeypatch, strip_elem
     latents = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(3)).to(vae.dtype)
     with torch.inference_mode():
         reference = vae.decode(latents).sample
-        strips = strip_decode.up_path_in_strips(vae.decoder, vae_ops._decoder_trunk(vae, latents))
+        strips = strip_decode.up_path_in_strips(vae.decoder, vae_ops.decoder_trunk(vae, latents))
     assert bool(by_winograd) == (narrow_winograd and vae.dtype == torch.bfloat16)
     assert not winograd._scratch().buffers   # released level by level
     assert strips.shape == reference.shape == (2, 3, 96, 80) and strips.dtype == reference.dtype
