@@ -11,6 +11,16 @@ from sdstudio import synthetic
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+@pytest.fixture
+def fast_kernels(monkeypatch):
+    """The bf16 CPU fast path's kernels (Winograd, OpenVINO's and the blocked attention) in use whatever this machine
+    measured for them (models/tuning.py): for the tests of those kernels."""
+    from sdstudio.models import attention, winograd
+
+    for module, choice in ((winograd, "winograd_pays"), (attention, "openvino_pays"), (attention, "blocked_pays")):
+        monkeypatch.setattr(module, choice, lambda: True)
+
+
 @pytest.fixture(scope="session")
 def synth_file(tmp_path_factory):
     """Factory: path of a tiny synthetic checkpoint (family, variant, fmt), written once per session."""

@@ -12,6 +12,9 @@ blocks of query rows, each two oneDNN matrix products around a softmax: 2–3× 
 tokens; OpenVINO's kernel is as fast at 4096 but falls below PyTorch's once the keys outgrow the cache. Scores are rounded to
 bf16 before the softmax, as OpenVINO's kernel does (output error 4.5e-3 of the fp32 reference, both).
 
+Both kernels were measured faster on AVX512-BF16 without AMX; on another CPU each is used only where it beats
+PyTorch's kernel there (`openvino_pays`, `blocked_pays`: measured once per machine, models/tuning.py).
+
 Any case the narrow paths do not cover (masks, spatial or q/k norms, another device or dtype, gradients, OpenVINO
 not installed for a multi-head attention) goes to diffusers' own processor.
 """
@@ -22,7 +25,10 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from sdstudio.models.tuning import candidate_pays
 
 LONG_ATTENTION = 1024   # keys from this many tokens on go through OpenVINO (measured crossover: 77 no, 1024 yes)
 ROWS = 256   # query rows per block (measured, width 512, rows 128 / 256 / 512: 4096 tokens 96 / 89 / 88 ms, 16384
@@ -80,6 +86,29 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return out
 
 
+def _pays(name: str, heads: int, width: int, kernel) -> bool:
+    """Whether `kernel(q, k, v, heads)` beats PyTorch's SDPA on this machine for 4096 tokens of `heads` × `width`
+    (SD1.5's largest attention at 512²), measured once per machine."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4096, heads * width, generator=generator).bfloat16() for _ in range(3))
+    split = [x.view(1, 4096, heads, width).transpose(1, 2) for x in (q, k, v)]
+    return candidate_pays(name, lambda: kernel(q, k, v, heads),
+                          lambda: F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(q.shape))
+
+
+@functools.cache
+def openvino_pays() -> bool:
+    """Whether OpenVINO's kernel beats PyTorch's on this machine: the UNet's self-attention (8 heads of 40)."""
+    return _openvino() is not None and _pays("openvino-attention", 8, 40, openvino_attention)
+
+
+@functools.cache
+def blocked_pays() -> bool:
+    """Whether `blocked_attention` beats PyTorch's kernel on this machine: the VAE's attention block (one head of
+    512)."""
+    return _pays("blocked-attention", 1, 512, lambda q, k, v, heads: blocked_attention(q, k, v))
+
+
 def _repeated_halves(x: torch.Tensor) -> bool:
     """True when the second half of the batch repeats the first (a CFG batch before the text condition enters)."""
     half = x.shape[0] // 2
@@ -129,12 +158,12 @@ class FastCPUAttention:
             keys = encoder_hidden_states.shape[1]
         else:
             return False
-        return ((attn.heads == 1 or _openvino() is not None) and not torch.is_grad_enabled()
-                and attention_mask is None and hidden_states.ndim in (3, 4)
+        return (not torch.is_grad_enabled() and attention_mask is None and hidden_states.ndim in (3, 4)
                 and hidden_states.device.type == "cpu" and hidden_states.dtype == torch.bfloat16
                 and keys >= LONG_ATTENTION and attn.spatial_norm is None
                 and attn.norm_q is None and attn.norm_k is None and not attn.norm_cross
-                and abs(attn.scale - width ** -0.5) < 1e-9 and attn.inner_dim == attn.inner_kv_dim)
+                and abs(attn.scale - width ** -0.5) < 1e-9 and attn.inner_dim == attn.inner_kv_dim
+                and (blocked_pays() if attn.heads == 1 else openvino_pays()))
 
 
 def use_fast_cpu_attention(model: torch.nn.Module) -> None:

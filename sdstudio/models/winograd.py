@@ -15,7 +15,8 @@ The transforms are C loops over channels (vectorised by the compiler), generated
 compiled once per machine with the system C compiler into the user's cache; they run on torch's thread count
 through ctypes (which releases the GIL). Where there is no compiler, and for any convolution outside the narrow
 case (another dtype or device, gradients, channels not a multiple of 16, too few channels or tiles to pay for the
-transforms), the layer runs oneDNN's direct convolution as before.
+transforms), and on a machine where Winograd does not beat the direct convolution (`winograd_pays`, measured once
+per machine: models/tuning.py), the layer runs oneDNN's direct convolution as before.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from sdstudio.models.tuning import candidate_pays, kernel_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +122,25 @@ def winograd_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     if conv.in_channels % CHANNEL_BLOCK or conv.out_channels % CHANNEL_BLOCK or conv.in_channels < MIN_CHANNELS:
         return False
     tiles = x.shape[0] * -(-x.shape[2] // OUTPUT_TILE) * -(-x.shape[3] // OUTPUT_TILE)
-    return tiles >= MIN_TILES and _kernels() is not None
+    return tiles >= MIN_TILES and _kernels() is not None and winograd_pays()
+
+
+@functools.cache
+def winograd_pays() -> bool:
+    """Whether Winograd beats oneDNN's direct convolution on this machine (models/tuning.py), timed on SD1.5's most
+    frequent 3×3 convolution at 512²: 320 → 320 channels, 64², CFG batch (1.47× faster on AVX512-BF16 without AMX)."""
+    if _kernels() is None:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 320, 64, 64, generator=generator).bfloat16().contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(320, 320, 3, 3, generator=generator) * 0.02).bfloat16()
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    bias = torch.zeros(320, dtype=torch.bfloat16)
+    try:
+        return candidate_pays("winograd", lambda: winograd_conv2d(x, weight, bias),
+                              lambda: F.conv2d(x, weight, bias, padding=1))
+    finally:
+        release_winograd_buffers()
 
 
 class WinogradConv2d(torch.nn.Conv2d):
@@ -270,13 +292,6 @@ void output_transform(const uint16_t *p, const uint16_t *bias, uint16_t *y, int 
   }
 }""")
     return "\n".join(lines)
-
-
-def kernel_cache_dir() -> Path:
-    """Where compiled transforms are kept: $SDSTUDIO_KERNEL_CACHE, else $XDG_CACHE_HOME (~/.cache)/sdstudio."""
-    if os.environ.get("SDSTUDIO_KERNEL_CACHE"):
-        return Path(os.environ["SDSTUDIO_KERNEL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdstudio" / "kernels"
 
 
 COMPILER_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")

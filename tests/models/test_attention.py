@@ -9,6 +9,7 @@ from sdstudio.models import attention
 from sdstudio.models.attention import LONG_ATTENTION, FastCPUAttention, _compiled_attention, blocked_attention
 from sdstudio.models.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.usefixtures("fast_kernels")   # whatever this machine chose (models/tuning.py)
 
 def attention_module(heads: int, width: int, context_dim: int | None = None) -> Attention:
     torch.manual_seed(0)

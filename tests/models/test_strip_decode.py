@@ -10,6 +10,7 @@ from sdstudio.models import vae as vae_ops
 from sdstudio.models.checkpoint import load_checkpoint
 from tests.helpers import psnr
 
+pytestmark = pytest.mark.usefixtures("fast_kernels")   # whatever this machine chose (models/tuning.py)
 
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
 def vae(request, sd1_file):

@@ -11,6 +11,7 @@ from sdstudio.models.checkpoint import load_checkpoint
 from sdstudio.models.winograd import (WinogradConv2d, use_winograd_convolutions, winograd_applies, winograd_conv2d,
                                       winograd_matrices)
 
+pytestmark = pytest.mark.usefixtures("fast_kernels")   # whatever this machine chose (models/tuning.py)
 
 @pytest.fixture(autouse=True)
 def narrow_layers(monkeypatch):

@@ -1,0 +1,80 @@
+"""Choices of the bf16 CPU fast path that only a measurement on the machine can make, each made once per machine.
+
+The fast path's kernels were chosen by measurement on CPUs with AVX512-BF16 and no AMX: Winograd 3×3 convolutions
+(1.3–1.6× oneDNN's direct ones there) and OpenVINO's attention kernel (1.6–2× PyTorch's). On a CPU whose matrix
+units are several times faster (AMX), the same arithmetic cut may not pay for Winograd's memory-bound transforms,
+and PyTorch's own kernels may win. So the first process that needs a choice times both ways on a representative
+shape of SD1.5 at 512² (alternating, median of ROUNDS, under a second) and keeps the figures and the choice in the
+kernel cache folder, keyed by CPU model and flags, torch version and thread count: every later process on the
+machine decides the same way, so the same seed keeps giving the same image.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ROUNDS = 3     # timed runs of each way, alternating, after one untimed run each
+MARGIN = 1.1   # the candidate must be this much faster than the baseline to be chosen
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels and measured choices are kept: $SDSTUDIO_KERNEL_CACHE, else $XDG_CACHE_HOME
+    (~/.cache)/sdstudio/kernels."""
+    if os.environ.get("SDSTUDIO_KERNEL_CACHE"):
+        return Path(os.environ["SDSTUDIO_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdstudio" / "kernels"
+
+
+def machine_key() -> str:
+    """What a choice depends on: CPU model and flags, torch version, thread count."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    lines = [line for line in cpuinfo.splitlines() if line.startswith(("model name", "flags"))][:2]
+    return hashlib.sha256("\n".join([*lines, torch.__version__, str(torch.get_num_threads())]).encode()).hexdigest()[:16]
+
+
+def choice_path(name: str) -> Path:
+    """The file that keeps choice `name` on this machine."""
+    return kernel_cache_dir() / f"choice-{name}-{machine_key()}.json"
+
+
+def candidate_pays(name: str, candidate: Callable[[], object], baseline: Callable[[], object]) -> bool:
+    """Whether `candidate` runs at least MARGIN times faster than `baseline` on this machine: read from the kept
+    choice `name`, else measured now and kept (an unreadable file is measured again; an unwritable folder only
+    means measuring again in the next process)."""
+    path = choice_path(name)
+    try:
+        return bool(json.loads(path.read_text())["candidate_pays"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    seconds: dict[str, list[float]] = {"candidate": [], "baseline": []}
+    with torch.inference_mode():
+        candidate(), baseline()
+        for _ in range(ROUNDS):
+            for way, run in (("candidate", candidate), ("baseline", baseline)):
+                start = time.perf_counter()
+                run()
+                seconds[way].append(time.perf_counter() - start)
+    candidate_ms, baseline_ms = (statistics.median(seconds[way]) * 1e3 for way in ("candidate", "baseline"))
+    pays = baseline_ms >= MARGIN * candidate_ms
+    log.info("fast path choice %s on this machine: candidate %.1f ms, baseline %.1f ms: %s", name, candidate_ms,
+             baseline_ms, "candidate" if pays else "baseline")
+    record = {"candidate_ms": candidate_ms, "baseline_ms": baseline_ms, "margin": MARGIN, "candidate_pays": pays}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".partial") as f:
+            json.dump(record, f)
+        os.replace(f.name, path)
+    except OSError as exc:
+        log.warning("cannot keep the fast path choice %s in %s: %s", name, path, exc)
+    return pays

@@ -1,0 +1,70 @@
+"""Fast-path choices measured once per machine and kept: the faster way wins, later processes read the choice."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from sdstudio.models import attention, tuning, winograd
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDSTUDIO_KERNEL_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def sleeper(seconds: float, calls: list[str], name: str):
+    def run():
+        calls.append(name)
+        time.sleep(seconds)
+    return run
+
+
+@pytest.mark.parametrize("candidate_s,baseline_s,expected", [(0.001, 0.02, True), (0.02, 0.001, False),
+                                                             (0.01, 0.0105, False)])   # within the margin: no
+def test_the_faster_way_is_chosen_once_and_kept(cache, candidate_s, baseline_s, expected):
+    calls = []
+    assert tuning.candidate_pays("case", sleeper(candidate_s, calls, "c"), sleeper(baseline_s, calls, "b")) == expected
+    assert calls.count("c") == calls.count("b") == tuning.ROUNDS + 1   # one untimed run each, then alternating
+    record = json.loads(tuning.choice_path("case").read_text())
+    assert record["candidate_pays"] == expected
+    assert (record["baseline_ms"] >= tuning.MARGIN * record["candidate_ms"]) == expected
+    calls.clear()   # a later process: the kept choice, nothing run
+    assert tuning.candidate_pays("case", sleeper(1, calls, "c"), sleeper(1, calls, "b")) == expected
+    assert calls == []
+
+
+def test_a_damaged_choice_is_measured_again(cache):
+    path = tuning.choice_path("case")
+    path.write_text("{not json")
+    calls = []
+    assert tuning.candidate_pays("case", sleeper(0.001, calls, "c"), sleeper(0.02, calls, "b"))
+    assert calls and json.loads(path.read_text())["candidate_pays"] is True
+
+
+def test_choices_are_kept_per_thread_count(cache):
+    threads = torch.get_num_threads()
+    try:
+        first = tuning.choice_path("case")
+        torch.set_num_threads(threads + 1)
+        assert tuning.choice_path("case") != first
+    finally:
+        torch.set_num_threads(threads)
+    assert tuning.choice_path("case") == first
+
+
+@pytest.mark.parametrize("choice,name", [(winograd.winograd_pays, "winograd"),
+                                         (attention.openvino_pays, "openvino-attention"),
+                                         (attention.blocked_pays, "blocked-attention")])
+def test_the_fast_path_choices_follow_their_measurement_on_this_machine(cache, choice, name):
+    choice.cache_clear()
+    try:
+        made = choice()
+    finally:
+        choice.cache_clear()
+    record = json.loads(tuning.choice_path(name).read_text())
+    assert made == record["candidate_pays"] == (record["baseline_ms"] >= tuning.MARGIN * record["candidate_ms"])
+    assert record["candidate_ms"] > 0 and record["baseline_ms"] > 0
