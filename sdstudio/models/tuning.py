@@ -4,7 +4,7 @@ The fast path's kernels were chosen by measurement on CPUs with AVX512-BF16 and 
 (1.3–1.6× oneDNN's direct ones there) and OpenVINO's attention kernel (1.6–2× PyTorch's). On a CPU whose matrix
 units are several times faster (AMX), the same arithmetic cut may not pay for Winograd's memory-bound transforms,
 and PyTorch's own kernels may win. So the first process that needs a choice times both ways on a representative
-shape of SD1.5 at 512² (alternating, median of ROUNDS, under a second) and keeps the figures and the choice in the
+shape of SD1.5 at 512² (alternating, median of ROUNDS: about a second each) and keeps the figures and the choice in the
 kernel cache folder, keyed by CPU model and flags, torch version and thread count: every later process on the
 machine decides the same way, so the same seed keeps giving the same image.
 """
@@ -40,7 +40,8 @@ def machine_key() -> str:
     """What a choice depends on: CPU model and flags, torch version, thread count."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     lines = [line for line in cpuinfo.splitlines() if line.startswith(("model name", "flags"))][:2]
-    return hashlib.sha256("\n".join([*lines, torch.__version__, str(torch.get_num_threads())]).encode()).hexdigest()[:16]
+    key = "\n".join([*lines, torch.__version__, str(torch.get_num_threads())])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def choice_path(name: str) -> Path:

@@ -128,7 +128,8 @@ def winograd_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
 @functools.cache
 def winograd_pays() -> bool:
     """Whether Winograd beats oneDNN's direct convolution on this machine (models/tuning.py), timed on SD1.5's most
-    frequent 3×3 convolution at 512²: 320 → 320 channels, 64², CFG batch (1.47× faster on AVX512-BF16 without AMX)."""
+    frequent 3×3 convolution at 512²: 320 → 320 channels, 64², CFG batch (1.41–1.47× faster on AVX512-BF16 without
+    AMX)."""
     if _kernels() is None:
         return False
     generator = torch.Generator().manual_seed(0)
