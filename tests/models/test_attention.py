@@ -11,6 +11,7 @@ from sdstudio.models.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # whatever this machine chose (models/tuning.py)
 
+
 def attention_module(heads: int, width: int, context_dim: int | None = None) -> Attention:
     torch.manual_seed(0)
     return Attention(query_dim=heads * width, heads=heads, dim_head=width, cross_attention_dim=context_dim,

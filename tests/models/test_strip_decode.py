@@ -12,6 +12,7 @@ from tests.helpers import psnr
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # whatever this machine chose (models/tuning.py)
 
+
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
 def vae(request, sd1_file):
     return load_checkpoint(sd1_file, dtype=request.param).vae

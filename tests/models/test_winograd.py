@@ -13,6 +13,7 @@ from sdstudio.models.winograd import (WinogradConv2d, use_winograd_convolutions,
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # whatever this machine chose (models/tuning.py)
 
+
 @pytest.fixture(autouse=True)
 def narrow_layers(monkeypatch):
     """The layers here are narrower than MIN_CHANNELS (the width where Winograd pays on these cores)."""
