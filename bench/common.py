@@ -39,10 +39,12 @@ def full_checkpoint(family: str = "sd1", variant: str = "pruned") -> Path:
 
 
 def psnr(a, b) -> float:
-    """PSNR in dB between two 8-bit images (PIL) of the same size; inf when identical."""
+    """PSNR in dB between two images of the same size: 8-bit PIL images, or tensors with values in [0, 1]; inf when
+    identical."""
     import numpy as np
 
-    x, y = (np.asarray(image.convert("RGB"), dtype=np.float64) for image in (a, b))
+    x, y = (image.double().numpy() * 255 if isinstance(image, torch.Tensor)
+            else np.asarray(image.convert("RGB"), dtype=np.float64) for image in (a, b))
     mse = float(np.mean((x - y) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
 

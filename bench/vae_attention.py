@@ -11,16 +11,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import full_checkpoint, machine, native_bf16, warm_page_cache, write_section  # noqa: E402
+from common import full_checkpoint, machine, native_bf16, psnr, warm_page_cache, write_section  # noqa: E402
 
 DECODES = (512, 1024)   # whole decodes
 TRUNK_ONLY = (2048,)    # the trunk alone: the whole decode takes minutes, the rest of it runs the same either way
 ROUNDS = 2              # whole decodes: after one untimed decode, each way in turn, best of ROUNDS
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two image tensors in [0, 1]."""
-    return (10 * torch.log10(1 / (a - b).square().mean())).item()
 
 
 def timed_decode(vae, processor, latents: torch.Tensor, trunk_only: bool) -> tuple[float, torch.Tensor | None]:
