@@ -12,8 +12,7 @@ as (m+2)² independent products over channels: 4 products per output instead of 
 4. output transform: Aᵀ·M·A per tile in fp32, plus the bias, written bf16 into the channels-last output.
 
 The transforms are C loops over channels (vectorised by the compiler), generated from the matrices below and
-compiled once per machine with the system C compiler into the user's cache; they run on torch's thread count
-through ctypes (which releases the GIL). Where there is no compiler, and for any convolution outside the narrow
+compiled once per machine (models/native.py). Where there is no compiler, and for any convolution outside the narrow
 case (another dtype or device, gradients, channels not a multiple of 16, too few channels or tiles to pay for the
 transforms), and on a machine where Winograd does not beat the direct convolution (`winograd_pays`, measured once
 per machine: models/tuning.py), the layer runs oneDNN's direct convolution as before.
@@ -22,21 +21,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import subprocess
-import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sdstudio.models.tuning import candidate_pays, kernel_cache_dir
-
-log = logging.getLogger(__name__)
+from sdstudio.models.native import compiled_library, parallel
+from sdstudio.models.tuning import candidate_pays
 
 OUTPUT_TILE = 2        # F(2×2, 3×3): per-layer error 1.9× the direct bf16 convolution's (F(4×4) was 7×)
 POINTS = (0.0, 1.0, -1.0)   # Toom-Cook interpolation points (and ∞) for F(2, 3)
@@ -91,18 +82,18 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     for low in range(0, out_channels, block):                 # output channels per pass
         high = min(low + block, out_channels)
         u = scratch.take("weight", (n * n, high - low, channels))
-        _parallel(0, high - low, lambda a, b: kernels.weight_transform(
+        parallel(0, high - low, lambda a, b: kernels.weight_transform(
             weight[low:].data_ptr(), u.data_ptr(), high - low, channels, a, b))
         for first in range(0, tiles, span):
             count = min(span, tiles - first)
             v = scratch.take("input", (n * n, count, channels))
             if low == 0 or span < tiles:                      # one pass over all tiles keeps its input
-                _parallel(first, first + count, lambda a, b: kernels.input_transform(
+                parallel(first, first + count, lambda a, b: kernels.input_transform(
                     x.data_ptr(), v.data_ptr(), batch, rows_in, width, channels, row_padding, rows, cols, first,
                     count, a, b))
             products = scratch.take("products", (n * n, count, high - low))
             torch.bmm(v, u.transpose(1, 2), out=products)
-            _parallel(first, first + count, lambda a, b: kernels.output_transform(
+            parallel(first, first + count, lambda a, b: kernels.output_transform(
                 products.data_ptr(), None if bias is None else bias.data_ptr() + low * x.element_size(),
                 y.data_ptr() + low * x.element_size(), batch, height, width, high - low, out_channels, rows, cols,
                 first, count, a, b))
@@ -189,18 +180,6 @@ def _scratch() -> _Scratch:
     if not hasattr(_local, "scratch"):
         _local.scratch = _Scratch()
     return _local.scratch
-
-
-@functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="winograd")
-
-
-def _parallel(start: int, stop: int, work) -> None:
-    """work(a, b) over [start, stop) in torch.get_num_threads() parts at once."""
-    threads = max(1, min(torch.get_num_threads(), stop - start))
-    step = -(-(stop - start) // threads)
-    list(_pool(threads).map(lambda a: work(a, min(a + step, stop)), range(start, stop, step)))
 
 
 def _linear_combination(coefficients: list[float], terms: list[str]) -> str:
@@ -295,30 +274,11 @@ void output_transform(const uint16_t *p, const uint16_t *bias, uint16_t *y, int 
     return "\n".join(lines)
 
 
-COMPILER_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
-
-
 @functools.cache
 def _kernels() -> ctypes.CDLL | None:
     """The compiled transforms (built once per source and machine); None, logged once, where they cannot be."""
-    source = kernel_source()
-    machine = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((line for line in machine.splitlines() if line.startswith("flags")), "")
-    key = hashlib.sha256("\n".join([source, " ".join(COMPILER_FLAGS), flags]).encode()).hexdigest()[:20]
-    library = kernel_cache_dir() / f"winograd-{key}.so"
-    try:
-        if not library.exists():
-            library.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=library.parent) as work:
-                (Path(work) / "winograd.c").write_text(source)
-                subprocess.run([os.environ.get("CC", "cc"), *COMPILER_FLAGS, "winograd.c", "-o", "winograd.so"],
-                               cwd=work, check=True, capture_output=True, timeout=120)
-                os.replace(Path(work) / "winograd.so", library)
-        kernels = ctypes.CDLL(str(library))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        log.warning("Winograd convolutions off (3×3 convolutions run direct): cannot build %s: %s %s",
-                    library, exc, detail.decode(errors="replace")[:500])
+    kernels = compiled_library("winograd", kernel_source())
+    if kernels is None:
         return None
     pointer, size, index = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     kernels.input_transform.argtypes = [pointer, pointer, *[size] * 7, *[index] * 4]

@@ -1,0 +1,62 @@
+"""Small C kernels of the bf16 CPU fast path: built once per machine with the system C compiler, run through ctypes.
+
+Each kernel library is compiled from its source (generated or fixed) into the kernel cache folder
+(models/tuning.py), keyed by the source, the compiler flags and the CPU's flags, so a machine builds it once and a
+changed source or CPU builds anew. The kernels loop over a range [a, b) of their work and run on torch's thread
+count through `parallel` (ctypes releases the GIL). Where there is no compiler, `compiled_library` logs why and
+returns None, and the caller keeps its PyTorch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from sdstudio.models.tuning import kernel_cache_dir
+
+log = logging.getLogger(__name__)
+
+COMPILER_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+
+
+def compiled_library(name: str, source: str) -> ctypes.CDLL | None:
+    """The C `source` built as library `name` (once per source and machine, kept in the kernel cache); None,
+    logged, where it cannot be built."""
+    machine = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line for line in machine.splitlines() if line.startswith("flags")), "")
+    key = hashlib.sha256("\n".join([source, " ".join(COMPILER_FLAGS), flags]).encode()).hexdigest()[:20]
+    library = kernel_cache_dir() / f"{name}-{key}.so"
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as work:
+                (Path(work) / f"{name}.c").write_text(source)
+                subprocess.run([os.environ.get("CC", "cc"), *COMPILER_FLAGS, f"{name}.c", "-o", f"{name}.so"],
+                               cwd=work, check=True, capture_output=True, timeout=120)
+                os.replace(Path(work) / f"{name}.so", library)
+        return ctypes.CDLL(str(library))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        log.warning("%s kernels off (the PyTorch path runs instead): cannot build %s: %s %s", name, library, exc,
+                    detail.decode(errors="replace")[:500])
+        return None
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="sdstudio-kernel")
+
+
+def parallel(start: int, stop: int, work) -> None:
+    """work(a, b) over [start, stop) in torch.get_num_threads() parts at once."""
+    threads = max(1, min(torch.get_num_threads(), stop - start))
+    step = -(-(stop - start) // threads)
+    list(_pool(threads).map(lambda a: work(a, min(a + step, stop)), range(start, stop, step)))
