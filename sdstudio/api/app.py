@@ -441,8 +441,8 @@ def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: boo
           converted_cache_bytes: int = CONVERTED_DEFAULT_BUDGET, device: str = "auto") -> None:
     """Run the server (blocking). `--listen` binds every interface and needs `--api-auth` unless `--insecure`;
     `device` names where models run (models/device.py) and `precision` the dtype they load in
-    (models.checkpoint.resolve_precision); `converted_cache_bytes`
-    bounds the converted weights kept on disk (models/converted.py; 0 = none)."""
+    (models.checkpoint.resolve_precision; `int8`: with int8 linears); `converted_cache_bytes` bounds the
+    converted weights kept on disk (models/converted.py; 0 = none)."""
     import uvicorn
 
     if listen:
@@ -456,7 +456,7 @@ def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: boo
             print(f"models/Stable-diffusion was empty: wrote a DEMO checkpoint with random weights: {made}")
     where = resolve_device(device)
     engine = Engine(data_dir, dtype=resolve_precision(precision, where), converted_cache_bytes=converted_cache_bytes,
-                    device=where)
+                    device=where, int8_linears=precision == "int8")
     flags = {"data_dir": str(data_dir), "host": host, "port": port, "listen": listen, "api_auth": bool(api_auth),
              "precision": precision, "device": str(where)}
 

@@ -21,6 +21,7 @@ from sdstudio.files.keymaps import fit_text_encoder_keys
 from sdstudio.files.readers import release_file_pages
 from sdstudio.models.attention import use_fast_cpu_attention
 from sdstudio.models.fused import use_fused_layers
+from sdstudio.models.int8 import use_int8_linears
 from sdstudio.models.winograd import release_winograd_buffers, use_winograd_convolutions
 
 CONFIG_FILE = Path(__file__).parent / "configs" / "families.json"
@@ -212,10 +213,11 @@ def _materialise_meta_buffers(module: torch.nn.Module) -> None:
 
 def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int | None = None,
                dtype: torch.dtype | None = None, where: str = "<unet>",
-               device: torch.device | str = "cpu") -> UNet2DConditionModel:
+               device: torch.device | str = "cpu", int8_linears: bool = False) -> UNet2DConditionModel:
     """UNet2DConditionModel from diffusers-named weights, built on the CPU to run on `device` (the caller moves it);
     a bf16 UNet for the CPU (the CPU fast path) gets the fast CPU attention (models/attention.py), fused layers
-    (models/fused.py) and Winograd convolutions (models/winograd.py)."""
+    (models/fused.py) and Winograd convolutions (models/winograd.py), and with `int8_linears` int8 linears in its
+    transformers (models/int8.py)."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
@@ -225,6 +227,8 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
         use_fast_cpu_attention(unet)
         use_fused_layers(unet)
         use_winograd_convolutions(unet)
+        if int8_linears:
+            use_int8_linears(unet)
         unet.register_forward_hook(release_winograd_buffers)   # kept through a call, nothing between calls
     return unet
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from sdstudio.errors import ModelFileError
+from sdstudio.errors import ModelFileError, SDStudioError
 from sdstudio.files.detect import CheckpointInfo, detect_checkpoint, yaml_prediction
 from sdstudio.files.keymaps import KeyMapError, split_checkpoint, swap_in_ema, text_encoder_keys_as_ours
 from sdstudio.files.readers import read_state_dict
@@ -41,10 +41,14 @@ def fast_cpu_dtype() -> torch.dtype:
 
 def resolve_precision(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     """torch dtype for a `--precision` name; `auto` is the fast path of the device: fp16 on a CUDA GPU (as A1111
-    runs), on the CPU fast_cpu_dtype."""
-    if name != "auto":
+    runs), on the CPU fast_cpu_dtype; `int8` (the CPU only) is the CPU's fast path whose UNet transformers' linears
+    then run in int8 (load_checkpoint's `int8_linears`)."""
+    on_gpu = torch.device(device).type == "cuda"
+    if name == "int8" and on_gpu:
+        raise SDStudioError("--precision int8 is for the CPU; on a GPU use auto, fp16 or bf16")
+    if name not in ("auto", "int8"):
         return DTYPES[name]
-    return torch.float16 if torch.device(device).type == "cuda" else fast_cpu_dtype()
+    return torch.float16 if on_gpu else fast_cpu_dtype()
 
 
 @dataclass
@@ -84,10 +88,12 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bool = False,
                     dtype: torch.dtype | str = torch.float32,
-                    converted: ConvertedWeights | None = None, device: torch.device | str = "cpu") -> LoadedCheckpoint:
+                    converted: ConvertedWeights | None = None, device: torch.device | str = "cpu",
+                    int8_linears: bool = False) -> LoadedCheckpoint:
     """Load a checkpoint file (.safetensors/.ckpt) as modules on `device`; `vae` = a standalone VAE file to use
     instead of the baked-in one; `use_ema` selects the EMA UNet weights when the file has them (A1111 uses the main
-    ones); `converted` = the on-disk cache of converted weights to read from and fill (models/converted.py)."""
+    ones); `converted` = the on-disk cache of converted weights to read from and fill (models/converted.py);
+    `int8_linears` = a bf16 CPU UNet's transformer linears run in int8 (`--precision int8`, models/int8.py)."""
     from sdstudio.models.vae import load_vae_module  # vae.py imports this module's types
 
     start = time.perf_counter()
@@ -113,7 +119,7 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
                     weights[f"text{i}"], TEXT_KIND_OF_PREFIX[p.prefix], dtype, f"{where} ({p.prefix})"))
                 for i, p in enumerate(parts.text_encoders)]
     pooled_dim = getattr(encoders[-1].model.config, "projection_dim", None)
-    unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)", device)
+    unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)", device, int8_linears)
     own_vae = build_vae(weights["vae"], info.family, dtype, f"{where} (VAE)", device) if "vae" in weights else None
     if converted and weights is file_weights and worth_storing(weights_dtype(parts.unet), dtype):
         converted.write(path, dtype, use_ema, {"unet": unet.state_dict()}

@@ -16,7 +16,7 @@ from diffusers.models.activations import GEGLU
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 
-def _fast_cpu_tensor(x: torch.Tensor) -> bool:
+def fast_cpu_tensor(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
 
 
@@ -26,7 +26,7 @@ class FusedGEGLU(GEGLU):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         weight, bias = self.proj.weight, self.proj.bias
-        if not (_fast_cpu_tensor(hidden_states) and hidden_states.is_contiguous() and weight.is_contiguous()
+        if not (fast_cpu_tensor(hidden_states) and hidden_states.is_contiguous() and weight.is_contiguous()
                 and weight.dtype == torch.bfloat16):
             return super().forward(hidden_states, *args, **kwargs)
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -41,7 +41,7 @@ class ChannelsLastTransformer2D(Transformer2DModel):
     """Transformer2DModel whose spatial output stays in the channels-last layout it is computed in."""
 
     def _get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width, inner_dim):
-        if not _fast_cpu_tensor(hidden_states):
+        if not fast_cpu_tensor(hidden_states):
             return super()._get_output_for_continuous_inputs(hidden_states, residual, batch_size, height, width,
                                                              inner_dim)
         if self.use_linear_projection:

@@ -3,8 +3,10 @@
 Anything that changes weights (LoRA networks, the LoRA merge tool) hands the patcher, per parameter, a list of
 patches (an identity, a strength and a function giving ΔW in fp32). W = W₀ + Σ strength·ΔW is computed in fp32 and
 stored in the weight's dtype and layout in a tensor of its own (the previous patch set's, when there is one) that
-the parameter then holds (`param.data`), so the module sees the patched weight at zero cost per step, W₀ (often a view of the memory-mapped file) is never written, and restoring
-is handing W₀ back: bit-exact and free. Only parameters whose patch list changed are touched.
+the parameter then holds (`param.data`), so the module sees the patched weight at zero cost per step, W₀ (often a
+view of the memory-mapped file) is never written, and restoring is handing W₀ back: bit-exact and free. Only
+parameters whose patch list changed are touched, and each touched one's version counter moves, so what is derived
+from a weight (the int8 path's packed copies, models/int8.py) is made again.
 """
 from __future__ import annotations
 
@@ -42,12 +44,15 @@ class WeightPatcher:
         parameters were rewritten (unchanged patch lists cost nothing)."""
         touched = 0
         scratch = _Scratch()
-        for name in set(self._applied) | set(patches):
-            wanted = tuple(p.signature for p in patches.get(name, ()))
-            if self._applied.get(name, ()) == wanted:
-                continue
-            self._write(name, patches.get(name, []), scratch)
-            touched += 1
+        # tensors made in inference mode have no version counter, and a parameter holding one could not show a change
+        with torch.inference_mode(False):
+            for name in set(self._applied) | set(patches):
+                wanted = tuple(p.signature for p in patches.get(name, ()))
+                if self._applied.get(name, ()) == wanted:
+                    continue
+                self._write(name, patches.get(name, []), scratch)
+                torch.autograd.graph.increment_version(self.parameters[name])   # caches of it (int8 packs) see it
+                touched += 1
         return touched
 
     def restore(self) -> None:

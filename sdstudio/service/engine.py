@@ -108,14 +108,16 @@ class Engine:
     """Models, settings and the worker; the API and the CLI server talk only to this."""
 
     def __init__(self, data_dir: str | Path, dtype: torch.dtype = torch.float32,
-                 converted_cache_bytes: int = CONVERTED_DEFAULT_BUDGET, device: torch.device | str = "cpu"):
+                 converted_cache_bytes: int = CONVERTED_DEFAULT_BUDGET, device: torch.device | str = "cpu",
+                 int8_linears: bool = False):
         self.data_dir = Path(data_dir)
         self.dtype = dtype          # every checkpoint loads in this dtype (`--precision`)
         self.device = torch.device(device)   # and runs there (`--device`)
         self.settings = Settings(self.data_dir / "config.json")
         self.catalog = Catalog(self.data_dir, hash_on_scan=False)
         self.embeddings = EmbeddingDB.for_data_dir(self.data_dir)
-        self.models = CheckpointCache(converted=converted_weights(self.data_dir, converted_cache_bytes))
+        self.models = CheckpointCache(converted=converted_weights(self.data_dir, converted_cache_bytes),
+                                      int8_linears=int8_linears)
         self.history = History(self.data_dir / "history.sqlite")
         self._networks: dict[int, LoraNetworks] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue()

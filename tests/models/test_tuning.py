@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from sdstudio.models import attention, tuning, winograd
+from sdstudio.models import attention, int8, tuning, winograd
 
 
 @pytest.fixture
@@ -58,7 +58,8 @@ def test_choices_are_kept_per_thread_count(cache):
 
 @pytest.mark.parametrize("choice,name", [(winograd.winograd_pays, "winograd"),
                                          (attention.openvino_pays, "openvino-attention"),
-                                         (attention.blocked_pays, "blocked-attention")])
+                                         (attention.blocked_pays, "blocked-attention"),
+                                         (int8.int8_pays, "int8-linear")])
 def test_the_fast_path_choices_follow_their_measurement_on_this_machine(cache, choice, name):
     choice.cache_clear()
     try:

@@ -1,0 +1,176 @@
+"""int8 linears of the CPU's `--precision int8` path: the UNet's transformer linears as u8 × s8 products.
+
+On CPUs with VNNI or AMX, oneDNN's int8 matrix products run about twice as fast as its bf16 ones (SD1.5's
+8192 × 1280 → 320 feed-forward output: 8.1 against 16 ms on two AVX512-VNNI cores). `--precision int8` is the bf16
+fast path with every linear of the UNet's transformers (attention projections, GEGLU, feed-forward output, SDXL's
+linear proj_in/out) computed that way — W8A8, dynamic:
+
+- weights: int8 per output channel, symmetric (scale = max |w| / 127), packed once for oneDNN and again whenever the
+  weight changes (a LoRA patch: the weight patcher bumps the parameter's version);
+- activations: uint8 per tensor, from each call's own minimum and maximum (0 always representable), by one pass of
+  a C loop (models/native.py; PyTorch's element-wise ops took 4× as long);
+- the product, its bias and the GEGLU gate's GELU by one oneDNN call, into bf16.
+
+It is a choice, not the default: it costs the weights' int8 copy (+0.23 GiB for SD1.5) and accuracy (final image vs
+fp32 on random weights 39.6 dB, bf16 43.8), and real models' activations have outlier channels that random weights
+lack, which per-tensor activation scales handle worst. Convolutions and the attention products stay bf16. Where
+the C kernel cannot be built, or int8 is measured no faster on the machine (`int8_pays`, models/tuning.py), the
+layers keep their bf16 code.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from sdstudio.models.fused import FusedGEGLU, fast_cpu_tensor
+from sdstudio.models.native import compiled_library, parallel
+from sdstudio.models.tuning import candidate_pays
+
+QUANTIZE_SOURCE = """typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
+typedef unsigned int uint32_t;
+typedef unsigned char uint8_t;
+typedef union { uint32_t u; float f; } bits;
+
+/* q[i] = clamp(round(x[i] / scale) + zero_point, 0, 255) for bf16 x, i in [start, stop) */
+void quantize_u8(const uint16_t *x, uint8_t *q, long start, long stop, float inverse_scale, float zero_point) {
+  for (long i = start; i < stop; i++) {
+    bits b;
+    b.u = (uint32_t)x[i] << 16;
+    float v = b.f * inverse_scale + zero_point;
+    v = v < 0.f ? 0.f : v > 255.f ? 255.f : v;
+    q[i] = (uint8_t)(v + 0.5f);
+  }
+}
+"""
+
+
+@functools.cache
+def _kernels() -> ctypes.CDLL | None:
+    kernels = compiled_library("int8", QUANTIZE_SOURCE)
+    if kernels is not None:
+        kernels.quantize_u8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+                                        ctypes.c_float, ctypes.c_float]
+    return kernels
+
+
+@dataclass
+class QuantizedRows:
+    """A 2-D bf16 activation as uint8 with one scale and zero point: x ≈ (q - zero_point) · scale."""
+
+    values: torch.Tensor
+    scale: float
+    zero_point: int
+
+
+@dataclass
+class PackedWeight:
+    """A linear's weight as int8 per output channel, packed for oneDNN, with its fp32 bias."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def quantize_rows(x: torch.Tensor) -> QuantizedRows:
+    """A contiguous bf16 CPU tensor as uint8 over its own range (which always includes 0)."""
+    low, high = (float(v) for v in torch.aminmax(x))
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = (high - low) / 255 or 1.0
+    zero_point = round(-low / scale)
+    values = torch.empty(x.shape, dtype=torch.uint8)
+    kernels = _kernels()
+    parallel(0, x.numel(), lambda a, b: kernels.quantize_u8(x.data_ptr(), values.data_ptr(), a, b, 1 / scale,
+                                                            float(zero_point)))
+    return QuantizedRows(values, scale, zero_point)
+
+
+def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedWeight:
+    """`weight` (out × in) as symmetric int8 per output channel, packed for oneDNN's u8 × s8 product."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    values = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return PackedWeight(torch.ops.onednn.qlinear_prepack(values, None), scales,
+                        torch.zeros(len(scales), dtype=torch.long),
+                        None if bias is None else bias.detach().float())
+
+
+def int8_linear(x: QuantizedRows, weight: PackedWeight, activation: str = "none") -> torch.Tensor:
+    """x · weightᵀ + bias in bf16 by oneDNN's int8 product, with `activation` ("none" or "gelu") fused."""
+    return torch.ops.onednn.qlinear_pointwise(x.values, x.scale, x.zero_point, weight.packed, weight.scales,
+                                              weight.zero_points, weight.bias, 1.0, 0, torch.bfloat16, activation,
+                                              [], "none")
+
+
+@functools.cache
+def int8_pays() -> bool:
+    """Whether int8 products (their activations' quantization included) beat bf16 ones on this machine, measured
+    once on SD1.5's feed-forward output at 512² (8192 × 1280 → 320) and kept (models/tuning.py)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8192, 1280, generator=generator).bfloat16()
+    weight = torch.randn(320, 1280, generator=generator).bfloat16()
+    packed = pack_weight(weight, None)
+    return candidate_pays("int8-linear", lambda: int8_linear(quantize_rows(x), packed), lambda: F.linear(x, weight))
+
+
+def int8_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this call of a linear runs in int8: bf16 CPU tensors without gradients, the kernel built, int8
+    faster here."""
+    return (fast_cpu_tensor(x) and weight.dtype == torch.bfloat16 and x.shape[-1] == weight.shape[1]
+            and _kernels() is not None and int8_pays())
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _weight_key(*tensors: torch.Tensor | None) -> tuple:
+    """What identifies the current values of the tensors: storage and version (the patcher bumps it)."""
+    return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+
+
+class Int8Linear(torch.nn.Linear):
+    """A linear computed by oneDNN's int8 product (its weight packed once per version)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not int8_applies(x, self.weight):
+            return super().forward(x)
+        key = _weight_key(self.weight, self.bias)
+        if getattr(self, "_int8", (None,))[0] != key:
+            self._int8 = (key, pack_weight(self.weight, self.bias))
+        return int8_linear(quantize_rows(_rows(x)), self._int8[1]).reshape(*x.shape[:-1], -1)
+
+
+class Int8GEGLU(FusedGEGLU):
+    """GEGLU with both halves of its projection as int8 products over one quantized input: GELU fused into the
+    gate's, then the product."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        weight, bias = self.proj.weight, self.proj.bias
+        if not int8_applies(hidden_states, weight):
+            return super().forward(hidden_states, *args, **kwargs)
+        key = _weight_key(weight, bias)
+        if getattr(self, "_int8", (None,))[0] != key:
+            half = weight.shape[0] // 2
+            value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
+            self._int8 = (key, pack_weight(weight[:half], value_bias), pack_weight(weight[half:], gate_bias))
+        _, value, gate = self._int8
+        x = quantize_rows(_rows(hidden_states))
+        out = int8_linear(x, value).mul_(int8_linear(x, gate, "gelu"))
+        return out.reshape(*hidden_states.shape[:-1], -1)
+
+
+def use_int8_linears(model: torch.nn.Module) -> None:
+    """Give every linear inside `model`'s transformers (Transformer2DModel) its int8 subclass, and their GEGLU
+    the int8 one (same weights, same state; the bf16 code runs wherever int8 does not apply)."""
+    for transformer in [m for m in model.modules() if isinstance(m, Transformer2DModel)]:
+        for module in transformer.modules():
+            if type(module) is torch.nn.Linear:
+                module.__class__ = Int8Linear
+            elif type(module) is FusedGEGLU:
+                module.__class__ = Int8GEGLU

@@ -1,0 +1,134 @@
+"""`--precision int8`: the UNet transformers' linears as oneDNN u8 × s8 products, against fp64 references."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
+
+from sdstudio.errors import SDStudioError
+from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, resolve_precision
+from sdstudio.models.fused import FusedGEGLU
+from sdstudio.models.int8 import Int8GEGLU, Int8Linear, int8_linear, pack_weight, quantize_rows
+from sdstudio.models.patcher import Patch, WeightPatcher
+
+pytestmark = pytest.mark.usefixtures("fast_kernels")   # int8 in use whatever this machine chose (models/tuning.py)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def linear(features_in: int, features_out: int, bias: bool = True) -> Int8Linear:
+    layer = torch.nn.Linear(features_in, features_out, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(features_out, features_in, generator=gen(1)) / features_in ** 0.5)
+        if bias:
+            layer.bias.copy_(torch.randn(features_out, generator=gen(2)))
+    layer.__class__ = Int8Linear
+    return layer.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("low,high", [(-3.0, 5.0), (0.5, 2.0), (-4.0, -1.0)])
+def test_activations_quantize_over_their_range_with_zero_exact(low, high):
+    x = (torch.rand(64, 48, generator=gen(0)) * (high - low) + low).bfloat16()
+    x[0, 0] = 0
+    q = quantize_rows(x)
+    assert q.values.dtype == torch.uint8 and q.values.shape == x.shape
+    assert q.values[0, 0].item() == q.zero_point                     # 0 stays exactly 0
+    span = max(high, 0) - min(low, 0)
+    assert q.scale == pytest.approx(span / 255, rel=0.02)
+    back = (q.values.float() - q.zero_point) * q.scale
+    assert (back - x.float()).abs().max().item() <= q.scale / 2 + 1e-6
+    assert q.values.min().item() <= 1 or q.values.max().item() >= 254   # the range is used, not wasted
+
+
+@pytest.mark.parametrize("rows,features_in,features_out,bias", [(300, 320, 640, True), (77, 64, 48, False)])
+def test_an_int8_linear_is_close_to_fp64_and_less_exact_than_bf16(rows, features_in, features_out, bias):
+    layer = linear(features_in, features_out, bias)
+    x = torch.randn(2, rows, features_in, generator=gen(3)).bfloat16()
+    exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    with torch.inference_mode():
+        out = layer(x)
+        bf16 = F.linear(x, layer.weight, layer.bias)
+    assert out.dtype == torch.bfloat16 and out.shape == exact.shape
+    assert hasattr(layer, "_int8")                                    # the int8 product ran
+    error, bf16_error = relative_error(out, exact), relative_error(bf16, exact)
+    assert error < 0.03 and error > 1.5 * bf16_error, (error, bf16_error)
+
+
+def test_with_gradients_an_int8_linear_is_the_plain_linear():
+    layer = linear(64, 32)
+    x = torch.randn(5, 64, generator=gen(4)).bfloat16()
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and not hasattr(layer, "_int8")
+
+
+def test_int8_geglu_matches_the_fp64_geglu():
+    torch.manual_seed(0)
+    module = GEGLU(96, 128).bfloat16()
+    x = torch.randn(2, 200, 96, generator=gen(5)).bfloat16()
+    value, gate = F.linear(x.double(), module.proj.weight.double(), module.proj.bias.double()).chunk(2, dim=-1)
+    exact = value * F.gelu(gate)
+    module.__class__ = Int8GEGLU
+    with torch.inference_mode():
+        out = module(x)
+        module.__class__ = FusedGEGLU
+        fused = module(x)
+    assert out.shape == exact.shape
+    error = relative_error(out, exact)
+    assert error < 0.03 and error > 1.5 * relative_error(fused, exact), error
+
+
+def test_a_patched_weight_is_packed_again_and_restoring_gives_the_first_output_back():
+    layer = linear(128, 64)
+    x = torch.randn(40, 128, generator=gen(6)).bfloat16()
+    patcher = WeightPatcher({"weight": layer.weight})
+    delta = torch.randn(64, 128, generator=gen(7)) * 0.2
+    with torch.inference_mode():
+        before = layer(x)
+        patcher.set_patches({"weight": [Patch("lora", 1.0, lambda w: delta)]})
+        patched = layer(x)
+        exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        patcher.set_patches({"weight": [Patch("lora", 0.5, lambda w: delta)]})   # written into the same buffer
+        half = layer(x)
+        half_exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        patcher.restore()
+        after = layer(x)
+    assert relative_error(patched, exact) < 0.03 and relative_error(before, exact) > 0.1
+    assert relative_error(half, half_exact) < 0.03 and relative_error(patched, half_exact) > 0.05
+    assert torch.equal(after, before)
+
+
+def test_int8_linear_takes_the_packed_weight_and_its_bias():
+    weight = (torch.randn(16, 32, generator=gen(8)) / 6).bfloat16()
+    bias = torch.randn(16, generator=gen(9)).bfloat16()
+    x = torch.randn(10, 32, generator=gen(10)).bfloat16()
+    out = int8_linear(quantize_rows(x), pack_weight(weight, bias), "gelu")
+    assert relative_error(out, F.gelu(F.linear(x.double(), weight.double(), bias.double()))) < 0.03
+
+
+def test_precision_int8_is_the_cpu_fast_path_and_refused_on_a_gpu():
+    assert resolve_precision("int8") == fast_cpu_dtype()
+    with pytest.raises(SDStudioError, match="int8"):
+        resolve_precision("int8", "cuda")
+
+
+def test_an_int8_unet_swaps_only_its_transformer_linears_and_stays_close(sd1_file):
+    plain = load_checkpoint(sd1_file, dtype=torch.bfloat16).unet
+    quick = load_checkpoint(sd1_file, dtype=torch.bfloat16, int8_linears=True).unet
+    reference = load_checkpoint(sd1_file).unet
+    kinds = {name: type(m) for name, m in quick.named_modules()}
+    assert {n for n, k in kinds.items() if k is Int8Linear} == {
+        n for n, m in plain.named_modules() if type(m) is torch.nn.Linear and ".attentions." in n}
+    assert any(k is Int8GEGLU for k in kinds.values())
+    assert kinds["time_embedding.linear_1"] is torch.nn.Linear
+    sample = torch.randn(2, 4, 32, 32, generator=gen(11))
+    context = torch.randn(2, 77, reference.config.cross_attention_dim, generator=gen(12))
+    with torch.inference_mode():
+        exact = reference(sample, 500, context).sample
+        fast, int8 = (u(sample.bfloat16(), 500, context.bfloat16()).sample for u in (plain, quick))
+    assert relative_error(int8, exact) < 0.05 and not torch.equal(int8, fast)
