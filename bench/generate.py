@@ -55,6 +55,8 @@ def sd15_rows(images: Path, results: dict[str, dict]) -> None:
         "sdstudio --precision auto": ("sdstudio", dict(path=str(path), precision="auto",
                                                        image=str(images / "sd15-auto.png"),
                                                        decode_sizes=[512, 1024, 2048])),  # 2048²: tiled
+        "sdstudio --precision int8": ("sdstudio", dict(path=str(path), precision="int8",
+                                                       image=str(images / "sd15-int8.png"), decode_sizes=[])),
     }
     run_plan(plan, results, common, path)
 
@@ -73,6 +75,8 @@ def sdxl_rows(images: Path, results: dict[str, dict]) -> None:
         "sdstudio fp32": ("sdstudio", dict(path=str(path), precision="fp32", image=str(images / "sdxl-fp32.png"))),
         "sdstudio --precision auto": ("sdstudio", dict(path=str(path), precision="auto",
                                                        image=str(images / "sdxl-auto.png"))),
+        "sdstudio --precision int8": ("sdstudio", dict(path=str(path), precision="int8",
+                                                       image=str(images / "sdxl-int8.png"))),
     }
     run_plan(plan, results, common, path, prefix="SDXL ")
 
@@ -120,11 +124,11 @@ def sd15_table(results: dict[str, dict]) -> str:
                     f"{fmt(r.get('rss_all_gib'))} |")
     lines = ["\n".join(rows)]
     if fastest:
-        ours = results.get("sdstudio --precision auto", {})
+        ours = {p: results.get(f"sdstudio --precision {p}", {}) for p in ("auto", "int8")}
         lines.append(f"Fastest peer per step: {fastest[0]} ({fastest[1]['step_s']:.2f} s); end to end: "
                      f"{fastest_e2e[0]} ({fastest_e2e[1]['e2e_s']:.1f} s)"
-                     + (f"; sdstudio --precision auto end to end {fastest_e2e[1]['e2e_s'] / ours['e2e_s']:.2f}× "
-                        "the fastest peer's speed." if "e2e_s" in ours else "."))
+                     + "".join(f"; sdstudio --precision {p} end to end {fastest_e2e[1]['e2e_s'] / r['e2e_s']:.2f}× "
+                               "the fastest peer's speed" for p, r in ours.items() if "e2e_s" in r) + ".")
     return "\n\n".join(lines)
 
 
@@ -147,7 +151,9 @@ def quality(images: Path) -> str:
     rows = ["| images compared (same seed and settings) | PSNR dB |", "|---|---|"]
     pairs = {f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision auto vs sdstudio fp32": ("sd15-auto", "sd15-fp32"),
              f"SD1.5 512², {SD15_STEPS} steps: diffusers bf16 vs diffusers fp32": ("diffusers-bf16", "diffusers-fp32"),
-             f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision auto vs sdstudio fp32": ("sdxl-auto", "sdxl-fp32")}
+             f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision auto vs sdstudio fp32": ("sdxl-auto", "sdxl-fp32"),
+             f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision int8 vs sdstudio fp32": ("sd15-int8", "sd15-fp32"),
+             f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision int8 vs sdstudio fp32": ("sdxl-int8", "sdxl-fp32")}
     for label, (a, b) in pairs.items():
         pa, pb = images / f"{a}.png", images / f"{b}.png"
         if pa.exists() and pb.exists():

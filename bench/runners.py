@@ -83,7 +83,7 @@ def sdstudio(path: str, precision: str, steps: int, size: int, decode_sizes: lis
     from sdstudio.pipeline import txt2img
 
     load_s, model = timed(load_on, device, load_checkpoint, path, dtype=resolve_precision(precision, device),
-                          device=device)
+                          device=device, int8_linears=precision == "int8")
     model_hash = sha256_file(path)   # the infotext's model hash: the server and CLI keep it in their hash cache
     clock = StepClock()
     clock.start()
