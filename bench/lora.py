@@ -51,13 +51,16 @@ def main() -> None:
     columns = {
         "sdstudio fp32": run_runner("sdstudio_lora", path=str(checkpoint), precision="fp32", **files),
         "sdstudio --precision auto": run_runner("sdstudio_lora", path=str(checkpoint), precision="auto", **files),
+        "sdstudio --precision int8": run_runner("sdstudio_lora", path=str(checkpoint), precision="int8", **files),
         "diffusers + peft fp32 (load + fuse)": run_runner("diffusers_lora", path=str(checkpoint), config=config,
                                                           precision="fp32", **files),
         "diffusers + peft bf16 (load + fuse)": run_runner("diffusers_lora", path=str(checkpoint), config=config,
                                                           precision="bf16", **files),
     }
     operations = {"read_s": "read the LoRA file", "apply_s": "apply", "same_s": "apply the same set again",
-                  "switch_s": "switch to another LoRA", "remove_s": "remove"}
+                  "switch_s": "switch to another LoRA",
+                  "call_after_switch_s": "then a small UNet call (8×8 latent: int8 packs the switched weights here)",
+                  "call_again_s": "the same call again", "remove_s": "remove"}
     rows = ["| operation | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key, label in operations.items():
         cells = [r["error"][:60] if "error" in r else (f"{r[key]:.3f}" if key in r else "–")

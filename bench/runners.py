@@ -335,19 +335,32 @@ def diffusers_load(path: str, config: str, dtype: str) -> dict:
 # --- LoRA switching -------------------------------------------------------------------------------------------
 
 def sdstudio_lora(path: str, precision: str, lora_a: str, lora_b: str) -> dict:
-    """sdstudio's in-place LoRA patching (what `<lora:…>` in a prompt does): apply, same set again, switch, remove."""
+    """sdstudio's in-place LoRA patching (what `<lora:…>` in a prompt does): apply, same set again, switch, remove;
+    and a small UNet call (8×8 latent, CFG batch) right after the switch and again: what follows a patch before the
+    next step (the int8 path packs the changed weights there)."""
     from pathlib import Path
 
     from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
     from sdstudio.models.lora import AppliedLora, LoraSet
 
-    model = load_checkpoint(path, dtype=resolve_precision(precision))
+    model = load_checkpoint(path, dtype=resolve_precision(precision), int8_linears=precision == "int8")
+    unet = model.unet
+    sample = torch.zeros(2, 4, 8, 8, dtype=unet.dtype)
+    context = torch.zeros(2, 77, unet.config.cross_attention_dim, dtype=unet.dtype)
+
+    def unet_call():
+        with torch.inference_mode():
+            unet(sample, 999, context)
+
     loras = LoraSet(model)
     read_s, _ = timed(loras.read, Path(lora_a))
     loras.read(Path(lora_b))
     a, b = [AppliedLora(Path(lora_a), 1.0, 1.0)], [AppliedLora(Path(lora_b), 1.0, 1.0)]
-    return {"read_s": read_s, "apply_s": timed(loras.apply, a)[0], "same_s": timed(loras.apply, a)[0],
-            "switch_s": timed(loras.apply, b)[0], "remove_s": timed(loras.apply, [])[0]}
+    out = {"read_s": read_s, "apply_s": timed(loras.apply, a)[0], "same_s": timed(loras.apply, a)[0]}
+    unet_call()
+    out["switch_s"] = timed(loras.apply, b)[0]
+    out["call_after_switch_s"], out["call_again_s"] = timed(unet_call)[0], timed(unet_call)[0]
+    return out | {"remove_s": timed(loras.apply, [])[0]}
 
 
 def diffusers_lora(path: str, config: str, precision: str, lora_a: str, lora_b: str) -> dict:
