@@ -11,9 +11,9 @@ linear proj_in/out) computed that way — W8A8, dynamic:
 - both quantized by C loops (models/native.py): PyTorch's element-wise ops took 4× as long;
 - the product, its bias and the GEGLU gate's GELU by one oneDNN call, into bf16.
 
-It is a choice, not the default: it costs the weights' int8 copy (+0.23 GiB for SD1.5) and accuracy (final image vs
-fp32 on random weights 39.6 dB, bf16 43.8), and real models' activations have outlier channels that random weights
-lack, which per-tensor activation scales handle worst. Convolutions and the attention products stay bf16. Where
+It is a choice, not the default: it costs the weights' int8 copy (+0.2 GiB for SD1.5, +2 GiB for SDXL) and accuracy
+(final image vs fp32 on random weights: SD1.5 39.6 dB, SDXL 33.6; bf16 43.8 and 36.8), and real models' activations
+have outlier channels that random weights lack, which per-tensor activation scales handle worst. Convolutions and the attention products stay bf16. Where
 the C kernel cannot be built, or int8 is measured no faster on the machine (`int8_pays`, models/tuning.py), the
 layers keep their bf16 code.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +100,12 @@ class PackedWeight:
     bias: torch.Tensor | None
 
 
-def quantize_rows(x: torch.Tensor) -> QuantizedRows:
-    """A contiguous bf16 CPU tensor as uint8 over its own range (which always includes 0)."""
+def quantize_rows(x: torch.Tensor) -> QuantizedRows | None:
+    """A contiguous bf16 CPU tensor as uint8 over its own range (which always includes 0); None when the range is
+    not finite (the caller's bf16 code then passes the NaN or inf on, for the pipeline to report)."""
     low, high = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
     low, high = min(low, 0.0), max(high, 0.0)
     scale = (high - low) / 255 or 1.0
     zero_point = round(-low / scale)
@@ -163,12 +167,13 @@ class Int8Linear(torch.nn.Linear):
     """A linear computed by oneDNN's int8 product (its weight packed once per version)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not int8_applies(x, self.weight):
+        rows = quantize_rows(_rows(x)) if int8_applies(x, self.weight) else None
+        if rows is None:
             return super().forward(x)
         key = _weight_key(self.weight, self.bias)
         if getattr(self, "_int8", (None,))[0] != key:
             self._int8 = (key, pack_weight(self.weight, self.bias))
-        return int8_linear(quantize_rows(_rows(x)), self._int8[1]).reshape(*x.shape[:-1], -1)
+        return int8_linear(rows, self._int8[1]).reshape(*x.shape[:-1], -1)
 
 
 class Int8GEGLU(FusedGEGLU):
@@ -177,7 +182,8 @@ class Int8GEGLU(FusedGEGLU):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         weight, bias = self.proj.weight, self.proj.bias
-        if not int8_applies(hidden_states, weight):
+        x = quantize_rows(_rows(hidden_states)) if int8_applies(hidden_states, weight) else None
+        if x is None:
             return super().forward(hidden_states, *args, **kwargs)
         key = _weight_key(weight, bias)
         if getattr(self, "_int8", (None,))[0] != key:
@@ -185,7 +191,6 @@ class Int8GEGLU(FusedGEGLU):
             value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
             self._int8 = (key, pack_weight(weight[:half], value_bias), pack_weight(weight[half:], gate_bias))
         _, value, gate = self._int8
-        x = quantize_rows(_rows(hidden_states))
         out = int8_linear(x, value).mul_(int8_linear(x, gate, "gelu"))
         return out.reshape(*hidden_states.shape[:-1], -1)
 

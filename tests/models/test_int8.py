@@ -132,3 +132,12 @@ def test_an_int8_unet_swaps_only_its_transformer_linears_and_stays_close(sd1_fil
         exact = reference(sample, 500, context).sample
         fast, int8 = (u(sample.bfloat16(), 500, context.bfloat16()).sample for u in (plain, quick))
     assert relative_error(int8, exact) < 0.05 and not torch.equal(int8, fast)
+
+
+def test_a_nan_input_passes_through_as_nan_for_the_pipeline_to_report():
+    layer = linear(32, 16)
+    x = torch.randn(4, 32, generator=gen(13)).bfloat16()
+    x[1, 3] = float("nan")
+    with torch.inference_mode():
+        out = layer(x)
+    assert out[1].isnan().all() and not out[0].isnan().any()
