@@ -158,9 +158,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _weight_key(*tensors: torch.Tensor | None) -> tuple:
-    """What identifies the current values of the tensors: storage and version (the patcher bumps it)."""
-    return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+def _packed(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, pack):
+    """`module`'s packed weights, made by pack() again whenever its weight or bias changed (storage or version: the
+    weight patcher bumps it)."""
+    key = tuple(None if t is None else (t.data_ptr(), t._version) for t in (weight, bias))
+    if getattr(module, "_int8", (None,))[0] != key:
+        module._int8 = (key, pack())
+    return module._int8[1]
 
 
 class Int8Linear(torch.nn.Linear):
@@ -170,10 +174,8 @@ class Int8Linear(torch.nn.Linear):
         rows = quantize_rows(_rows(x)) if int8_applies(x, self.weight) else None
         if rows is None:
             return super().forward(x)
-        key = _weight_key(self.weight, self.bias)
-        if getattr(self, "_int8", (None,))[0] != key:
-            self._int8 = (key, pack_weight(self.weight, self.bias))
-        return int8_linear(rows, self._int8[1]).reshape(*x.shape[:-1], -1)
+        packed = _packed(self, self.weight, self.bias, lambda: pack_weight(self.weight, self.bias))
+        return int8_linear(rows, packed).reshape(*x.shape[:-1], -1)
 
 
 class Int8GEGLU(FusedGEGLU):
@@ -185,12 +187,10 @@ class Int8GEGLU(FusedGEGLU):
         x = quantize_rows(_rows(hidden_states)) if int8_applies(hidden_states, weight) else None
         if x is None:
             return super().forward(hidden_states, *args, **kwargs)
-        key = _weight_key(weight, bias)
-        if getattr(self, "_int8", (None,))[0] != key:
-            half = weight.shape[0] // 2
-            value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
-            self._int8 = (key, pack_weight(weight[:half], value_bias), pack_weight(weight[half:], gate_bias))
-        _, value, gate = self._int8
+        half = weight.shape[0] // 2
+        value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
+        value, gate = _packed(self, weight, bias, lambda: (pack_weight(weight[:half], value_bias),
+                                                           pack_weight(weight[half:], gate_bias)))
         out = int8_linear(x, value).mul_(int8_linear(x, gate, "gelu"))
         return out.reshape(*hidden_states.shape[:-1], -1)
 
