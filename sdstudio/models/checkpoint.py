@@ -16,6 +16,7 @@ from sdstudio.files.keymaps import KeyMapError, split_checkpoint, swap_in_ema, t
 from sdstudio.files.readers import read_state_dict
 from sdstudio.models.build import build_text_encoder, build_unet, build_vae, gpu_unet_layout, weights_dtype
 from sdstudio.models.converted import ConvertedWeights, worth_storing
+from sdstudio.models.tuning import cpu_description
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 def fast_cpu_dtype() -> torch.dtype:
     """bf16 where the CPU has native bf16 math (AMX or AVX512-BF16), else fp32 (`--precision auto` on a CPU)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return torch.float32
+    flags = cpu_description()[1]
     return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
 
 

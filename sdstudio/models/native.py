@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sdstudio.models.tuning import kernel_cache_dir
+from sdstudio.models.tuning import cpu_description, kernel_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,7 @@ COMPILER_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 def compiled_library(name: str, source: str) -> ctypes.CDLL | None:
     """The C `source` built as library `name` (once per source and machine, kept in the kernel cache); None,
     logged, where it cannot be built."""
-    machine = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((line for line in machine.splitlines() if line.startswith("flags")), "")
+    flags = cpu_description()[1]
     key = hashlib.sha256("\n".join([source, " ".join(COMPILER_FLAGS), flags]).encode()).hexdigest()[:20]
     library = kernel_cache_dir() / f"{name}-{key}.so"
     try:

@@ -11,6 +11,7 @@ image.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -36,11 +37,19 @@ def kernel_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdstudio" / "kernels"
 
 
+@functools.cache
+def cpu_description() -> tuple[str, str]:
+    """The CPU's "model name" and "flags" lines of /proc/cpuinfo ("" where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    return tuple(next((line for line in lines if line.startswith(field)), "") for field in ("model name", "flags"))
+
+
 def machine_key() -> str:
     """What a choice depends on: CPU model and flags, torch version, thread count."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    lines = [line for line in cpuinfo.splitlines() if line.startswith(("model name", "flags"))][:2]
-    key = "\n".join([*lines, torch.__version__, str(torch.get_num_threads())])
+    key = "\n".join([*cpu_description(), torch.__version__, str(torch.get_num_threads())])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
