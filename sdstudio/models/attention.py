@@ -1,11 +1,16 @@
-"""Attention for the bf16 CPU fast path: long attention through OpenVINO's SDPA kernel, one wide head by blocks.
+"""Attention for the bf16 CPU fast path: multi-head attention by our flash-attention kernel (or OpenVINO's), one
+wide head by blocks.
 
 On CPUs without AMX, PyTorch's flash-attention kernel runs the UNet's long self-attention (4096 tokens at 512²,
-head width 40 or 64) at a fraction of the speed of its matrix products: it was 29 % of an SD1.5 step. OpenVINO's
-CPU SDPA kernel does the same attention 1.6–2× faster (bench/RESULTS.md). Attention has no weights, so this costs
-nothing at load and LoRA patching is untouched; the OpenVINO graph (reshape to heads → SDPA → merge heads) is
-built in code per head count and compiles in milliseconds. Short attention (cross-attention over 77 tokens, the
-smallest levels) stays with PyTorch, which is faster there.
+head width 40 or 64) at a fraction of the speed of its matrix products: it was 29 % of an SD1.5 step. On CPUs with
+AVX512-BF16, our C kernel (kernels/flash_attention.c: both products as bf16 dot products with fp32 sums, the softmax
+online per block of query rows and keys, scores in fp32) runs it 2.5× faster than PyTorch's and 1.5× faster than
+OpenVINO's CPU SDPA kernel (8 heads of 40, 4096 tokens, CFG batch: 138 vs 350 and 209 ms), and the cross-attention
+over the prompt's 77 tokens 2.3× faster than PyTorch's (5.0 vs 11.6 ms); only the smallest attention (fewer than
+FLASH_MIN_SCORES scores per head) stays with PyTorch. Where our kernel is not built (no AVX512-BF16, no C compiler)
+or is measured slower, long attention (keys from LONG_ATTENTION on) goes through OpenVINO's kernel (1.6–2× PyTorch's
+there), its graph (reshape to heads → SDPA → merge heads) built in code per head count. Attention has no weights, so
+none of this costs anything at load, and LoRA patching is untouched.
 
 The VAE's attention block (one head of 512 over every latent pixel: 4096 tokens at 512², 65536 at 2048²) runs as
 blocks of query rows, each two oneDNN matrix products around a softmax: 2–3× PyTorch's kernel at 4096 to 65536
@@ -13,25 +18,34 @@ tokens; OpenVINO's kernel is as fast at 4096 but falls below PyTorch's once the 
 rounded to bf16 before the softmax, as OpenVINO's kernel does (relative output error vs fp32 4.5e-3 for scores of
 spread 1, 1.3e-2 for spread 3, the same for both kernels; PyTorch's keeps them fp32: 1.7e-3).
 
-Both kernels were measured faster on AVX512-BF16 without AMX; on another CPU each is used only where it beats
-PyTorch's kernel there (`openvino_pays`, `blocked_pays`: measured once per machine, models/tuning.py).
+These kernels were measured faster on AVX512-BF16 without AMX; on another CPU each is used only where it beats
+the kernel it replaces there (`flash_pays`, `openvino_pays`, `blocked_pays`: measured once per machine,
+models/tuning.py).
 
-Any case the narrow paths do not cover (masks, spatial or q/k norms, another device or dtype, gradients, OpenVINO
-not installed for a multi-head attention) goes to diffusers' own processor.
+Any case the narrow paths do not cover (masks, spatial or q/k norms, another device or dtype, gradients, neither
+the flash kernel nor OpenVINO for a multi-head attention) goes to diffusers' own processor.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from sdstudio.models.tuning import candidate_pays
+from sdstudio.models.native import compiled_library, parallel, release_kernel_buffers, scratch
+from sdstudio.models.tuning import candidate_pays, cpu_description
 
 LONG_ATTENTION = 1024   # keys from this many tokens on go through OpenVINO (measured crossover: 77 no, 1024 yes)
+FLASH_SOURCE = Path(__file__).parent / "kernels" / "flash_attention.c"
+FLASH_MAX_WIDTH = 256   # head widths the flash kernel takes (even ones up to this)
+FLASH_MIN_SCORES = 16384   # scores per head from which it runs (measured, 8 heads: 256 × 77 1.1 vs PyTorch's 1.9
+                           # ms, 64 × 77 0.59 vs 0.54)
+FLASH_TASK_ROWS = 64    # query rows per task of the flash kernel's threads (a multiple of its 8-row tiles)
 ROWS = 256   # query rows per block (measured, width 512, rows 128 / 256 / 512: 4096 tokens 96 / 89 / 88 ms, 16384
              # tokens 1.69 / 1.53 / 1.48 s, 65536 tokens 33.8 / 30.3 / 30.0 s; a block's scores: 32 MiB at 65536)
 
@@ -74,6 +88,46 @@ def openvino_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     return out
 
 
+@functools.cache
+def _flash_kernels() -> ctypes.CDLL | None:
+    """The flash-attention kernel built for this machine; None without AVX512-BF16 or a C compiler."""
+    if "avx512_bf16" not in cpu_description()[1].split():
+        return None
+    kernels = compiled_library("flash_attention", FLASH_SOURCE.read_text())
+    if kernels is not None:
+        pointer, index = ctypes.c_void_p, ctypes.c_long
+        kernels.pack.argtypes = [pointer, pointer, index, index, index, index, pointer, pointer]
+        kernels.attend.argtypes = [pointer, index, pointer, pointer, pointer, index, index, index, index, index,
+                                   index, ctypes.c_float, index, index, index]
+    return kernels
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q·kᵀ/√width)·v per head for bf16 (batch, tokens, heads·width) tensors (k and v: the same number of
+    tokens, any), computed by the flash-attention kernel; width even and at most FLASH_MAX_WIDTH."""
+    kernels = _flash_kernels()
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    batch, tokens_q, channels = q.shape
+    tokens_k, width = k.shape[1], channels // heads
+    padded, blocks = -(-tokens_k // 32) * 32, -(-width // 16)
+    keys = scratch("flash keys", (batch * heads, padded * width // 2), torch.int32)
+    values = scratch("flash values", (batch * heads, padded // 2 * blocks * 16), torch.int32)
+
+    def pack(first: int, last: int) -> None:
+        for index in range(first, last):
+            image, head = divmod(index, heads)
+            offset = (image * tokens_k * channels + head * width) * k.element_size()
+            kernels.pack(k.data_ptr() + offset, v.data_ptr() + offset, channels, tokens_k, padded, width,
+                         keys[index].data_ptr(), values[index].data_ptr())
+
+    parallel(0, batch * heads, pack)
+    out = torch.empty_like(q)
+    parallel(0, batch * heads * -(-tokens_q // FLASH_TASK_ROWS), lambda first, last: kernels.attend(
+        q.data_ptr(), channels, keys.data_ptr(), values.data_ptr(), out.data_ptr(), channels, heads, tokens_q,
+        tokens_k, padded, width, width ** -0.5, FLASH_TASK_ROWS, first, last))
+    return out
+
+
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ/√width)·v for one head, bf16 (batch, tokens, width) tensors: a block of query rows at a time,
     its scores (bf16) by one matrix product, softmax, then the product with v into the output's rows."""
@@ -87,14 +141,29 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return out
 
 
-def _pays(name: str, heads: int, width: int, kernel) -> bool:
-    """Whether `kernel(q, k, v, heads)` beats PyTorch's SDPA on this machine for 4096 tokens of `heads` × `width`
-    (SD1.5's largest attention at 512²), measured once per machine."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """PyTorch's SDPA for (batch, tokens, heads·width) tensors."""
+    split = [x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2) for x in (q, k, v)]
+    return F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(q.shape)
+
+
+def _pays(name: str, heads: int, width: int, kernel, baseline=_sdpa) -> bool:
+    """Whether `kernel(q, k, v, heads)` beats `baseline` (PyTorch's SDPA) on this machine for 4096 tokens of
+    `heads` × `width` (SD1.5's largest attention at 512²), measured once per machine."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4096, heads * width, generator=generator).bfloat16() for _ in range(3))
-    split = [x.view(1, 4096, heads, width).transpose(1, 2) for x in (q, k, v)]
-    return candidate_pays(name, lambda: kernel(q, k, v, heads),
-                          lambda: F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(q.shape))
+    try:
+        return candidate_pays(name, lambda: kernel(q, k, v, heads), lambda: baseline(q, k, v, heads))
+    finally:
+        release_kernel_buffers()
+
+
+@functools.cache
+def flash_pays() -> bool:
+    """Whether the flash kernel beats the one it replaces on this machine (OpenVINO's where that beats PyTorch's):
+    the UNet's self-attention (8 heads of 40)."""
+    return _flash_kernels() is not None and _pays(
+        "flash-attention", 8, 40, flash_attention, openvino_attention if openvino_pays() else _sdpa)
 
 
 @functools.cache
@@ -118,9 +187,9 @@ def _repeated_halves(x: torch.Tensor) -> bool:
 
 
 class FastCPUAttention:
-    """diffusers attention processor: long plain attention of bf16 CPU tensors via OpenVINO (a single head by
-    `blocked_attention`), the rest via diffusers' AttnProcessor2_0 (PyTorch SDPA), with the same steps around it
-    (a VAE block's 4-D input, group norm, residual). A self-attention whose batch is one half repeated (a CFG step's
+    """diffusers attention processor: long plain attention of bf16 CPU tensors by the flash kernel or OpenVINO (a
+    single head by `blocked_attention`), the rest via diffusers' AttnProcessor2_0 (PyTorch SDPA), with the same
+    steps around it (a VAE block's 4-D input, group norm, residual). A self-attention whose batch is one half repeated (a CFG step's
     first transformer block: the text condition enters after it) computes the half once."""
 
     def __init__(self):
@@ -132,7 +201,8 @@ class FastCPUAttention:
                 and _repeated_halves(hidden_states)):   # exact: each image's attention is its own
             half = self(attn, hidden_states[:hidden_states.shape[0] // 2], None, None, temb, *args, **kwargs)
             return torch.cat([half, half])
-        if not self._covers(attn, hidden_states, encoder_hidden_states, attention_mask):
+        kernel = self._kernel(attn, hidden_states, encoder_hidden_states, attention_mask)
+        if kernel is None:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual, shape = hidden_states, hidden_states.shape
         if hidden_states.ndim == 4:   # a VAE attention block: (batch, channels, height, width) → tokens
@@ -141,7 +211,7 @@ class FastCPUAttention:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        out = blocked_attention(q, k, v) if attn.heads == 1 else openvino_attention(q, k, v, attn.heads)
+        out = kernel(q, k, v, attn.heads)
         out = attn.to_out[1](attn.to_out[0](out))
         if len(shape) == 4:
             out = out.transpose(1, 2).reshape(shape)
@@ -150,21 +220,29 @@ class FastCPUAttention:
         return out / attn.rescale_output_factor if attn.rescale_output_factor != 1.0 else out
 
     @staticmethod
-    def _covers(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
-                attention_mask: torch.Tensor | None) -> bool:
+    def _kernel(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                attention_mask: torch.Tensor | None):
+        """The kernel(q, k, v, heads) for this attention on this machine; None: diffusers' processor."""
         width = attn.inner_dim // attn.heads
+        queries = math.prod(hidden_states.shape[2:]) if hidden_states.ndim == 4 else hidden_states.shape[1]
         if encoder_hidden_states is None:   # self-attention: the keys are the tokens (a 4-D input's pixels)
-            keys = math.prod(hidden_states.shape[2:]) if hidden_states.ndim == 4 else hidden_states.shape[1]
+            keys = queries
         elif hidden_states.ndim == 3 and encoder_hidden_states.ndim == 3:
             keys = encoder_hidden_states.shape[1]
         else:
-            return False
-        return (not torch.is_grad_enabled() and attention_mask is None and hidden_states.ndim in (3, 4)
+            return None
+        if not (not torch.is_grad_enabled() and attention_mask is None and hidden_states.ndim in (3, 4)
                 and hidden_states.device.type == "cpu" and hidden_states.dtype == torch.bfloat16
-                and keys >= LONG_ATTENTION and attn.spatial_norm is None
-                and attn.norm_q is None and attn.norm_k is None and not attn.norm_cross
-                and abs(attn.scale - width ** -0.5) < 1e-9 and attn.inner_dim == attn.inner_kv_dim
-                and (blocked_pays() if attn.heads == 1 else openvino_pays()))
+                and attn.spatial_norm is None and attn.norm_q is None and attn.norm_k is None and not attn.norm_cross
+                and abs(attn.scale - width ** -0.5) < 1e-9 and attn.inner_dim == attn.inner_kv_dim):
+            return None
+        if attn.heads == 1:
+            return (lambda q, k, v, heads: blocked_attention(q, k, v)) if keys >= LONG_ATTENTION and blocked_pays() \
+                else None
+        if (queries * keys >= FLASH_MIN_SCORES and width % 2 == 0 and width <= FLASH_MAX_WIDTH
+                and _flash_kernels() is not None and flash_pays()):
+            return flash_attention
+        return openvino_attention if keys >= LONG_ATTENTION and openvino_pays() else None
 
 
 def use_fast_cpu_attention(model: torch.nn.Module) -> None:

@@ -22,7 +22,8 @@ from sdstudio.files.readers import release_file_pages
 from sdstudio.models.attention import use_fast_cpu_attention
 from sdstudio.models.fused import use_fused_layers
 from sdstudio.models.int8 import use_int8_linears
-from sdstudio.models.winograd import release_winograd_buffers, use_winograd_convolutions
+from sdstudio.models.native import release_kernel_buffers
+from sdstudio.models.winograd import use_winograd_convolutions
 
 CONFIG_FILE = Path(__file__).parent / "configs" / "families.json"
 GROUP_NORM_GROUPS = 32  # every SD UNet/VAE uses GroupNorm(32)
@@ -229,7 +230,7 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
         use_winograd_convolutions(unet)
         if int8_linears:
             use_int8_linears(unet)
-        unet.register_forward_hook(release_winograd_buffers)   # kept through a call, nothing between calls
+        unet.register_forward_hook(release_kernel_buffers)   # kept through a call, nothing between calls
     return unet
 
 

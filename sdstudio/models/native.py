@@ -4,7 +4,8 @@ Each kernel library is compiled from its source (generated or fixed) into the ke
 (models/tuning.py), keyed by the source, the compiler flags and the CPU's flags, so a machine builds it once and a
 changed source or CPU builds anew. The kernels loop over a range [a, b) of their work and run on torch's thread
 count through `parallel` (ctypes releases the GIL). Where there is no compiler, `compiled_library` logs why and
-returns None, and the caller keeps its PyTorch path.
+returns None, and the caller keeps its PyTorch path. Their big intermediates live in `scratch` buffers, kept from one
+call to the next (fresh ones cost page faults on every call) until `release_kernel_buffers`.
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,3 +62,27 @@ def parallel(start: int, stop: int, work) -> None:
     threads = max(1, min(torch.get_num_threads(), stop - start))
     step = -(-(stop - start) // threads)
     list(_pool(threads).map(lambda a: work(a, min(a + step, stop)), range(start, stop, step)))
+
+
+_local = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """This thread's reused buffer `name` as a `shape` tensor of `dtype` (grown when too small; contents undefined)."""
+    buffers = _buffers()
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = buffers.get(name)
+    if buffer is None or buffer.numel() < nbytes:
+        buffers[name] = buffer = torch.empty(nbytes, dtype=torch.uint8)
+    return buffer[:nbytes].view(dtype).view(shape)
+
+
+def release_kernel_buffers(*_) -> None:
+    """Free this thread's scratch buffers (takes and ignores a forward hook's arguments)."""
+    _buffers().clear()
+
+
+def _buffers() -> dict[str, torch.Tensor]:
+    if not hasattr(_local, "buffers"):
+        _local.buffers = {}
+    return _local.buffers

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
-from sdstudio.models.winograd import release_winograd_buffers, winograd_applies, winograd_conv2d
+from sdstudio.models.native import release_kernel_buffers
+from sdstudio.models.winograd import winograd_applies, winograd_conv2d
 
 STRIP_ELEMENTS = 1 << 21   # values per strip (channels × rows × width): 4 MiB temporaries in bf16 (measured: 8 MiB
                            # strips peaked 63 MiB higher at 512², 1 MiB ones 6 MiB lower)
@@ -33,7 +34,7 @@ def up_path_in_strips(decoder: torch.nn.Module, features: torch.Tensor) -> torch
             features = _resnet(resnet, features) if _plain_resnet(resnet) else resnet(features, None)
         for upsampler in block.upsamplers or []:
             features = _upsample(upsampler, features) if _plain_upsampler(upsampler) else upsampler(features)
-        release_winograd_buffers()   # neither they nor the level's freed activations go on into the next, larger
+        release_kernel_buffers()   # neither they nor the level's freed activations go on into the next, larger
         return_freed_heap()          # level, where the decode's memory peaks (512²: −0.05 GiB with Winograd)
     norm, act, conv = decoder.conv_norm_out, decoder.conv_act, decoder.conv_out
     if isinstance(norm, torch.nn.GroupNorm) and _plain_conv(conv):

@@ -17,8 +17,8 @@ from sdstudio.files.keymaps import vae_to_diffusers
 from sdstudio.files.readers import read_state_dict, read_tensor_infos
 from sdstudio.models.build import build_vae
 from sdstudio.models.checkpoint import LoadedCheckpoint
+from sdstudio.models.native import release_kernel_buffers
 from sdstudio.models.strip_decode import group_normalise, group_statistics, return_freed_heap, up_path_in_strips
-from sdstudio.models.winograd import release_winograd_buffers
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None = None,
     tiled = latents.shape[-2] * latents.shape[-1] > TILE_ABOVE if tiled is None else tiled
     return_freed_heap()
     images = _decode_once(vae, latents, vae.dtype, tiled, tile, overlap)
-    release_winograd_buffers()
+    release_kernel_buffers()
     if torch.isnan(images).any() and vae.dtype != torch.float32:
         log.warning("VAE produced NaN in %s; decoding again in float32", vae.dtype)
         images = _decode_once(vae, latents, torch.float32, tiled, tile, overlap)
@@ -199,7 +199,7 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator 
         else:
             posterior = vae.encode(pixels).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mean
-    release_winograd_buffers()
+    release_kernel_buffers()
     return latents.float().cpu() * vae.config.scaling_factor
 
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 
 import torch
 import torch.nn.functional as F
 
-from sdstudio.models.native import compiled_library, parallel
+from sdstudio.models.native import compiled_library, parallel, release_kernel_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 
 OUTPUT_TILE = 2        # F(2×2, 3×3): per-layer error 1.9× the direct bf16 convolution's (F(4×4) was 7×)
@@ -76,22 +75,22 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     weight = weight.contiguous(memory_format=torch.channels_last)
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(batch, out_channels, height, width, dtype=x.dtype, memory_format=torch.channels_last)
-    scratch, per_channel = _scratch(), n * n * channels * x.element_size()
+    per_channel = n * n * channels * x.element_size()
     span = max(1, min(tiles, CHUNK_BYTES // per_channel))     # tiles per pass
     block = min(out_channels, max(CHANNEL_BLOCK, CHUNK_BYTES // per_channel // CHANNEL_BLOCK * CHANNEL_BLOCK))
     for low in range(0, out_channels, block):                 # output channels per pass
         high = min(low + block, out_channels)
-        u = scratch.take("weight", (n * n, high - low, channels))
+        u = scratch("weight", (n * n, high - low, channels))
         parallel(0, high - low, lambda a, b: kernels.weight_transform(
             weight[low:].data_ptr(), u.data_ptr(), high - low, channels, a, b))
         for first in range(0, tiles, span):
             count = min(span, tiles - first)
-            v = scratch.take("input", (n * n, count, channels))
+            v = scratch("input", (n * n, count, channels))
             if low == 0 or span < tiles:                      # one pass over all tiles keeps its input
                 parallel(first, first + count, lambda a, b: kernels.input_transform(
                     x.data_ptr(), v.data_ptr(), batch, rows_in, width, channels, row_padding, rows, cols, first,
                     count, a, b))
-            products = scratch.take("products", (n * n, count, high - low))
+            products = scratch("products", (n * n, count, high - low))
             torch.bmm(v, u.transpose(1, 2), out=products)
             parallel(first, first + count, lambda a, b: kernels.output_transform(
                 products.data_ptr(), None if bias is None else bias.data_ptr() + low * x.element_size(),
@@ -132,7 +131,7 @@ def winograd_pays() -> bool:
         return candidate_pays("winograd", lambda: winograd_conv2d(x, weight, bias),
                               lambda: F.conv2d(x, weight, bias, padding=1))
     finally:
-        release_winograd_buffers()
+        release_kernel_buffers()
 
 
 class WinogradConv2d(torch.nn.Conv2d):
@@ -146,40 +145,10 @@ class WinogradConv2d(torch.nn.Conv2d):
 
 def use_winograd_convolutions(model: torch.nn.Module) -> None:
     """Make every plain torch Conv2d of `model` a WinogradConv2d (same weights and state). The transforms' buffers
-    are kept from one convolution to the next: release_winograd_buffers once the model's work is done."""
+    are kept from one convolution to the next: models/native.release_kernel_buffers once the model's work is done."""
     for module in model.modules():
         if type(module) is torch.nn.Conv2d:
             module.__class__ = WinogradConv2d
-
-
-def release_winograd_buffers(*_) -> None:
-    """Free this thread's transform buffers (takes and ignores a forward hook's arguments)."""
-    _scratch().buffers.clear()
-
-
-class _Scratch:
-    """Reused buffers for the transforms' big intermediates (fresh ones cost page faults on every call)."""
-
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        size = 1
-        for d in shape:
-            size *= d
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < size:
-            self.buffers[name] = buffer = torch.empty(size, dtype=torch.bfloat16)
-        return buffer[:size].view(shape)
-
-
-_local = threading.local()
-
-
-def _scratch() -> _Scratch:
-    if not hasattr(_local, "scratch"):
-        _local.scratch = _Scratch()
-    return _local.scratch
 
 
 def _linear_combination(coefficients: list[float], terms: list[str]) -> str:

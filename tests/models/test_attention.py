@@ -1,4 +1,5 @@
-"""The bf16 CPU fast path's attention: OpenVINO for long attention, diffusers' processor for everything else."""
+"""The bf16 CPU fast path's attention: the flash kernel (OpenVINO's where it is off), blocks for one wide head,
+diffusers' processor for everything else."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from sdstudio.models import attention
-from sdstudio.models.attention import LONG_ATTENTION, FastCPUAttention, _compiled_attention, blocked_attention
+from sdstudio.models.attention import (FLASH_MIN_SCORES, LONG_ATTENTION, FastCPUAttention, _compiled_attention,
+                                       _flash_kernels, _sdpa, blocked_attention, flash_attention)
 from sdstudio.models.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # whatever this machine chose (models/tuning.py)
@@ -24,8 +26,61 @@ def run(module: Attention, processor, hidden: torch.Tensor, context: torch.Tenso
         return module(hidden, encoder_hidden_states=context)
 
 
+needs_flash = pytest.mark.skipif(_flash_kernels() is None, reason="the flash kernel needs AVX512-BF16 and a C compiler")
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out.double() - reference.double()).norm() / reference.double().norm()).item()
+
+
+@needs_flash
+@pytest.mark.parametrize("batch,queries,keys,heads,width,spread", [
+    (2, 1024, 1024, 8, 40, 1.0),    # SD1.5's first level, smaller
+    (2, 300, 77, 5, 64, 2.0),       # cross-attention: keys padded to 96, queries not a multiple of the tiles
+    (1, 129, 1001, 3, 18, 3.0),     # an odd number of keys over two chunks, a width not a multiple of 16
+    (2, 64, 700, 2, 160, 4.0),      # SD1.5's deepest width: ten blocks of 16 in three groups and one
+])
+def test_flash_attention_is_the_softmax_attention_of_each_head(batch, queries, keys, heads, width, spread):
+    generator = torch.Generator().manual_seed(0)
+    q = (torch.randn(batch, queries, heads * width, generator=generator) * spread).bfloat16()
+    k, v = (torch.randn(batch, keys, heads * width, generator=generator).bfloat16() for _ in range(2))
+    reference = _sdpa(q.double(), k.double(), v.double(), heads)
+    out = flash_attention(q, k, v, heads)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    error, torch_error = relative_error(out, reference), relative_error(_sdpa(q, k, v, heads), reference)
+    assert error <= 1.5 * torch_error, (error, torch_error)   # fp32 scores and sums, like PyTorch's kernel
+
+
+@needs_flash
+def test_flash_attention_of_very_negative_scores_is_not_swamped_by_the_padded_keys():
+    k = torch.full((1, 33, 64), 10.0).bfloat16()   # 33 keys, padded to 64 with zeros (score 0)
+    q = -k[:, :8]                                  # every real score −800: e^−800 underflows unless the maximum
+    v = torch.randn(1, 33, 64).bfloat16()          # is the real scores' (not the padding's 0)
+    out = flash_attention(q, k, v, 1)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0].float(), v[0].float().mean(0).expand(8, -1), atol=1e-2, rtol=1e-2)
+
+
+@needs_flash
+@pytest.mark.parametrize("queries,context", [(LONG_ATTENTION, None), (256, 77), (16, 77)])
+def test_the_processor_takes_the_flash_kernel_for_all_but_the_smallest_attention(monkeypatch, queries, context):
+    module = attention_module(8, 40, context_dim=None if context is None else 32)
+    hidden = torch.randn(2, queries, 320)
+    encoder = None if context is None else torch.randn(2, context, 32)
+    reference = run(module, AttnProcessor2_0(), hidden, encoder)
+    torch_bf16 = run(module.to(torch.bfloat16), AttnProcessor2_0(), hidden.bfloat16(),
+                     None if encoder is None else encoder.bfloat16())
+    used = []
+    monkeypatch.setattr(attention, "flash_attention", lambda *a: used.append(1) or flash_attention(*a))
+    fast = run(module, FastCPUAttention(), hidden.bfloat16(), None if encoder is None else encoder.bfloat16())
+    assert bool(used) == (queries * (context or queries) >= FLASH_MIN_SCORES)
+    assert relative_error(fast, reference) <= 1.5 * relative_error(torch_bf16, reference) + 1e-4
+
+
 @pytest.mark.parametrize("heads,width", [(8, 40), (5, 64), (2, 32)])
-def test_long_self_attention_goes_through_openvino_and_matches_the_fp32_reference(heads, width):
+def test_long_self_attention_without_the_flash_kernel_goes_through_openvino_and_matches_the_fp32_reference(
+        monkeypatch, heads, width):
+    monkeypatch.setattr(attention, "flash_pays", lambda: False)
     module = attention_module(heads, width)
     hidden = torch.randn(2, LONG_ATTENTION, heads * width)
     reference = run(module, AttnProcessor2_0(), hidden)
@@ -41,7 +96,8 @@ def test_long_self_attention_goes_through_openvino_and_matches_the_fp32_referenc
     assert fast_error < 0.05 * reference.abs().max().item()
 
 
-def test_short_cross_attention_stays_with_pytorch_bit_for_bit():
+def test_short_cross_attention_without_the_flash_kernel_stays_with_pytorch_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(attention, "flash_pays", lambda: False)
     module = attention_module(4, 16, context_dim=32).to(torch.bfloat16)
     hidden = torch.randn(1, LONG_ATTENTION, 64, dtype=torch.bfloat16)
     context = torch.randn(1, 77, 32, dtype=torch.bfloat16)
@@ -59,8 +115,9 @@ def test_a_cfg_batch_of_one_half_repeated_computes_its_self_attention_once(monke
     other[-1, -1, -1] += 1   # one value apart: not a repeat
     hidden = torch.cat([half, half if repeated else other])
     batches = []
-    real = attention.openvino_attention
-    monkeypatch.setattr(attention, "openvino_attention", lambda q, *rest: batches.append(len(q)) or real(q, *rest))
+    for name in ("flash_attention", "openvino_attention"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda q, *rest, real=real: batches.append(len(q)) or real(q, *rest))
     out = run(module, FastCPUAttention(), hidden)
     assert batches == ([2] if repeated else [4])
     each = torch.cat([run(module, FastCPUAttention(), image[None]) for image in hidden])
@@ -127,7 +184,7 @@ def test_a_bf16_unet_gets_the_fast_attention_and_the_fp32_reference_keeps_diffus
     for fast_part, exact_part in ((fast, exact), (fast_model.vae, exact_model.vae)):
         assert {type(p) for p in fast_part.attn_processors.values()} == {FastCPUAttention}
         assert {type(p) for p in exact_part.attn_processors.values()} == {AttnProcessor2_0}
-    side = int(LONG_ATTENTION ** 0.5)   # the first level's self-attention sees side² tokens: the OpenVINO path
+    side = int(LONG_ATTENTION ** 0.5)   # the first level's self-attention sees side² tokens: the fast kernels
     x = torch.randn(1, 4, side, side)
     context = torch.randn(1, 77, exact.config.cross_attention_dim)
     with torch.inference_mode():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdstudio.models import winograd
+from sdstudio.models import native, winograd
 from sdstudio.models.checkpoint import load_checkpoint
 from sdstudio.models.winograd import (WinogradConv2d, use_winograd_convolutions, winograd_applies, winograd_conv2d,
                                       winograd_matrices)
@@ -153,7 +153,7 @@ def test_a_bf16_unet_uses_winograd_close_to_its_direct_convolutions(sd1_file, mo
              for conv in convs if conv.kernel_size == (3, 3)]
     with torch.inference_mode():
         fast = unet(latents, 10, encoder_hidden_states=context).sample
-        assert not winograd._scratch().buffers               # released after the call
+        assert not native._buffers()               # released after the call
         for hook in hooks:
             hook.remove()
         for conv in convs:
@@ -183,7 +183,7 @@ def test_a_bf16_vae_uses_winograd_and_its_decode_and_encode_release_the_buffers(
         for work in (lambda: vae_ops.decode(vae, latents, tiled=True, tile=8, overlap=4),
                      lambda: vae_ops.encode(vae, images, sample=False)):
             out.append(work())
-            assert not winograd._scratch().buffers
+            assert not native._buffers()
         return out
 
     fast = run()

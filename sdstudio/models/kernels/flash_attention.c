@@ -1,0 +1,179 @@
+/* softmax(q·kᵀ·scale)·v for bf16 multi-head attention on AVX512-BF16 CPUs, one pass over the keys per block of
+   query rows (flash attention): scores never leave the L1 cache, and both products are bf16 dot products
+   (vdpbf16ps, fp32 sums) — no product of the whole score matrix, no second pass over it.
+
+   Per (image, head), `pack` lays out the keys and values once for the products:
+     kp[key block of 16][pair of widths][16 keys]: two bf16 of a key (widths 2p, 2p+1) per 32-bit lane;
+     vp[pair of keys][width block of 16][16 widths]: the same width of two keys per 32-bit lane.
+   Then `attend`, per ROWS query rows and CHUNK keys at a time:
+     1. scores s = q·kᵀ (ROWS × 32 keys of fp32 sums in registers, over the width's pairs), and their maximum;
+     2. softmax numerators p = 2^((s − max)·scale·log2 e) (fp32 → bf16), their sum, and the running output and sum
+        rescaled for the new maximum (the online softmax);
+     3. o += p·v (ROWS × up to 3 width blocks in registers, over the chunk's pairs of keys).
+   At the end each output row is o / sum, rounded to bf16. Keys are padded to a multiple of 32 with zeros, masked
+   out of the maximum and of p. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ROWS 8          /* query rows per register tile */
+#define CHUNK 512       /* keys per online-softmax step: ROWS × CHUNK scores (16 KiB) stay in L1 */
+#define MAX_BLOCKS 16   /* widths up to 256 */
+
+typedef uint16_t bf16;
+
+static inline uint32_t pair_at(const bf16 *x) {
+  uint32_t pair;
+  memcpy(&pair, x, sizeof pair);
+  return pair;
+}
+
+/* keys and values of one (image, head): `tokens` rows `stride` apart, `width` wide, padded to `padded` keys */
+void pack(const bf16 *k, const bf16 *v, long stride, long tokens, long padded, long width, uint32_t *kp,
+          uint32_t *vp) {
+  long pairs = width / 2, blocks = (width + 15) / 16;
+  for (long block = 0; block < padded / 16; block++)
+    for (long p = 0; p < pairs; p++)
+      for (long j = 0; j < 16; j++) {
+        long t = block * 16 + j;
+        kp[(block * pairs + p) * 16 + j] = t < tokens ? pair_at(k + t * stride + 2 * p) : 0;
+      }
+  for (long t = 0; t < padded; t += 2)
+    for (long d = 0; d < blocks * 16; d++) {
+      uint32_t first = t < tokens && d < width ? v[t * stride + d] : 0;
+      uint32_t second = t + 1 < tokens && d < width ? v[(t + 1) * stride + d] : 0;
+      vp[(t / 2) * blocks * 16 + d] = first | second << 16;
+    }
+}
+
+/* 2^x: 2^round(x) · 2^f with f in [−1/2, 1/2] by a cubic (relative error 7.5e-5, below bf16's rounding) */
+static inline __m512 exp2_ps(__m512 x) {
+  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(0.055171628f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24261117f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69326103f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992806f));
+  return _mm512_scalef_ps(p, n);   /* scalef(p, −1e30) = 0: masked scores vanish */
+}
+
+static inline __mmask16 first_lanes(long n) {
+  return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
+/* s[r][j] = q_r · k_j for the chunk's `count` keys from key block kb0 (of which `valid` are real keys), and
+   top[r] = the largest real score of row r */
+static inline __attribute__((always_inline)) void scores(const bf16 *const *q, const uint32_t *kp, long pairs,
+                                                         long kb0, long count, long valid, float *s, float *top) {
+  __m512 best[ROWS];
+  for (int r = 0; r < ROWS; r++) best[r] = _mm512_set1_ps(-1e30f);
+  for (long j = 0; j < count; j += 32) {
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const uint32_t *k0 = kp + (kb0 + j / 16) * pairs * 16, *k1 = k0 + pairs * 16;
+    for (long p = 0; p < pairs; p++) {
+      __m512bh a = (__m512bh)_mm512_loadu_si512(k0 + p * 16), b = (__m512bh)_mm512_loadu_si512(k1 + p * 16);
+      for (int r = 0; r < ROWS; r++) {
+        __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair_at(q[r] + 2 * p));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, a);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b);
+      }
+    }
+    for (int r = 0; r < ROWS; r++) {
+      _mm512_storeu_ps(s + r * CHUNK + j, acc[r][0]);
+      _mm512_storeu_ps(s + r * CHUNK + j + 16, acc[r][1]);
+      if (j + 32 > valid) {   /* padded keys (score 0) must not raise the maximum */
+        acc[r][0] = _mm512_mask_blend_ps(first_lanes(valid - j), _mm512_set1_ps(-1e30f), acc[r][0]);
+        acc[r][1] = _mm512_mask_blend_ps(first_lanes(valid - j - 16), _mm512_set1_ps(-1e30f), acc[r][1]);
+      }
+      best[r] = _mm512_max_ps(best[r], _mm512_max_ps(acc[r][0], acc[r][1]));
+    }
+  }
+  for (int r = 0; r < ROWS; r++) top[r] = _mm512_reduce_max_ps(best[r]);
+}
+
+/* o[r][width blocks b0 .. b0 + G) += Σ p[r][j]·v_j over the chunk's `pairs` pairs of keys */
+static inline __attribute__((always_inline)) void weighted(const bf16 *p, const uint32_t *vp, long blocks,
+                                                           long pairs, float *o, long b0, const int G) {
+  __m512 acc[ROWS][3];
+  for (int r = 0; r < ROWS; r++)
+    for (int g = 0; g < G; g++) acc[r][g] = _mm512_loadu_ps(o + r * MAX_BLOCKS * 16 + (b0 + g) * 16);
+  for (long t = 0; t < pairs; t++) {
+    __m512bh w[3];
+    for (int g = 0; g < G; g++) w[g] = (__m512bh)_mm512_loadu_si512(vp + (t * blocks + b0 + g) * 16);
+    for (int r = 0; r < ROWS; r++) {
+      __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair_at(p + r * CHUNK + 2 * t));
+      for (int g = 0; g < G; g++) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], x, w[g]);
+    }
+  }
+  for (int r = 0; r < ROWS; r++)
+    for (int g = 0; g < G; g++) _mm512_storeu_ps(o + r * MAX_BLOCKS * 16 + (b0 + g) * 16, acc[r][g]);
+}
+
+/* the tasks [t0, t1), task = ((image · heads + head) · row tasks + i): query rows [i · task_rows, (i + 1) ·
+   task_rows) of that image and head. q, out: (images, tokens_q, heads · width), rows `stride` / `out_stride`
+   elements apart; kp, vp: `pack`'s output for each (image, head) in that order, keys padded to `padded`. */
+void attend(const bf16 *q, long stride, const uint32_t *kp_all, const uint32_t *vp_all, bf16 *out, long out_stride,
+            long heads, long tokens_q, long tokens_k, long padded, long width, float scale, long task_rows, long t0,
+            long t1) {
+  long pairs = width / 2, blocks = (width + 15) / 16, row_tasks = (tokens_q + task_rows - 1) / task_rows;
+  float s[ROWS * CHUNK] __attribute__((aligned(64)));
+  bf16 p[ROWS * CHUNK] __attribute__((aligned(64)));
+  float o[ROWS * MAX_BLOCKS * 16] __attribute__((aligned(64)));
+  float factor = scale * 1.4426950408889634f;   /* e^x = 2^(x·log2 e) */
+  for (long task = t0; task < t1; task++) {
+    long image_head = task / row_tasks, image = image_head / heads, head = image_head % heads;
+    const uint32_t *kp = kp_all + image_head * padded * pairs, *vp = vp_all + image_head * padded / 2 * blocks * 16;
+    long first = task % row_tasks * task_rows, last = first + task_rows < tokens_q ? first + task_rows : tokens_q;
+    for (long r0 = first; r0 < last; r0 += ROWS) {
+      const bf16 *rows[ROWS];   /* past the last row: the last row again, computed and not stored */
+      float running_max[ROWS], sum[ROWS];
+      for (int r = 0; r < ROWS; r++) {
+        rows[r] = q + (image * tokens_q + (r0 + r < last ? r0 + r : last - 1)) * stride + head * width;
+        running_max[r] = -1e30f;
+        sum[r] = 0.f;
+        memset(o + r * MAX_BLOCKS * 16, 0, blocks * 16 * sizeof(float));
+      }
+      for (long c = 0; c < padded; c += CHUNK) {
+        long count = padded - c < CHUNK ? padded - c : CHUNK, valid = tokens_k - c;
+        float top[ROWS];
+        scores(rows, kp, pairs, c / 16, count, valid, s, top);
+        for (int r = 0; r < ROWS; r++) {
+          float largest = top[r] * factor > running_max[r] ? top[r] * factor : running_max[r];
+          __m512 shift = _mm512_set1_ps(-largest), factors = _mm512_set1_ps(factor), total = _mm512_setzero_ps();
+          for (long j = 0; j < count; j += 32) {
+            __m512 e0 = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + r * CHUNK + j), factors, shift));
+            __m512 e1 = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + r * CHUNK + j + 16), factors, shift));
+            if (j + 32 > valid) {
+              e0 = _mm512_maskz_mov_ps(first_lanes(valid - j), e0);
+              e1 = _mm512_maskz_mov_ps(first_lanes(valid - j - 16), e1);
+            }
+            total = _mm512_add_ps(total, _mm512_add_ps(e0, e1));
+            _mm512_storeu_si512(p + r * CHUNK + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+          }
+          float rescale = exp2_ps(_mm512_set1_ps(running_max[r] - largest))[0];
+          sum[r] = sum[r] * rescale + _mm512_reduce_add_ps(total);
+          running_max[r] = largest;
+          if (rescale != 1.f)
+            for (long d = 0; d < blocks * 16; d += 16) {
+              float *od = o + r * MAX_BLOCKS * 16 + d;
+              _mm512_storeu_ps(od, _mm512_mul_ps(_mm512_loadu_ps(od), _mm512_set1_ps(rescale)));
+            }
+        }
+        const uint32_t *vc = vp + c / 2 * blocks * 16;
+        long b = 0;
+        for (; b + 3 <= blocks; b += 3) weighted(p, vc, blocks, count / 2, o, b, 3);
+        if (blocks - b == 2) weighted(p, vc, blocks, count / 2, o, b, 2);
+        if (blocks - b == 1) weighted(p, vc, blocks, count / 2, o, b, 1);
+      }
+      for (int r = 0; r < ROWS && r0 + r < last; r++) {
+        bf16 *dst = out + (image * tokens_q + r0 + r) * out_stride + head * width;
+        __m512 inverse = _mm512_set1_ps(1.f / sum[r]);
+        for (long d = 0; d < width; d += 16) {
+          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(o + r * MAX_BLOCKS * 16 + d), inverse);
+          _mm256_mask_storeu_epi16(dst + d, first_lanes(width - d), (__m256i)_mm512_cvtneps_pbh(x));
+        }
+      }
+    }
+  }
+}
