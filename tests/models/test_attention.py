@@ -35,10 +35,11 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 @needs_flash
 @pytest.mark.parametrize("batch,queries,keys,heads,width,spread", [
-    (2, 1024, 1024, 8, 40, 1.0),    # SD1.5's first level, smaller
+    (2, 1024, 1024, 8, 40, 1.0),    # SD1.5's first level, smaller (two blocks of 16 widths and a half)
     (2, 300, 77, 5, 64, 2.0),       # cross-attention: keys padded to 96, queries not a multiple of the tiles
     (1, 129, 1001, 3, 18, 3.0),     # an odd number of keys over two chunks, a width not a multiple of 16
     (2, 64, 700, 2, 160, 4.0),      # SD1.5's deepest width: ten blocks of 16 in three groups and one
+    (1, 70, 100, 4, 8, 2.0),        # a width of 8: a half block only
 ])
 def test_flash_attention_is_the_softmax_attention_of_each_head(batch, queries, keys, heads, width, spread):
     generator = torch.Generator().manual_seed(0)

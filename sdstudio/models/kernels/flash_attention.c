@@ -32,18 +32,19 @@ static inline uint32_t pair_at(const bf16 *x) {
 void pack(const bf16 *k, const bf16 *v, long stride, long tokens, long padded, long width, uint32_t *kp,
           uint32_t *vp) {
   long pairs = width / 2, blocks = (width + 15) / 16;
-  for (long block = 0; block < padded / 16; block++)
-    for (long p = 0; p < pairs; p++)
-      for (long j = 0; j < 16; j++) {
-        long t = block * 16 + j;
-        kp[(block * pairs + p) * 16 + j] = t < tokens ? pair_at(k + t * stride + 2 * p) : 0;
-      }
-  for (long t = 0; t < padded; t += 2)
-    for (long d = 0; d < blocks * 16; d++) {
-      uint32_t first = t < tokens && d < width ? v[t * stride + d] : 0;
-      uint32_t second = t + 1 < tokens && d < width ? v[(t + 1) * stride + d] : 0;
-      vp[(t / 2) * blocks * 16 + d] = first | second << 16;
-    }
+  for (long t = 0; t < padded; t++) {
+    uint32_t *key = kp + t / 16 * pairs * 16 + t % 16;
+    for (long p = 0; p < pairs; p++) key[p * 16] = t < tokens ? pair_at(k + t * stride + 2 * p) : 0;
+  }
+  for (long t = 0; t < padded; t += 2) {
+    uint32_t *value = vp + t / 2 * blocks * 16;
+    const bf16 *first = v + t * stride, *second = v + (t + 1) * stride;
+    if (t + 1 < tokens)
+      for (long d = 0; d < width; d++) value[d] = first[d] | (uint32_t)second[d] << 16;
+    else
+      for (long d = 0; d < width; d++) value[d] = t < tokens ? first[d] : 0;
+    memset(value + width, 0, (blocks * 16 - width) * sizeof *value);
+  }
 }
 
 /* 2^x: 2^round(x) · 2^f with f in [−1/2, 1/2] by a cubic (relative error 7.5e-5, below bf16's rounding) */
@@ -61,53 +62,72 @@ static inline __mmask16 first_lanes(long n) {
   return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
 }
 
+/* s[r][j .. j + 32) = q_r · k for 32 keys from key block kb, best[r] = max(best[r], those scores); with
+   `masked`, only the first `valid` keys count for the maximum (the rest are padding, score 0) */
+static inline __attribute__((always_inline)) void score_tile(const bf16 *const *q, const uint32_t *kp, long pairs,
+                                                             long kb, long j, float *s, __m512 *best,
+                                                             const int masked, long valid) {
+  __m512 acc[ROWS][2];
+  for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const uint32_t *k0 = kp + kb * pairs * 16, *k1 = k0 + pairs * 16;
+  for (long p = 0; p < pairs; p++) {
+    __m512bh a = (__m512bh)_mm512_loadu_si512(k0 + p * 16), b = (__m512bh)_mm512_loadu_si512(k1 + p * 16);
+    for (int r = 0; r < ROWS; r++) {
+      __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair_at(q[r] + 2 * p));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, a);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b);
+    }
+  }
+  for (int r = 0; r < ROWS; r++) {
+    _mm512_storeu_ps(s + r * CHUNK + j, acc[r][0]);
+    _mm512_storeu_ps(s + r * CHUNK + j + 16, acc[r][1]);
+    if (masked) {
+      acc[r][0] = _mm512_mask_blend_ps(first_lanes(valid - j), _mm512_set1_ps(-1e30f), acc[r][0]);
+      acc[r][1] = _mm512_mask_blend_ps(first_lanes(valid - j - 16), _mm512_set1_ps(-1e30f), acc[r][1]);
+    }
+    best[r] = _mm512_max_ps(best[r], _mm512_max_ps(acc[r][0], acc[r][1]));
+  }
+}
+
 /* s[r][j] = q_r · k_j for the chunk's `count` keys from key block kb0 (of which `valid` are real keys), and
    top[r] = the largest real score of row r */
 static inline __attribute__((always_inline)) void scores(const bf16 *const *q, const uint32_t *kp, long pairs,
                                                          long kb0, long count, long valid, float *s, float *top) {
   __m512 best[ROWS];
   for (int r = 0; r < ROWS; r++) best[r] = _mm512_set1_ps(-1e30f);
-  for (long j = 0; j < count; j += 32) {
-    __m512 acc[ROWS][2];
-    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    const uint32_t *k0 = kp + (kb0 + j / 16) * pairs * 16, *k1 = k0 + pairs * 16;
-    for (long p = 0; p < pairs; p++) {
-      __m512bh a = (__m512bh)_mm512_loadu_si512(k0 + p * 16), b = (__m512bh)_mm512_loadu_si512(k1 + p * 16);
-      for (int r = 0; r < ROWS; r++) {
-        __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair_at(q[r] + 2 * p));
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, a);
-        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b);
-      }
-    }
-    for (int r = 0; r < ROWS; r++) {
-      _mm512_storeu_ps(s + r * CHUNK + j, acc[r][0]);
-      _mm512_storeu_ps(s + r * CHUNK + j + 16, acc[r][1]);
-      if (j + 32 > valid) {   /* padded keys (score 0) must not raise the maximum */
-        acc[r][0] = _mm512_mask_blend_ps(first_lanes(valid - j), _mm512_set1_ps(-1e30f), acc[r][0]);
-        acc[r][1] = _mm512_mask_blend_ps(first_lanes(valid - j - 16), _mm512_set1_ps(-1e30f), acc[r][1]);
-      }
-      best[r] = _mm512_max_ps(best[r], _mm512_max_ps(acc[r][0], acc[r][1]));
-    }
-  }
+  long j = 0;
+  for (; j < count && j + 32 <= valid; j += 32) score_tile(q, kp, pairs, kb0 + j / 16, j, s, best, 0, valid);
+  for (; j < count; j += 32) score_tile(q, kp, pairs, kb0 + j / 16, j, s, best, 1, valid);
   for (int r = 0; r < ROWS; r++) top[r] = _mm512_reduce_max_ps(best[r]);
 }
 
-/* o[r][width blocks b0 .. b0 + G) += Σ p[r][j]·v_j over the chunk's `pairs` pairs of keys */
+/* o[r][width blocks b0 .. b0 + G) += Σ p[r][j]·v_j over the chunk's `pairs` pairs of keys; with `half`, also
+   the first 8 widths of block b0 + G (a width of 8 mod 16: 256-bit products cost half on CPUs that split 512) */
 static inline __attribute__((always_inline)) void weighted(const bf16 *p, const uint32_t *vp, long blocks,
-                                                           long pairs, float *o, long b0, const int G) {
+                                                           long pairs, float *o, long b0, const int G,
+                                                           const int half) {
   __m512 acc[ROWS][3];
-  for (int r = 0; r < ROWS; r++)
+  __m256 tail[ROWS];
+  for (int r = 0; r < ROWS; r++) {
     for (int g = 0; g < G; g++) acc[r][g] = _mm512_loadu_ps(o + r * MAX_BLOCKS * 16 + (b0 + g) * 16);
+    if (half) tail[r] = _mm256_loadu_ps(o + r * MAX_BLOCKS * 16 + (b0 + G) * 16);
+  }
   for (long t = 0; t < pairs; t++) {
     __m512bh w[3];
+    __m256bh w_tail;
     for (int g = 0; g < G; g++) w[g] = (__m512bh)_mm512_loadu_si512(vp + (t * blocks + b0 + g) * 16);
+    if (half) w_tail = (__m256bh)_mm256_loadu_si256((const __m256i *)(vp + (t * blocks + b0 + G) * 16));
     for (int r = 0; r < ROWS; r++) {
-      __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair_at(p + r * CHUNK + 2 * t));
+      uint32_t pair = pair_at(p + r * CHUNK + 2 * t);
+      __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair);
       for (int g = 0; g < G; g++) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], x, w[g]);
+      if (half) tail[r] = _mm256_dpbf16_ps(tail[r], (__m256bh)_mm256_set1_epi32((int)pair), w_tail);
     }
   }
-  for (int r = 0; r < ROWS; r++)
+  for (int r = 0; r < ROWS; r++) {
     for (int g = 0; g < G; g++) _mm512_storeu_ps(o + r * MAX_BLOCKS * 16 + (b0 + g) * 16, acc[r][g]);
+    if (half) _mm256_storeu_ps(o + r * MAX_BLOCKS * 16 + (b0 + G) * 16, tail[r]);
+  }
 }
 
 /* the tasks [t0, t1), task = ((image · heads + head) · row tasks + i): query rows [i · task_rows, (i + 1) ·
@@ -161,10 +181,17 @@ void attend(const bf16 *q, long stride, const uint32_t *kp_all, const uint32_t *
             }
         }
         const uint32_t *vc = vp + c / 2 * blocks * 16;
-        long b = 0;
-        for (; b + 3 <= blocks; b += 3) weighted(p, vc, blocks, count / 2, o, b, 3);
-        if (blocks - b == 2) weighted(p, vc, blocks, count / 2, o, b, 2);
-        if (blocks - b == 1) weighted(p, vc, blocks, count / 2, o, b, 1);
+        long b = 0, full = width / 16;   /* full blocks of 16 widths, then 8 or 16 more where width % 16 */
+        for (; b + 3 <= full; b += 3) weighted(p, vc, blocks, count / 2, o, b, 3, 0);
+        if (width % 16 == 0 || width % 16 > 8) {
+          if (blocks - b == 3) weighted(p, vc, blocks, count / 2, o, b, 3, 0);
+          if (blocks - b == 2) weighted(p, vc, blocks, count / 2, o, b, 2, 0);
+          if (blocks - b == 1) weighted(p, vc, blocks, count / 2, o, b, 1, 0);
+        } else {
+          if (full - b == 2) weighted(p, vc, blocks, count / 2, o, b, 2, 1);
+          if (full - b == 1) weighted(p, vc, blocks, count / 2, o, b, 1, 1);
+          if (full - b == 0) weighted(p, vc, blocks, count / 2, o, b, 0, 1);
+        }
       }
       for (int r = 0; r < ROWS && r0 + r < last; r++) {
         bf16 *dst = out + (image * tokens_q + r0 + r) * out_stride + head * width;
