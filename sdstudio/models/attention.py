@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from sdstudio.models.native import compiled_library, parallel, release_kernel_buffers, scratch
+from sdstudio.models.native import compiled_library, release_kernel_buffers, scratch
 from sdstudio.models.tuning import candidate_pays, cpu_description
 
 LONG_ATTENTION = 1024   # keys from this many tokens on go through OpenVINO (measured crossover: 77 no, 1024 yes)
@@ -96,9 +96,9 @@ def _flash_kernels() -> ctypes.CDLL | None:
     kernels = compiled_library("flash_attention", FLASH_SOURCE.read_text())
     if kernels is not None:
         pointer, index = ctypes.c_void_p, ctypes.c_long
-        kernels.pack.argtypes = [pointer, pointer, index, index, index, index, pointer, pointer]
-        kernels.attend.argtypes = [pointer, index, pointer, pointer, pointer, index, index, index, index, index,
-                                   index, ctypes.c_float, index, index, index]
+        kernels.pack.argtypes = [pointer, pointer, *[index] * 6, pointer, pointer, ctypes.c_int]
+        kernels.attend.argtypes = [pointer, index, pointer, pointer, pointer, *[index] * 7, ctypes.c_float, index,
+                                   ctypes.c_int]
     return kernels
 
 
@@ -110,21 +110,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     batch, tokens_q, channels = q.shape
     tokens_k, width = k.shape[1], channels // heads
     padded, blocks = -(-tokens_k // 32) * 32, -(-width // 16)
-    keys = scratch("flash keys", (batch * heads, padded * width // 2), torch.int32)
-    values = scratch("flash values", (batch * heads, padded // 2 * blocks * 16), torch.int32)
-
-    def pack(first: int, last: int) -> None:
-        for index in range(first, last):
-            image, head = divmod(index, heads)
-            offset = (image * tokens_k * channels + head * width) * k.element_size()
-            kernels.pack(k.data_ptr() + offset, v.data_ptr() + offset, channels, tokens_k, padded, width,
-                         keys[index].data_ptr(), values[index].data_ptr())
-
-    parallel(0, batch * heads, pack)
+    keys = scratch("flash keys", (batch * heads * padded * width // 2,), torch.int32)
+    values = scratch("flash values", (batch * heads * padded // 2 * blocks * 16,), torch.int32)
+    kernels.pack(k.data_ptr(), v.data_ptr(), batch, heads, channels, tokens_k, padded, width, keys.data_ptr(),
+                 values.data_ptr(), torch.get_num_threads())
     out = torch.empty_like(q)
-    parallel(0, batch * heads * -(-tokens_q // FLASH_TASK_ROWS), lambda first, last: kernels.attend(
-        q.data_ptr(), channels, keys.data_ptr(), values.data_ptr(), out.data_ptr(), channels, heads, tokens_q,
-        tokens_k, padded, width, width ** -0.5, FLASH_TASK_ROWS, first, last))
+    kernels.attend(q.data_ptr(), channels, keys.data_ptr(), values.data_ptr(), out.data_ptr(), channels, batch, heads,
+                   tokens_q, tokens_k, padded, width, width ** -0.5, FLASH_TASK_ROWS, torch.get_num_threads())
     return out
 
 
@@ -189,8 +181,8 @@ def _repeated_halves(x: torch.Tensor) -> bool:
 class FastCPUAttention:
     """diffusers attention processor: long plain attention of bf16 CPU tensors by the flash kernel or OpenVINO (a
     single head by `blocked_attention`), the rest via diffusers' AttnProcessor2_0 (PyTorch SDPA), with the same
-    steps around it (a VAE block's 4-D input, group norm, residual). A self-attention whose batch is one half repeated (a CFG step's
-    first transformer block: the text condition enters after it) computes the half once."""
+    steps around it (a VAE block's 4-D input, group norm, residual). A self-attention whose batch is one half
+    repeated (a CFG step's first transformer block: the text condition enters after it) computes the half once."""
 
     def __init__(self):
         self.fallback = AttnProcessor2_0()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from sdstudio.models.fused import FusedGEGLU, fast_cpu_tensor
-from sdstudio.models.native import compiled_library, parallel
+from sdstudio.models.native import compiled_library
 from sdstudio.models.tuning import candidate_pays
 
 QUANTIZE_SOURCE = """typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
@@ -37,9 +37,10 @@ typedef unsigned int uint32_t;
 typedef unsigned char uint8_t;
 typedef union { uint32_t u; float f; } bits;
 
-/* q[i] = clamp(round(x[i] / scale) + zero_point, 0, 255) for bf16 x, i in [start, stop) */
-void quantize_u8(const uint16_t *x, uint8_t *q, long start, long stop, float inverse_scale, float zero_point) {
-  for (long i = start; i < stop; i++) {
+/* q[i] = clamp(round(x[i] / scale) + zero_point, 0, 255) for bf16 x, i in [0, count) */
+void quantize_u8(const uint16_t *x, uint8_t *q, long count, float inverse_scale, float zero_point, int threads) {
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+  for (long i = 0; i < count; i++) {
     bits b;
     b.u = (uint32_t)x[i] << 16;
     float v = b.f * inverse_scale + zero_point;
@@ -48,9 +49,10 @@ void quantize_u8(const uint16_t *x, uint8_t *q, long start, long stop, float inv
   }
 }
 
-/* rows [start, stop) of a bf16 weight (rows × cols) as int8 with one scale per row: max |w| / 127 */
-void quantize_weight_rows(const uint16_t *w, signed char *q, float *scales, long cols, long start, long stop) {
-  for (long r = start; r < stop; r++) {
+/* a bf16 weight (rows × cols) as int8 with one scale per row: max |w| / 127 */
+void quantize_weight_rows(const uint16_t *w, signed char *q, float *scales, long rows, long cols, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long r = 0; r < rows; r++) {
     const uint16_t *row = w + r * cols;
     float largest = 0.f;
     for (long i = 0; i < cols; i++) {
@@ -76,8 +78,8 @@ def _kernels() -> ctypes.CDLL | None:
     kernels = compiled_library("int8", QUANTIZE_SOURCE)
     if kernels is not None:
         pointer, index = ctypes.c_void_p, ctypes.c_long
-        kernels.quantize_u8.argtypes = [pointer, pointer, index, index, ctypes.c_float, ctypes.c_float]
-        kernels.quantize_weight_rows.argtypes = [pointer, pointer, pointer, index, index, index]
+        kernels.quantize_u8.argtypes = [pointer, pointer, index, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+        kernels.quantize_weight_rows.argtypes = [pointer, pointer, pointer, index, index, ctypes.c_int]
     return kernels
 
 
@@ -111,8 +113,8 @@ def quantize_rows(x: torch.Tensor) -> QuantizedRows | None:
     zero_point = round(-low / scale)
     values = torch.empty(x.shape, dtype=torch.uint8)
     kernels = _kernels()
-    parallel(0, x.numel(), lambda a, b: kernels.quantize_u8(x.data_ptr(), values.data_ptr(), a, b, 1 / scale,
-                                                            float(zero_point)))
+    kernels.quantize_u8(x.data_ptr(), values.data_ptr(), x.numel(), 1 / scale, float(zero_point),
+                        torch.get_num_threads())
     return QuantizedRows(values, scale, zero_point)
 
 
@@ -122,8 +124,8 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedWeight
     rows, cols = weight.shape
     values, scales = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
     kernels = _kernels()
-    parallel(0, rows, lambda a, b: kernels.quantize_weight_rows(weight.data_ptr(), values.data_ptr(),
-                                                                scales.data_ptr(), cols, a, b))
+    kernels.quantize_weight_rows(weight.data_ptr(), values.data_ptr(), scales.data_ptr(), rows, cols,
+                                 torch.get_num_threads())
     return PackedWeight(torch.ops.onednn.qlinear_prepack(values, None), scales,
                         torch.zeros(len(scales), dtype=torch.long),
                         None if bias is None else bias.detach().float())

@@ -2,15 +2,17 @@
 
 Each kernel library is compiled from its source (generated or fixed) into the kernel cache folder
 (models/tuning.py), keyed by the source, the compiler flags and the CPU's flags, so a machine builds it once and a
-changed source or CPU builds anew. The kernels loop over a range [a, b) of their work and run on torch's thread
-count through `parallel` (ctypes releases the GIL). Where there is no compiler, `compiled_library` logs why and
-returns None, and the caller keeps its PyTorch path. Their big intermediates live in `scratch` buffers, kept from one
-call to the next (fresh ones cost page faults on every call) until `release_kernel_buffers`.
+changed source or CPU builds anew. The kernels run their loops on torch's own OpenMP threads (`-fopenmp` links the
+libgomp torch has loaded, the same soname; each call takes torch.get_num_threads()): a pool of our own competed with
+torch's threads, which keep spinning for a while after each of its ops — the same flash-attention call ran 1.2–2.4×
+slower inside a UNet than alone. ctypes releases the GIL for the call. Where there is no compiler,
+`compiled_library` logs why and returns None, and the caller keeps its PyTorch path. Their big intermediates live in
+`scratch` buffers, kept from one call to the next (fresh ones cost page faults on every call) until
+`release_kernel_buffers`.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import math
@@ -18,7 +20,6 @@ import os
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from sdstudio.models.tuning import cpu_description, kernel_cache_dir
 
 log = logging.getLogger(__name__)
 
-COMPILER_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+COMPILER_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
 def compiled_library(name: str, source: str) -> ctypes.CDLL | None:
@@ -50,18 +51,6 @@ def compiled_library(name: str, source: str) -> ctypes.CDLL | None:
         log.warning("%s kernels off (the PyTorch path runs instead): cannot build %s: %s %s", name, library, exc,
                     detail.decode(errors="replace")[:500])
         return None
-
-
-@functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="sdstudio-kernel")
-
-
-def parallel(start: int, stop: int, work) -> None:
-    """work(a, b) over [start, stop) in torch.get_num_threads() parts at once."""
-    threads = max(1, min(torch.get_num_threads(), stop - start))
-    step = -(-(stop - start) // threads)
-    list(_pool(threads).map(lambda a: work(a, min(a + step, stop)), range(start, stop, step)))
 
 
 _local = threading.local()

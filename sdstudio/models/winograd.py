@@ -25,7 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from sdstudio.models.native import compiled_library, parallel, release_kernel_buffers, scratch
+from sdstudio.models.native import compiled_library, release_kernel_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 
 OUTPUT_TILE = 2        # F(2×2, 3×3): per-layer error 1.9× the direct bf16 convolution's (F(4×4) was 7×)
@@ -75,27 +75,26 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     weight = weight.contiguous(memory_format=torch.channels_last)
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(batch, out_channels, height, width, dtype=x.dtype, memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
     per_channel = n * n * channels * x.element_size()
     span = max(1, min(tiles, CHUNK_BYTES // per_channel))     # tiles per pass
     block = min(out_channels, max(CHANNEL_BLOCK, CHUNK_BYTES // per_channel // CHANNEL_BLOCK * CHANNEL_BLOCK))
     for low in range(0, out_channels, block):                 # output channels per pass
         high = min(low + block, out_channels)
         u = scratch("weight", (n * n, high - low, channels))
-        parallel(0, high - low, lambda a, b: kernels.weight_transform(
-            weight[low:].data_ptr(), u.data_ptr(), high - low, channels, a, b))
+        kernels.weight_transform(weight[low:].data_ptr(), u.data_ptr(), high - low, channels, threads)
         for first in range(0, tiles, span):
             count = min(span, tiles - first)
             v = scratch("input", (n * n, count, channels))
             if low == 0 or span < tiles:                      # one pass over all tiles keeps its input
-                parallel(first, first + count, lambda a, b: kernels.input_transform(
-                    x.data_ptr(), v.data_ptr(), batch, rows_in, width, channels, row_padding, rows, cols, first,
-                    count, a, b))
+                kernels.input_transform(x.data_ptr(), v.data_ptr(), batch, rows_in, width, channels, row_padding,
+                                        rows, cols, first, count, threads)
             products = scratch("products", (n * n, count, high - low))
             torch.bmm(v, u.transpose(1, 2), out=products)
-            parallel(first, first + count, lambda a, b: kernels.output_transform(
-                products.data_ptr(), None if bias is None else bias.data_ptr() + low * x.element_size(),
-                y.data_ptr() + low * x.element_size(), batch, height, width, high - low, out_channels, rows, cols,
-                first, count, a, b))
+            kernels.output_transform(products.data_ptr(),
+                                     None if bias is None else bias.data_ptr() + low * x.element_size(),
+                                     y.data_ptr() + low * x.element_size(), batch, height, width, high - low,
+                                     out_channels, rows, cols, first, count, threads)
     return y
 
 
@@ -185,11 +184,11 @@ static inline float load(uint16_t h) {{ bits v; v.u = (uint32_t)h << 16; return 
 static inline uint16_t store(float f) {{ bits v; v.f = f; return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16); }}
 
 /* x: NHWC bf16 → v[N*N][count][c] for the tiles [first, first + count) of the rows×cols grids of the images,
-   with `pad` zero rows above the image (1, or 0 where x holds the rows around the output); this call does the
-   tiles [t0, t1) */
+   with `pad` zero rows above the image (1, or 0 where x holds the rows around the output) */
 void input_transform(const uint16_t *x, uint16_t *v, int batch, int h, int w, int c, int pad, int rows, int cols,
-                     long first, long count, long t0, long t1) {{
-  for (long t = t0; t < t1; t++) {{
+                     long first, long count, int threads) {{
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long t = first; t < first + count; t++) {{
     int b = t / ((long)rows * cols), r = (t / cols) % rows, q = t % cols;
     for (int c0 = 0; c0 < c; c0 += CH) {{
       float d[N][N][CH], e[N][N][CH];
@@ -206,9 +205,10 @@ void input_transform(const uint16_t *x, uint16_t *v, int batch, int h, int w, in
   }
 }
 
-/* w: [co][3][3][ci] bf16 (channels-last weight) → u[N*N][co][ci]; output channels [o0, o1) */
-void weight_transform(const uint16_t *w, uint16_t *u, int co, int ci, long o0, long o1) {
-  for (long o = o0; o < o1; o++) for (int c0 = 0; c0 < ci; c0 += CH) {
+/* w: [co][3][3][ci] bf16 (channels-last weight) → u[N*N][co][ci] */
+void weight_transform(const uint16_t *w, uint16_t *u, int co, int ci, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long o = 0; o < co; o++) for (int c0 = 0; c0 < ci; c0 += CH) {
     float g[3][3][CH], e[N][3][CH];
     for (int i = 0; i < 3; i++) for (int j = 0; j < 3; j++) {
       const uint16_t *s = w + ((o * 3 + i) * 3 + j) * ci + c0;
@@ -220,11 +220,12 @@ void weight_transform(const uint16_t *w, uint16_t *u, int co, int ci, long o0, l
     lines.append("""  }
 }
 
-/* p[N*N][count][c] (the tiles [first, first + count)) → c channels of y: NHWC bf16 with `stride` channels (+ bias);
-   this call does the tiles [t0, t1) */
+/* p[N*N][count][c] (the tiles [first, first + count)) → c channels of y: NHWC bf16 with `stride` channels
+   (+ bias) */
 void output_transform(const uint16_t *p, const uint16_t *bias, uint16_t *y, int batch, int h, int w, int c,
-                      int stride, int rows, int cols, long first, long count, long t0, long t1) {
-  for (long t = t0; t < t1; t++) {
+                      int stride, int rows, int cols, long first, long count, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long t = first; t < first + count; t++) {
     int b = t / ((long)rows * cols), r = (t / cols) % rows, q = t % cols;
     for (int c0 = 0; c0 < c; c0 += CH) {
       float d[N][N][CH], e[M][N][CH], beta[CH];
@@ -250,7 +251,7 @@ def _kernels() -> ctypes.CDLL | None:
     if kernels is None:
         return None
     pointer, size, index = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-    kernels.input_transform.argtypes = [pointer, pointer, *[size] * 7, *[index] * 4]
-    kernels.weight_transform.argtypes = [pointer, pointer, size, size, index, index]
-    kernels.output_transform.argtypes = [pointer, pointer, pointer, *[size] * 7, *[index] * 4]
+    kernels.input_transform.argtypes = [pointer, pointer, *[size] * 7, index, index, size]
+    kernels.weight_transform.argtypes = [pointer, pointer, size, size, size]
+    kernels.output_transform.argtypes = [pointer, pointer, pointer, *[size] * 7, index, index, size]
     return kernels

@@ -28,22 +28,28 @@ static inline uint32_t pair_at(const bf16 *x) {
   return pair;
 }
 
-/* keys and values of one (image, head): `tokens` rows `stride` apart, `width` wide, padded to `padded` keys */
-void pack(const bf16 *k, const bf16 *v, long stride, long tokens, long padded, long width, uint32_t *kp,
-          uint32_t *vp) {
+/* keys and values of every (image, head): (images, tokens, heads · width) rows `stride` elements apart, padded to
+   `padded` keys; kp and vp hold each (image, head) in turn */
+void pack(const bf16 *k, const bf16 *v, long images, long heads, long stride, long tokens, long padded, long width,
+          uint32_t *kp, uint32_t *vp, int threads) {
   long pairs = width / 2, blocks = (width + 15) / 16;
-  for (long t = 0; t < padded; t++) {
-    uint32_t *key = kp + t / 16 * pairs * 16 + t % 16;
-    for (long p = 0; p < pairs; p++) key[p * 16] = t < tokens ? pair_at(k + t * stride + 2 * p) : 0;
-  }
-  for (long t = 0; t < padded; t += 2) {
-    uint32_t *value = vp + t / 2 * blocks * 16;
-    const bf16 *first = v + t * stride, *second = v + (t + 1) * stride;
-    if (t + 1 < tokens)
-      for (long d = 0; d < width; d++) value[d] = first[d] | (uint32_t)second[d] << 16;
-    else
-      for (long d = 0; d < width; d++) value[d] = t < tokens ? first[d] : 0;
-    memset(value + width, 0, (blocks * 16 - width) * sizeof *value);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long image_head = 0; image_head < images * heads; image_head++) {
+    long offset = image_head / heads * tokens * stride + image_head % heads * width;
+    uint32_t *keys = kp + image_head * padded * pairs, *values = vp + image_head * padded / 2 * blocks * 16;
+    for (long t = 0; t < padded; t++) {
+      uint32_t *key = keys + t / 16 * pairs * 16 + t % 16;
+      for (long p = 0; p < pairs; p++) key[p * 16] = t < tokens ? pair_at(k + offset + t * stride + 2 * p) : 0;
+    }
+    for (long t = 0; t < padded; t += 2) {
+      uint32_t *value = values + t / 2 * blocks * 16;
+      const bf16 *first = v + offset + t * stride, *second = first + stride;
+      if (t + 1 < tokens)
+        for (long d = 0; d < width; d++) value[d] = first[d] | (uint32_t)second[d] << 16;
+      else
+        for (long d = 0; d < width; d++) value[d] = t < tokens ? first[d] : 0;
+      memset(value + width, 0, (blocks * 16 - width) * sizeof *value);
+    }
   }
 }
 
@@ -130,18 +136,22 @@ static inline __attribute__((always_inline)) void weighted(const bf16 *p, const 
   }
 }
 
-/* the tasks [t0, t1), task = ((image · heads + head) · row tasks + i): query rows [i · task_rows, (i + 1) ·
-   task_rows) of that image and head. q, out: (images, tokens_q, heads · width), rows `stride` / `out_stride`
-   elements apart; kp, vp: `pack`'s output for each (image, head) in that order, keys padded to `padded`. */
+/* every task, on `threads` threads: task = ((image · heads + head) · row tasks + i), the query rows [i ·
+   task_rows, (i + 1) · task_rows) of that image and head. q, out: (images, tokens_q, heads · width), rows
+   `stride` / `out_stride` elements apart; kp, vp: `pack`'s output for each (image, head) in that order, keys
+   padded to `padded`. */
 void attend(const bf16 *q, long stride, const uint32_t *kp_all, const uint32_t *vp_all, bf16 *out, long out_stride,
-            long heads, long tokens_q, long tokens_k, long padded, long width, float scale, long task_rows, long t0,
-            long t1) {
+            long images, long heads, long tokens_q, long tokens_k, long padded, long width, float scale,
+            long task_rows, int threads) {
   long pairs = width / 2, blocks = (width + 15) / 16, row_tasks = (tokens_q + task_rows - 1) / task_rows;
+  float factor = scale * 1.4426950408889634f;   /* e^x = 2^(x·log2 e) */
+#pragma omp parallel num_threads(threads)
+  {
   float s[ROWS * CHUNK] __attribute__((aligned(64)));
   bf16 p[ROWS * CHUNK] __attribute__((aligned(64)));
   float o[ROWS * MAX_BLOCKS * 16] __attribute__((aligned(64)));
-  float factor = scale * 1.4426950408889634f;   /* e^x = 2^(x·log2 e) */
-  for (long task = t0; task < t1; task++) {
+#pragma omp for schedule(static)
+  for (long task = 0; task < images * heads * row_tasks; task++) {
     long image_head = task / row_tasks, image = image_head / heads, head = image_head % heads;
     const uint32_t *kp = kp_all + image_head * padded * pairs, *vp = vp_all + image_head * padded / 2 * blocks * 16;
     long first = task % row_tasks * task_rows, last = first + task_rows < tokens_q ? first + task_rows : tokens_q;
@@ -202,5 +212,6 @@ void attend(const bf16 *q, long stride, const uint32_t *kp_all, const uint32_t *
         }
       }
     }
+  }
   }
 }
