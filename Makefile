@@ -48,6 +48,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/options.py
 	$(PY) bench/winograd.py
 	$(PY) bench/vae_attention.py
+	$(PY) bench/attention.py
 	$(PY) bench/gpu.py
 	$(PY) bench/gpu_unet.py
 

@@ -1,0 +1,45 @@
+"""The C kernels' build and runtime: one OpenMP runtime shared with torch, reused scratch buffers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdstudio.models import native
+from sdstudio.models.native import compiled_library, release_kernel_buffers, scratch
+
+TEAM_SOURCE = """int omp_get_num_threads(void);
+int omp_get_thread_num(void);
+
+/* the size of the OpenMP team a kernel gets for `threads` threads */
+int team_size(int threads) {
+  int size = 0;
+#pragma omp parallel num_threads(threads)
+  if (omp_get_thread_num() == 0) size = omp_get_num_threads();
+  return size;
+}
+"""
+
+
+def test_kernels_run_on_torchs_own_openmp_runtime():
+    library = compiled_library("team", TEAM_SOURCE)
+    if library is None:
+        pytest.skip("no C compiler here")
+    assert library.team_size(2) == 2
+    torch.ones(1 << 16).sum()   # torch's own OpenMP runtime is in use too
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes   # a second one would run its own threads against torch's
+
+
+def test_scratch_buffers_are_reused_grown_and_released():
+    release_kernel_buffers()
+    first = scratch("test", (4, 8))
+    assert first.shape == (4, 8) and first.dtype == torch.bfloat16
+    again = scratch("test", (2, 3), torch.int32)   # smaller, another dtype: the same memory
+    assert again.data_ptr() == first.data_ptr() and again.dtype == torch.int32
+    grown = scratch("test", (100, 100))
+    assert grown.numel() == 10000
+    assert set(native._buffers()) == {"test"}
+    release_kernel_buffers()
+    assert not native._buffers()
