@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from sdstudio.models import native, winograd
 from sdstudio.models.checkpoint import load_checkpoint
-from sdstudio.models.winograd import (WinogradConv2d, use_winograd_convolutions, winograd_applies, winograd_conv2d,
-                                      winograd_matrices)
+from sdstudio.models.winograd import (WinogradConv2d, unfolded_conv2d, use_winograd_convolutions, winograd_applies,
+                                      winograd_conv2d, winograd_matrices)
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # whatever this machine chose (models/tuning.py)
 
@@ -108,6 +108,35 @@ def test_a_module_runs_winograd_and_follows_a_patched_weight():
         after = conv(x)
         exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
     assert relative_error(after, exact) < 0.03 and relative_error(before, exact) > 0.2
+
+
+@pytest.mark.parametrize("batch,channels,out_channels,height,width,bias", [(2, 48, 32, 8, 8, True),
+                                                                        (1, 64, 16, 5, 7, False)])
+def test_the_unfolded_product_is_the_convolution(batch, channels, out_channels, height, width, bias):
+    x, conv = conv_case(batch, channels, out_channels, height, width)
+    b = conv.bias if bias else None
+    with torch.inference_mode():
+        out = unfolded_conv2d(x, conv.weight, b)
+        direct = F.conv2d(x, conv.weight, b, padding=1)
+    exact = F.conv2d(x.double(), conv.weight.double(), None if b is None else b.double(), padding=1)
+    assert out.shape == exact.shape and out.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, exact) <= 1.5 * relative_error(direct, exact)
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_small_images_take_the_unfolded_product_where_it_was_measured_faster(monkeypatch, pays):
+    x, conv = conv_case(2, 32, 32, 8, 8)   # 32 tiles: too few for Winograd
+    use_winograd_convolutions(torch.nn.Sequential(conv))
+    measured = []
+    monkeypatch.setattr(winograd, "unfolded_pays", lambda *shape: measured.append(shape) or pays)
+    with torch.inference_mode():
+        out = conv(x)
+        unfolded, direct = unfolded_conv2d(x, conv.weight, conv.bias), F.conv2d(x, conv.weight, conv.bias, padding=1)
+        assert measured == [(2, 32, 32, 8, 8)]
+        assert torch.equal(out, unfolded if pays else direct)
+        monkeypatch.setattr(winograd, "MIN_CHANNELS", 48)   # narrower than that: direct, not even measured
+        assert torch.equal(conv(x), direct) and len(measured) == 1
 
 
 def test_without_a_compiler_convolutions_run_direct(tmp_path, monkeypatch):
