@@ -1,16 +1,16 @@
 """Attention for the bf16 CPU fast path: multi-head attention by our flash-attention kernel (or OpenVINO's), one
 wide head by blocks.
 
-On CPUs without AMX, PyTorch's flash-attention kernel runs the UNet's long self-attention (4096 tokens at 512²,
-head width 40 or 64) at a fraction of the speed of its matrix products: it was 29 % of an SD1.5 step. On CPUs with
+On CPUs without AMX, PyTorch's flash-attention kernel runs the UNet's long self-attention (4096 tokens at 512², head
+width 40 or 64) at a fraction of the speed of its matrix products: it was 29 % of an SD1.5 step. On CPUs with
 AVX512-BF16, our C kernel (kernels/flash_attention.c: both products as bf16 dot products with fp32 sums, the softmax
-online per block of query rows and keys, scores in fp32) runs it 2.5× faster than PyTorch's and 1.5× faster than
-OpenVINO's CPU SDPA kernel (8 heads of 40, 4096 tokens, CFG batch: 138 vs 350 and 209 ms), and the cross-attention
-over the prompt's 77 tokens 2.3× faster than PyTorch's (5.0 vs 11.6 ms); only the smallest attention (fewer than
-FLASH_MIN_SCORES scores per head) stays with PyTorch. Where our kernel is not built (no AVX512-BF16, no C compiler)
-or is measured slower, long attention (keys from LONG_ATTENTION on) goes through OpenVINO's kernel (1.6–2× PyTorch's
-there), its graph (reshape to heads → SDPA → merge heads) built in code per head count. Attention has no weights, so
-none of this costs anything at load, and LoRA patching is untouched.
+online per block of query rows and keys, scores in fp32) runs it 2.8× faster than PyTorch's and 1.5× faster than
+OpenVINO's CPU SDPA kernel (8 heads of 40, 4096 tokens, CFG batch: 127 vs 349 and 185 ms), and the cross-attention
+over the prompt's 77 tokens 3.4× faster than PyTorch's (3.8 vs 13.0 ms; bench/attention.py); only the smallest
+attention (fewer than FLASH_MIN_SCORES scores per head) stays with PyTorch. Where our kernel is not built (no
+AVX512-BF16, no C compiler) or is measured slower, long attention (keys from LONG_ATTENTION on) goes through
+OpenVINO's kernel (1.6–2× PyTorch's there), its graph (reshape to heads → SDPA → merge heads) built in code per head
+count. Attention has no weights, so none of this costs anything at load, and LoRA patching is untouched.
 
 The VAE's attention block (one head of 512 over every latent pixel: 4096 tokens at 512², 65536 at 2048²) runs as
 blocks of query rows, each two oneDNN matrix products around a softmax: 2–3× PyTorch's kernel at 4096 to 65536
@@ -120,9 +120,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     return out
 
 
-def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√width)·v for one head, bf16 (batch, tokens, width) tensors: a block of query rows at a time,
-    its scores (bf16) by one matrix product, softmax, then the product with v into the output's rows."""
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1) -> torch.Tensor:
+    """softmax(q·kᵀ/√width)·v for one head (`heads` 1: the other kernels' signature), bf16 (batch, tokens, width)
+    tensors: a block of query rows at a time, its scores (bf16) by one matrix product, softmax, then the product
+    with v into the output's rows."""
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     q = q * q.shape[-1] ** -0.5
     for image in range(q.shape[0]):
@@ -168,7 +169,7 @@ def openvino_pays() -> bool:
 def blocked_pays() -> bool:
     """Whether `blocked_attention` beats PyTorch's kernel on this machine: the VAE's attention block (one head of
     512)."""
-    return _pays("blocked-attention", 1, 512, lambda q, k, v, heads: blocked_attention(q, k, v))
+    return _pays("blocked-attention", 1, 512, blocked_attention)
 
 
 def _repeated_halves(x: torch.Tensor) -> bool:
@@ -223,14 +224,13 @@ class FastCPUAttention:
             keys = encoder_hidden_states.shape[1]
         else:
             return None
-        if not (not torch.is_grad_enabled() and attention_mask is None and hidden_states.ndim in (3, 4)
-                and hidden_states.device.type == "cpu" and hidden_states.dtype == torch.bfloat16
-                and attn.spatial_norm is None and attn.norm_q is None and attn.norm_k is None and not attn.norm_cross
-                and abs(attn.scale - width ** -0.5) < 1e-9 and attn.inner_dim == attn.inner_kv_dim):
+        if (torch.is_grad_enabled() or attention_mask is not None or hidden_states.ndim not in (3, 4)
+                or hidden_states.device.type != "cpu" or hidden_states.dtype != torch.bfloat16
+                or attn.spatial_norm is not None or attn.norm_q is not None or attn.norm_k is not None
+                or attn.norm_cross or abs(attn.scale - width ** -0.5) >= 1e-9 or attn.inner_dim != attn.inner_kv_dim):
             return None
         if attn.heads == 1:
-            return (lambda q, k, v, heads: blocked_attention(q, k, v)) if keys >= LONG_ATTENTION and blocked_pays() \
-                else None
+            return blocked_attention if keys >= LONG_ATTENTION and blocked_pays() else None
         if (queries * keys >= FLASH_MIN_SCORES and width % 2 == 0 and width <= FLASH_MAX_WIDTH
                 and _flash_kernels() is not None and flash_pays()):
             return flash_attention

@@ -136,7 +136,8 @@ def unfolded_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def unfolded_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv(x)` takes `unfolded_conv2d`: a plain 3×3 convolution of a small bf16 CPU image (too few tiles
-    for Winograd) with at least MIN_CHANNELS in, of a shape where it was measured faster than the direct convolution on this machine."""
+    for Winograd) with at least MIN_CHANNELS in, of a shape where it was measured faster than the direct convolution
+    on this machine."""
     return (_plain_3x3(conv, x) and conv.in_channels >= MIN_CHANNELS and _tiles(x) < MIN_TILES
             and unfolded_pays(x.shape[0], conv.in_channels, conv.out_channels, x.shape[2], x.shape[3]))
 
