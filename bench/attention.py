@@ -39,7 +39,7 @@ def main() -> None:
         return
     kernels = {"flash (sdstudio)": flash_attention, "OpenVINO SDPA": openvino_attention, "PyTorch SDPA": _sdpa}
     rows = ["| attention (batch 2) | calls per step | " + " ms | ".join(kernels) + " ms | vs OpenVINO | vs PyTorch | "
-            "error flash / OpenVINO / PyTorch |", "|---" * 9 + "|"]
+            "error flash / OpenVINO / PyTorch |", "|---" * 8 + "|"]
     generator = torch.Generator().manual_seed(0)
     for model, queries, keys, heads, width, calls in SHAPES:
         q = torch.randn(2, queries, heads * width, generator=generator).bfloat16()
