@@ -2,8 +2,8 @@
 
 On CPUs with VNNI or AMX, oneDNN's int8 matrix products run about twice as fast as its bf16 ones (SD1.5's
 8192 × 1280 → 320 feed-forward output: 8.1 against 16 ms on two AVX512-VNNI cores). `--precision int8` is the bf16
-fast path with every linear of the UNet's transformers (attention projections, GEGLU, feed-forward output, SDXL's
-linear proj_in/out) computed that way — W8A8, dynamic:
+fast path with every linear of the UNet's transformers (attention projections, GEGLU, feed-forward output, proj_in/out:
+SDXL's linears, SD1/SD2's 1×1 convolutions over channels-last pixels) computed that way — W8A8, dynamic:
 
 - weights: int8 per output channel, symmetric (scale = max |w| / 127), packed once for oneDNN and again whenever the
   weight changes (a LoRA patch: the weight patcher bumps the parameter's version);
@@ -31,6 +31,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from sdstudio.models.fused import FusedGEGLU, fast_cpu_tensor
 from sdstudio.models.native import compiled_library
 from sdstudio.models.tuning import candidate_pays
+from sdstudio.models.winograd import WinogradConv2d
 
 QUANTIZE_SOURCE = """typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
 typedef unsigned int uint32_t;
@@ -197,12 +198,35 @@ class Int8GEGLU(FusedGEGLU):
         return out.reshape(*hidden_states.shape[:-1], -1)
 
 
+class Int8PointwiseConv2d(WinogradConv2d):
+    """A 1×1 convolution (SD1/SD2 transformers' proj_in / proj_out) as an int8 product over the pixels of its
+    channels-last input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.reshape(self.out_channels, self.in_channels)
+        pixels = x.permute(0, 2, 3, 1) if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
+        rows = quantize_rows(pixels.reshape(-1, self.in_channels)) \
+            if pixels is not None and int8_applies(pixels, weight) else None
+        if rows is None:
+            return super().forward(x)
+        packed = _packed(self, self.weight, self.bias, lambda: pack_weight(weight, self.bias))
+        return int8_linear(rows, packed).view(*pixels.shape[:3], -1).permute(0, 3, 1, 2)
+
+
+def _pointwise(module: torch.nn.Module) -> bool:
+    return (type(module) in (torch.nn.Conv2d, WinogradConv2d) and module.kernel_size == (1, 1)
+            and module.stride == (1, 1) and module.padding == (0, 0) and module.groups == 1)
+
+
 def use_int8_linears(model: torch.nn.Module) -> None:
-    """Give every linear inside `model`'s transformers (Transformer2DModel) its int8 subclass, and their GEGLU
-    the int8 one (same weights, same state; the bf16 code runs wherever int8 does not apply)."""
+    """Give every linear inside `model`'s transformers (Transformer2DModel) its int8 subclass, their GEGLU the
+    int8 one, and their 1×1 convolutions (SD1/SD2's proj_in / proj_out) the int8 pointwise one (same weights, same
+    state; the bf16 code runs wherever int8 does not apply)."""
     for transformer in [m for m in model.modules() if isinstance(m, Transformer2DModel)]:
         for module in transformer.modules():
             if type(module) is torch.nn.Linear:
                 module.__class__ = Int8Linear
             elif type(module) is FusedGEGLU:
                 module.__class__ = Int8GEGLU
+            elif _pointwise(module):
+                module.__class__ = Int8PointwiseConv2d

@@ -9,7 +9,7 @@ from diffusers.models.activations import GEGLU
 from sdstudio.errors import SDStudioError
 from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, resolve_precision
 from sdstudio.models.fused import FusedGEGLU
-from sdstudio.models.int8 import Int8GEGLU, Int8Linear, int8_linear, pack_weight, quantize_rows
+from sdstudio.models.int8 import Int8GEGLU, Int8Linear, Int8PointwiseConv2d, int8_linear, pack_weight, quantize_rows
 from sdstudio.models.patcher import Patch, WeightPatcher
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # int8 in use whatever this machine chose (models/tuning.py)
@@ -124,7 +124,10 @@ def test_an_int8_unet_swaps_only_its_transformer_linears_and_stays_close(sd1_fil
     kinds = {name: type(m) for name, m in quick.named_modules()}
     assert {n for n, k in kinds.items() if k is Int8Linear} == {
         n for n, m in plain.named_modules() if type(m) is torch.nn.Linear and ".attentions." in n}
-    assert any(k is Int8GEGLU for k in kinds.values())
+    assert {n for n, k in kinds.items() if k is Int8PointwiseConv2d} == {   # SD1's proj_in / proj_out
+        n for n, m in plain.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
+        and ".attentions." in n}
+    assert any(k is Int8GEGLU for k in kinds.values()) and any(k is Int8PointwiseConv2d for k in kinds.values())
     assert kinds["time_embedding.linear_1"] is torch.nn.Linear
     sample = torch.randn(2, 4, 32, 32, generator=gen(11))
     context = torch.randn(2, 77, reference.config.cross_attention_dim, generator=gen(12))
@@ -132,6 +135,21 @@ def test_an_int8_unet_swaps_only_its_transformer_linears_and_stays_close(sd1_fil
         exact = reference(sample, 500, context).sample
         fast, int8 = (u(sample.bfloat16(), 500, context.bfloat16()).sample for u in (plain, quick))
     assert relative_error(int8, exact) < 0.05 and not torch.equal(int8, fast)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_an_int8_pointwise_convolution_is_close_to_fp64_over_channels_last_pixels(bias):
+    torch.manual_seed(14)
+    conv = torch.nn.Conv2d(64, 48, 1, bias=bias).bfloat16().to(memory_format=torch.channels_last)
+    conv.__class__ = Int8PointwiseConv2d
+    x = torch.randn(2, 64, 6, 5, generator=gen(15)).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = conv(x)
+        contiguous = conv(x.contiguous())   # not channels-last: the bf16 convolution
+    exact = torch.nn.functional.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else
+                                       conv.bias.double())
+    assert out.shape == exact.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, exact) < 0.03 and relative_error(out, exact) > relative_error(contiguous, exact)
 
 
 def test_a_nan_input_passes_through_as_nan_for_the_pipeline_to_report():
