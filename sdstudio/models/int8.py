@@ -13,7 +13,7 @@ SDXL's linears, SD1/SD2's 1×1 convolutions over channels-last pixels) computed 
 
 It is a choice, not the default: it costs the weights' int8 copy (+0.2 GiB for SD1.5, +2 GiB for SDXL) and accuracy
 (final image vs fp32 on random weights: SD1.5 38.4 dB, SDXL 33.4; bf16 43.6 and 36.8), and real models' activations
-have outlier channels that random weights lack, which per-tensor activation scales handle worst. Convolutions and
+have outlier channels that random weights lack, which per-tensor activation scales handle worst. 3×3 convolutions and
 the attention products stay bf16. Where the C kernel cannot be built, or int8 is measured no faster on the machine
 (`int8_pays`, models/tuning.py), the layers keep their bf16 code.
 """
