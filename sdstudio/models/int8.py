@@ -170,15 +170,20 @@ def _packed(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
     return module._int8[1]
 
 
+def _int8_product(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x · weightᵀ + bias over x's last dimension as rows (x's other dimensions flattened) by the int8 product, the
+    packed weight kept on `module`; None where int8 does not apply or x is not finite (the caller's bf16 code runs)."""
+    rows = quantize_rows(_rows(x)) if int8_applies(x, weight) else None
+    return None if rows is None else int8_linear(rows, _packed(module, weight, bias, lambda: pack_weight(weight, bias)))
+
+
 class Int8Linear(torch.nn.Linear):
     """A linear computed by oneDNN's int8 product (its weight packed once per version)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = quantize_rows(_rows(x)) if int8_applies(x, self.weight) else None
-        if rows is None:
-            return super().forward(x)
-        packed = _packed(self, self.weight, self.bias, lambda: pack_weight(self.weight, self.bias))
-        return int8_linear(rows, packed).reshape(*x.shape[:-1], -1)
+        out = _int8_product(self, x, self.weight, self.bias)
+        return super().forward(x) if out is None else out.reshape(*x.shape[:-1], -1)
 
 
 class Int8GEGLU(FusedGEGLU):
@@ -203,14 +208,10 @@ class Int8PointwiseConv2d(WinogradConv2d):
     channels-last input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.reshape(self.out_channels, self.in_channels)
         pixels = x.permute(0, 2, 3, 1) if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
-        rows = quantize_rows(pixels.reshape(-1, self.in_channels)) \
-            if pixels is not None and int8_applies(pixels, weight) else None
-        if rows is None:
-            return super().forward(x)
-        packed = _packed(self, self.weight, self.bias, lambda: pack_weight(weight, self.bias))
-        return int8_linear(rows, packed).view(*pixels.shape[:3], -1).permute(0, 3, 1, 2)
+        weight = self.weight.reshape(self.out_channels, self.in_channels)   # a view: same storage and version
+        out = None if pixels is None else _int8_product(self, pixels, weight, self.bias)
+        return super().forward(x) if out is None else out.view(*pixels.shape[:3], -1).permute(0, 3, 1, 2)
 
 
 def _pointwise(module: torch.nn.Module) -> bool:
