@@ -143,20 +143,28 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torc
 def _pays(name: str, heads: int, width: int, kernel, baseline=_sdpa) -> bool:
     """Whether `kernel(q, k, v, heads)` beats `baseline` (PyTorch's SDPA) on this machine for 4096 tokens of
     `heads` × `width` (SD1.5's largest attention at 512²), measured once per machine."""
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 4096, heads * width, generator=generator).bfloat16() for _ in range(3))
+    def ways():
+        generator = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 4096, heads * width, generator=generator).bfloat16() for _ in range(3))
+        return lambda: kernel(q, k, v, heads), lambda: baseline(q, k, v, heads)
+
     try:
-        return candidate_pays(name, lambda: kernel(q, k, v, heads), lambda: baseline(q, k, v, heads))
+        return candidate_pays(name, ways)
     finally:
         release_kernel_buffers()
+
+
+def _replaced_by_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """The kernel the flash kernel replaces: OpenVINO's where that beats PyTorch's, else PyTorch's (decided only
+    when the flash kernel is measured: a kept choice imports no OpenVINO)."""
+    return (openvino_attention if openvino_pays() else _sdpa)(q, k, v, heads)
 
 
 @functools.cache
 def flash_pays() -> bool:
     """Whether the flash kernel beats the one it replaces on this machine (OpenVINO's where that beats PyTorch's):
     the UNet's self-attention (8 heads of 40)."""
-    return _flash_kernels() is not None and _pays(
-        "flash-attention", 8, 40, flash_attention, openvino_attention if openvino_pays() else _sdpa)
+    return _flash_kernels() is not None and _pays("flash-attention", 8, 40, flash_attention, _replaced_by_flash)
 
 
 @functools.cache

@@ -143,11 +143,14 @@ def int8_linear(x: QuantizedRows, weight: PackedWeight, activation: str = "none"
 def int8_pays() -> bool:
     """Whether int8 products (their activations' quantization included) beat bf16 ones on this machine, measured
     once on SD1.5's feed-forward output at 512² (8192 × 1280 → 320) and kept (models/tuning.py)."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(8192, 1280, generator=generator).bfloat16()
-    weight = torch.randn(320, 1280, generator=generator).bfloat16()
-    packed = pack_weight(weight, None)
-    return candidate_pays("int8-linear", lambda: int8_linear(quantize_rows(x), packed), lambda: F.linear(x, weight))
+    def ways():
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(8192, 1280, generator=generator).bfloat16()
+        weight = torch.randn(320, 1280, generator=generator).bfloat16()
+        packed = pack_weight(weight, None)
+        return lambda: int8_linear(quantize_rows(x), packed), lambda: F.linear(x, weight)
+
+    return candidate_pays("int8-linear", ways)
 
 
 def int8_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -58,10 +58,15 @@ def choice_path(name: str) -> Path:
     return kernel_cache_dir() / f"choice-{name}-{machine_key()}.json"
 
 
-def candidate_pays(name: str, candidate: Callable[[], object], baseline: Callable[[], object]) -> bool:
-    """Whether `candidate` runs at least MARGIN times faster than `baseline` on this machine: read from the kept
+Ways = Callable[[], tuple[Callable[[], object], Callable[[], object]]]
+
+
+def candidate_pays(name: str, ways: Ways) -> bool:
+    """Whether the candidate runs at least MARGIN times faster than the baseline on this machine: read from the kept
     choice `name`, else measured now and kept (an unreadable file is measured again; an unwritable folder only
-    means measuring again in the next process)."""
+    means measuring again in the next process). `ways()` gives (candidate, baseline) on their representative
+    inputs: called only to measure, so a kept choice costs a file read, not the inputs (a first UNet call built
+    ~0.5 s of random weights and imported OpenVINO before reading its choices)."""
     path = choice_path(name)
     try:
         return bool(json.loads(path.read_text())["candidate_pays"])
@@ -69,6 +74,7 @@ def candidate_pays(name: str, candidate: Callable[[], object], baseline: Callabl
         pass
     seconds: dict[str, list[float]] = {"candidate": [], "baseline": []}
     with torch.inference_mode():
+        candidate, baseline = ways()
         candidate(), baseline()
         for _ in range(ROUNDS):
             for way, run in (("candidate", candidate), ("baseline", baseline)):

@@ -146,14 +146,21 @@ def unfolded_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
 def unfolded_pays(batch: int, channels: int, out_channels: int, height: int, width: int) -> bool:
     """Whether `unfolded_conv2d` beats oneDNN's direct convolution on this machine for this shape (measured once per
     shape and machine: models/tuning.py)."""
+    def ways():
+        x, weight, bias = _conv_inputs(batch, channels, out_channels, height, width)
+        return lambda: unfolded_conv2d(x, weight, bias), lambda: F.conv2d(x, weight, bias, padding=1)
+
+    return candidate_pays(f"unfolded-conv-{batch}x{channels}x{height}x{width}-{out_channels}", ways)
+
+
+def _conv_inputs(batch: int, channels: int, out_channels: int, height: int,
+                 width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A channels-last bf16 input, 3×3 weight and bias of one convolution shape, random, for timing."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, height, width, generator=generator).bfloat16()
-    x = x.contiguous(memory_format=torch.channels_last)
     weight = (torch.randn(out_channels, channels, 3, 3, generator=generator) * 0.02).bfloat16()
-    weight = weight.contiguous(memory_format=torch.channels_last)
-    bias = torch.zeros(out_channels, dtype=torch.bfloat16)
-    return candidate_pays(f"unfolded-conv-{batch}x{channels}x{height}x{width}-{out_channels}",
-                          lambda: unfolded_conv2d(x, weight, bias), lambda: F.conv2d(x, weight, bias, padding=1))
+    return (x.contiguous(memory_format=torch.channels_last), weight.contiguous(memory_format=torch.channels_last),
+            torch.zeros(out_channels, dtype=torch.bfloat16))
 
 
 @functools.cache
@@ -163,14 +170,13 @@ def winograd_pays() -> bool:
     AMX)."""
     if _kernels() is None:
         return False
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 320, 64, 64, generator=generator).bfloat16().contiguous(memory_format=torch.channels_last)
-    weight = (torch.randn(320, 320, 3, 3, generator=generator) * 0.02).bfloat16()
-    weight = weight.contiguous(memory_format=torch.channels_last)
-    bias = torch.zeros(320, dtype=torch.bfloat16)
+
+    def ways():
+        x, weight, bias = _conv_inputs(2, 320, 320, 64, 64)
+        return lambda: winograd_conv2d(x, weight, bias), lambda: F.conv2d(x, weight, bias, padding=1)
+
     try:
-        return candidate_pays("winograd", lambda: winograd_conv2d(x, weight, bias),
-                              lambda: F.conv2d(x, weight, bias, padding=1))
+        return candidate_pays("winograd", ways)
     finally:
         release_kernel_buffers()
 

@@ -16,24 +16,32 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-def sleeper(seconds: float, calls: list[str], name: str):
-    def run():
-        calls.append(name)
-        time.sleep(seconds)
-    return run
+def sleepers(candidate_s: float, baseline_s: float, calls: list[str]):
+    """`ways` for candidate_pays: two runs that sleep and log their calls; building them is logged too."""
+    def sleeper(seconds: float, name: str):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    def ways():
+        calls.append("built")
+        return sleeper(candidate_s, "c"), sleeper(baseline_s, "b")
+    return ways
 
 
 @pytest.mark.parametrize("candidate_s,baseline_s,expected", [(0.001, 0.02, True), (0.02, 0.001, False),
                                                              (0.01, 0.0105, False)])   # within the margin: no
 def test_the_faster_way_is_chosen_once_and_kept(cache, candidate_s, baseline_s, expected):
     calls = []
-    assert tuning.candidate_pays("case", sleeper(candidate_s, calls, "c"), sleeper(baseline_s, calls, "b")) == expected
+    assert tuning.candidate_pays("case", sleepers(candidate_s, baseline_s, calls)) == expected
     assert calls.count("c") == calls.count("b") == tuning.ROUNDS + 1   # one untimed run each, then alternating
+    assert calls.count("built") == 1
     record = json.loads(tuning.choice_path("case").read_text())
     assert record["candidate_pays"] == expected
     assert (record["baseline_ms"] >= tuning.MARGIN * record["candidate_ms"]) == expected
-    calls.clear()   # a later process: the kept choice, nothing run
-    assert tuning.candidate_pays("case", sleeper(1, calls, "c"), sleeper(1, calls, "b")) == expected
+    calls.clear()   # a later process: the kept choice, nothing run or even built
+    assert tuning.candidate_pays("case", sleepers(1, 1, calls)) == expected
     assert calls == []
 
 
@@ -41,7 +49,7 @@ def test_a_damaged_choice_is_measured_again(cache):
     path = tuning.choice_path("case")
     path.write_text("{not json")
     calls = []
-    assert tuning.candidate_pays("case", sleeper(0.001, calls, "c"), sleeper(0.02, calls, "b"))
+    assert tuning.candidate_pays("case", sleepers(0.001, 0.02, calls))
     assert calls and json.loads(path.read_text())["candidate_pays"] is True
 
 
@@ -69,3 +77,23 @@ def test_the_fast_path_choices_follow_their_measurement_on_this_machine(cache, c
     record = json.loads(tuning.choice_path(name).read_text())
     assert made == record["candidate_pays"] == (record["baseline_ms"] >= tuning.MARGIN * record["candidate_ms"])
     assert record["candidate_ms"] > 0 and record["baseline_ms"] > 0
+
+
+@pytest.mark.skipif(attention._flash_kernels() is None, reason="the flash kernel needs AVX512-BF16 and a C compiler")
+def test_a_kept_flash_choice_consults_no_other_kernel(cache):
+    """The flash kernel is measured against OpenVINO's kernel where that beats PyTorch's; once kept, its choice is a
+    file read: OpenVINO is not even imported for it (~0.3 s of every first UNet call)."""
+    choices = (attention.flash_pays, attention.openvino_pays, attention._openvino)
+    for choice in choices:
+        choice.cache_clear()
+    try:
+        made = attention.flash_pays()
+        assert attention.openvino_pays.cache_info().misses == 1      # the measurement chose its baseline
+        for choice in choices:
+            choice.cache_clear()
+        assert attention.flash_pays() == made == json.loads(tuning.choice_path("flash-attention").read_text())[
+            "candidate_pays"]
+        assert attention._openvino.cache_info().misses == 0 and attention.openvino_pays.cache_info().misses == 0
+    finally:
+        for choice in choices:
+            choice.cache_clear()
