@@ -49,6 +49,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/winograd.py
 	$(PY) bench/vae_attention.py
 	$(PY) bench/attention.py
+	$(PY) bench/roofline.py
 	$(PY) bench/gpu.py
 	$(PY) bench/gpu_unet.py
 
