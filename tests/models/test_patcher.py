@@ -103,3 +103,41 @@ def test_half_precision_weights_of_any_sizes_share_scratch_buffers_and_a_switch_
         assert now.data_ptr() == first[name].data_ptr() and now.stride() == original.stride(), name
     patcher.restore()
     assert all(torch.equal(patcher.parameters[n].data, o) for n, o in originals.items())
+
+
+@pytest.mark.parametrize("shape,dtype,channels_last", [((24, 8, 3, 3), torch.bfloat16, True),
+                                                       ((40, 16), torch.float32, False),
+                                                       ((40, 16), torch.bfloat16, False)])
+def test_low_rank_patches_merge_by_blocks_of_rows_in_the_weights_memory_order(monkeypatch, shape, dtype,
+                                                                              channels_last):
+    """LoRA factors merge a block of output rows at a time (a channels-last convolution's B reordered to its memory
+    order): blocks of one row and of several, with a partial last one, give W₀ + Σ strength·A@B rounded once."""
+    from sdstudio.models import patcher as patcher_module
+    monkeypatch.setattr(patcher_module, "MERGE_BLOCK", 100)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator).to(dtype)
+    if channels_last:
+        weight = weight.to(memory_format=torch.channels_last)
+    original = weight.clone()
+    width = weight.numel() // shape[0]
+    factors = [(torch.randn(shape[0], 4, generator=generator), torch.randn(4, width, generator=generator))
+               for _ in range(2)]
+    patches = [Patch(k, s, lambda w: None, f) for k, s, f in (("x", 0.5, factors[0]), ("y", -1.5, factors[1]))]
+
+    def exact(chosen):
+        return original.double() + sum(p.strength * (p.factors[0].double() @ p.factors[1].double()).reshape(shape)
+                                       for p in chosen)
+
+    patcher = WeightPatcher({"w": weight})
+    for chosen in (patches, patches[1:]):                  # apply, then switch (into the same buffer)
+        patcher.set_patches({"w": chosen})
+        patched = patcher.parameters["w"].data
+        assert patched.stride() == original.stride()
+        if dtype == torch.float32:
+            assert torch.allclose(patched.double(), exact(chosen), rtol=1e-5, atol=1e-5)
+        else:   # fp32 sums rounded once into bf16: all but rare ties agree with the exact sum rounded, none by more
+            want = exact(chosen).to(dtype)
+            assert (patched == want).float().mean() > 0.98
+            assert ((patched.float() - want.float()).abs() <= want.float().abs() * 2 ** -7).all()
+    patcher.restore()
+    assert torch.equal(patcher.parameters["w"].data, original)
