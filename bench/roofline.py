@@ -7,7 +7,9 @@
   module sees (forward hooks): convolutions' and linears' products (GEGLU's projection included), attention's two
   products (q·kᵀ and p·v); a 3×3 convolution that takes Winograd F(2×2, 3×3) counts 16 products per 2×2 outputs
   instead of 36 (its transforms, norms and activations are not counted: they are the overhead).
-- Time: the same UNet calls, median of 3 after one untimed.
+- Time: the same UNet calls, median of 3 after one untimed; then one call with the hooks also timing each module
+  that runs products (its own time: less its hooked children's), so each kind's share of the peak shows where the
+  rest goes (Winograd's transforms count with its convolutions, the softmax with attention).
 
 Arithmetic / peak is the time no implementation of the same arithmetic can go below; the step time needed for a
 target ratio (e.g. 3.5× diffusers fp32) says which share of the peak that target asks for.
@@ -72,47 +74,68 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def count_arithmetic(unet: torch.nn.Module) -> tuple[dict[str, float], list]:
-    """Hooks adding each module's products (floating-point operations, a multiply-add = 2) to a tally by kind: the
-    tally and the hooks' handles."""
+class Tally:
+    """Per kind of product: its arithmetic (floating-point operations, a multiply-add = 2) and the own time of the
+    modules that ran it (their time less their counted children's), from forward hooks on one UNet call."""
+
+    def __init__(self):
+        self.flops: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+        self._open: list[list] = []   # [start, children's seconds] of the modules being run
+
+    def start(self, *_args) -> None:
+        self._open.append([time.perf_counter(), 0.0])
+
+    def finish(self, kind: str, flops: float) -> None:
+        began, children = self._open.pop()
+        spent = time.perf_counter() - began
+        if self._open:
+            self._open[-1][1] += spent
+        self.flops[kind] = self.flops.get(kind, 0.0) + flops
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + spent - children
+
+
+def hook_products(unet: torch.nn.Module, tally: Tally) -> list:
+    """Hooks on every convolution, linear, GEGLU and attention module of `unet` adding what it runs to `tally`; the
+    hooks' handles."""
     from diffusers.models.activations import GEGLU
     from diffusers.models.attention_processor import Attention
 
     from sdstudio.models.winograd import winograd_applies
 
-    tally: dict[str, float] = {}
-
-    def add(kind: str, flops: float) -> None:
-        tally[kind] = tally.get(kind, 0.0) + flops
-
     def convolution(module, args, out):
-        x = args[0]
         flops = 2 * out.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-        if module.kernel_size == (3, 3) and winograd_applies(module, x):
-            add("3×3 convolutions (Winograd)", flops * 16 / 36)
+        if module.kernel_size == (3, 3) and winograd_applies(module, args[0]):
+            tally.finish("3×3 convolutions (Winograd)", flops * 16 / 36)
         else:
-            add(f"{module.kernel_size[0]}×{module.kernel_size[1]} convolutions (direct)", flops)
+            tally.finish(f"{module.kernel_size[0]}×{module.kernel_size[1]} convolutions (direct)", flops)
 
     def linear(weight: torch.Tensor, kind: str):
-        return lambda module, args, out: add(kind, 2 * args[0].numel() // weight.shape[1] * weight.numel())
+        return lambda module, args, out: tally.finish(kind, 2 * args[0].numel() // weight.shape[1] * weight.numel())
 
     def attention(module, args, kwargs, out):
         x = kwargs.get("hidden_states", args[0] if args else None)
         context = kwargs.get("encoder_hidden_states")
         keys = x.shape[1] if context is None else context.shape[1]
-        add("attention products", 4 * x.shape[0] * x.shape[1] * keys * module.inner_dim)
+        tally.finish("attention products (with the softmax)", 4 * x.shape[0] * x.shape[1] * keys * module.inner_dim)
 
+    projections = {id(m.proj) for m in unet.modules() if isinstance(m, GEGLU)}   # counted with their GEGLU
     handles = []
     for module in unet.modules():
         if isinstance(module, torch.nn.Conv2d):
-            handles.append(module.register_forward_hook(convolution))
+            post = convolution
         elif isinstance(module, GEGLU):
-            handles.append(module.register_forward_hook(linear(module.proj.weight, "GEGLU projections")))
-        elif isinstance(module, torch.nn.Linear):
-            handles.append(module.register_forward_hook(linear(module.weight, "linears")))
+            post = linear(module.proj.weight, "GEGLU projections (with GELU · product)")
+        elif isinstance(module, torch.nn.Linear) and id(module) not in projections:
+            post = linear(module.weight, "linears")
         elif isinstance(module, Attention):
+            handles.append(module.register_forward_pre_hook(tally.start))
             handles.append(module.register_forward_hook(attention, with_kwargs=True))
-    return tally, handles
+            continue
+        else:
+            continue
+        handles += [module.register_forward_pre_hook(tally.start), module.register_forward_hook(post)]
+    return handles
 
 
 def diffusers_fp32_step() -> float | None:
@@ -144,16 +167,22 @@ def main() -> None:
 
     call()
     seconds = statistics.median(call() for _ in range(CALLS))
-    tally, handles = count_arithmetic(unet)
-    call()
+    tally = Tally()
+    handles = hook_products(unet, tally)
+    hooked = call()
     for handle in handles:
         handle.remove()
-    total = sum(tally.values())
+    total = sum(tally.flops.values())
     floor = total / 1e9 / peak
-    rows = ["| part of one SD1.5 CFG UNet call (512², batch 2) | GFLOP | at peak s |", "|---|---|---|"]
-    rows += [f"| {kind} | {flops / 1e9:.1f} | {flops / 1e9 / peak:.2f} |"
-             for kind, flops in sorted(tally.items(), key=lambda item: -item[1])]
-    rows.append(f"| **all products** | **{total / 1e9:.1f}** | **{floor:.2f}** |")
+    rows = ["| part of one SD1.5 CFG UNet call (512², batch 2) | GFLOP | at peak s | measured s (own time) | "
+            "share of peak |", "|---|---|---|---|---|"]
+    for kind, flops in sorted(tally.flops.items(), key=lambda item: -item[1]):
+        at_peak, spent = flops / 1e9 / peak, tally.seconds[kind]
+        rows.append(f"| {kind} | {flops / 1e9:.1f} | {at_peak:.2f} | {spent:.2f} | {at_peak / spent:.0%} |")
+    rest = hooked - sum(tally.seconds.values())
+    rows.append(f"| everything else (norms, activations, residual adds, hooks) | – | – | {rest:.2f} | – |")
+    rows.append(f"| **the call** | **{total / 1e9:.1f}** | **{floor:.2f}** | **{hooked:.2f}** (unhooked "
+                f"{seconds:.2f}) | **{floor / seconds:.0%}** |")
     lines = [f"measured bf16 peak (vdpbf16ps, {torch.get_num_threads()} threads): {peak:.0f} GFLOP/s",
              f"UNet call measured: {seconds:.2f} s = {floor / seconds:.0%} of the peak over its products"]
     diffusers_fp32 = diffusers_fp32_step()
@@ -169,7 +198,8 @@ def main() -> None:
                   "in independent chains on every thread (a C loop); arithmetic: the products of one CFG UNet call "
                   "(batch 2, 64×64 latents) as the fast path runs them, counted from each module's shapes (Winograd's "
                   "3×3 convolutions at 16/36 of the direct products; transforms, norms and activations not counted); "
-                  f"time: median of {CALLS} such calls.\n\n{text}")
+                  f"time: median of {CALLS} such calls, then one more with hooks timing each kind's modules (their "
+                  f"own time, less their hooked children's).\n\n{text}")
 
 
 if __name__ == "__main__":
