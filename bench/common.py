@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import date
 from pathlib import Path
@@ -23,6 +24,13 @@ def in_child(fn, *args):
     heap stays mapped here, and the runners after it need the RAM: SDXL fp32 peaks near 20 GiB)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    """(seconds, result) of fn(*args, **kwargs)."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
 
 
 def full_checkpoint(family: str = "sd1", variant: str = "pruned") -> Path:

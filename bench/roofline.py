@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BENCH_DIR, full_checkpoint, machine, warm_page_cache, write_section  # noqa: E402
+from common import BENCH_DIR, full_checkpoint, machine, timed, warm_page_cache, write_section  # noqa: E402
 
 PEAK_SOURCE = r"""
 #include <immintrin.h>
@@ -64,14 +64,8 @@ def peak_gflops() -> float | None:
     library.peak.argtypes, library.peak.restype = [ctypes.c_long, ctypes.c_int], ctypes.c_float
     threads, iterations = torch.get_num_threads(), 50_000_000
     library.peak(iterations // 10, threads)
-    best = min(_timed(lambda: library.peak(iterations, threads)) for _ in range(3))
+    best = min(timed(library.peak, iterations, threads)[0] for _ in range(3))
     return iterations * 12 * 64 * threads / best / 1e9
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 class Tally:
@@ -163,7 +157,7 @@ def main() -> None:
 
     def call() -> float:
         with torch.inference_mode():
-            return _timed(lambda: unet(latents, torch.tensor([500, 500]), encoder_hidden_states=context))
+            return timed(unet, latents, torch.tensor([500, 500]), encoder_hidden_states=context)[0]
 
     call()
     seconds = statistics.median(call() for _ in range(CALLS))

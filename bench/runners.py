@@ -12,8 +12,12 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import timed  # noqa: E402
 
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dawn", "blurry"
 # CLIP token ids for the diffusers and OpenVINO runs, which have no tokenizer (no hub): BOS, two words, EOS/pad
@@ -64,12 +68,6 @@ def load_on(target: str, load, *args, **kwargs):
     if torch.device(target).type == "cuda":
         torch.cuda.synchronize()
     return model
-
-
-def timed(fn, *args, **kwargs) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return time.perf_counter() - start, result
 
 
 # --- sdstudio ---------------------------------------------------------------------------------------------------
@@ -338,8 +336,6 @@ def sdstudio_lora(path: str, precision: str, lora_a: str, lora_b: str) -> dict:
     """sdstudio's in-place LoRA patching (what `<lora:…>` in a prompt does): apply, same set again, switch, remove;
     and a small UNet call (8×8 latent, CFG batch) right after the switch and again: what follows a patch before the
     next step (the int8 path packs the changed weights there)."""
-    from pathlib import Path
-
     from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
     from sdstudio.models.lora import AppliedLora, LoraSet
 

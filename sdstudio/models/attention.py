@@ -239,8 +239,7 @@ class FastCPUAttention:
             return None
         if attn.heads == 1:
             return blocked_attention if keys >= LONG_ATTENTION and blocked_pays() else None
-        if (queries * keys >= FLASH_MIN_SCORES and width % 2 == 0 and width <= FLASH_MAX_WIDTH
-                and _flash_kernels() is not None and flash_pays()):
+        if queries * keys >= FLASH_MIN_SCORES and width % 2 == 0 and width <= FLASH_MAX_WIDTH and flash_pays():
             return flash_attention
         return openvino_attention if keys >= LONG_ATTENTION and openvino_pays() else None
 
