@@ -257,20 +257,51 @@ def _register_mapping(mapped: mmap.mmap) -> None:
 
 
 def release_file_pages(tensor: torch.Tensor) -> None:
-    """Drop the resident pages of a tensor read from a safetensors file once a converted copy replaced it: its
-    bytes stay in the page cache, not in this process (a bf16 model loaded from an fp16/fp32 file would otherwise
-    hold both copies). The mapping is private and never written before conversion, so a later read of the same
-    range simply faults the file's bytes in again. Tensors not in such a mapping are left alone."""
+    """Drop the resident pages of a tensor read from a safetensors file once a copy of it replaced it (a converted
+    weight, or the int8 path's packed one): its bytes stay in the page cache, not in this process (a bf16 model
+    loaded from an fp16/fp32 file would otherwise hold both copies). The mapping is private and never written, so a
+    later read of the same range simply faults the file's bytes in again. Tensors not in such a mapping are left
+    alone."""
+    found = _mapping_of(tensor)
+    if found is not None:
+        mapped, start, end = found
+        first = -(-start // _PAGE) * _PAGE          # whole pages inside the tensor only
+        last = end // _PAGE * _PAGE
+        if last > first:
+            mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+CONVERSION_CHUNK = 1 << 18   # elements per float32 step of a float16 → bfloat16 copy (1 MiB: stays in cache)
+
+
+def copy_converting(target: torch.Tensor, source: torch.Tensor) -> None:
+    """target[...] = source (any dtypes and layouts of one shape). float16 → bfloat16 goes in chunks of rows through
+    a float32 buffer: the same bits as a direct copy (float16 → float32 is exact), 2.3× faster on the CPU, where
+    torch converts float16 → bfloat16 one element at a time but float16 → float32 → bfloat16 in vectors."""
+    if not (source.dtype == torch.float16 and target.dtype == torch.bfloat16):
+        target.copy_(source)
+    elif source.dim() == 0 or source.numel() <= CONVERSION_CHUNK:
+        target.copy_(source.float())
+    else:
+        rows = max(1, CONVERSION_CHUNK * source.shape[0] // source.numel())
+        for start in range(0, source.shape[0], rows):
+            target[start:start + rows].copy_(source[start:start + rows].float())
+
+
+def is_file_mapped(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a view of a mapped safetensors file (its pages can go back to the page cache)."""
+    return _mapping_of(tensor) is not None
+
+
+def _mapping_of(tensor: torch.Tensor) -> tuple[mmap.mmap, int, int] | None:
+    """The live mapping holding `tensor`'s storage, with the storage's start and end offsets in it; None if none."""
     start = tensor.data_ptr()
     end = start + tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
     for base, (ref, length) in list(_MAPPINGS.items()):
         mapped = ref()
         if mapped is not None and base <= start and end <= base + length:
-            first = -(-(start - base) // _PAGE) * _PAGE          # whole pages inside the tensor only
-            last = (end - base) // _PAGE * _PAGE
-            if last > first:
-                mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
-            return
+            return mapped, start - base, end - base
+    return None
 
 
 def _load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import json
 import re
 from functools import cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -18,10 +18,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdstudio.errors import ModelFileError
 from sdstudio.files.keymaps import fit_text_encoder_keys
-from sdstudio.files.readers import release_file_pages
+from sdstudio.files.readers import copy_converting, is_file_mapped, release_file_pages
 from sdstudio.models.attention import use_fast_cpu_attention
 from sdstudio.models.fused import use_fused_layers
-from sdstudio.models.int8 import use_int8_linears
+from sdstudio.models.int8 import int8_available, int8_weight_names, use_int8_linears
 from sdstudio.models.native import release_kernel_buffers
 from sdstudio.models.winograd import use_winograd_convolutions
 
@@ -140,10 +140,13 @@ def text_config(weights: Mapping[str, Any], kind: str, where: str = "<text encod
 
 
 def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
-                   where: str, convolutional: bool = False) -> torch.nn.Module:
+                   where: str, convolutional: bool = False,
+                   keep_mapped: Collection[str] = ()) -> torch.nn.Module:
     """Load `weights` into a meta-device `module` by assignment (no copy when dtypes already match). A
     `convolutional` CPU model in half precision (the fast path) gets its 4-D weights channels-last, the layout oneDNN
-    runs fastest, in the same copy as the dtype conversion; fp32 keeps the default layout (the exact reference)."""
+    runs fastest, in the same copy as the dtype conversion; fp32 keeps the default layout (the exact reference).
+    The weights named in `keep_mapped` stay the file's own tensors, in its dtype, where they are views of a mapped
+    file (the int8 path packs its copies from them, then lets their pages go: models/int8.py)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -157,7 +160,8 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
         weights = {k: v for k, v in weights.items() if k in expected}
     half = (dtype or weights_dtype(weights)) in (torch.bfloat16, torch.float16)
     layout = torch.channels_last if convolutional and half else None
-    weights = {k: _converted(v, dtype or v.dtype, layout if v.dim() == 4 else None) for k, v in weights.items()}
+    weights = {k: v if k in keep_mapped and is_file_mapped(v) else
+               _converted(v, dtype or v.dtype, layout if v.dim() == 4 else None) for k, v in weights.items()}
     module.load_state_dict(weights, strict=True, assign=True)
     _materialise_meta_buffers(module)
     return module.eval().requires_grad_(False)
@@ -182,23 +186,6 @@ def _converted(tensor: torch.Tensor, dtype: torch.dtype, layout: torch.memory_fo
     return copy
 
 
-CONVERSION_CHUNK = 1 << 18   # elements per float32 step of a float16 → bfloat16 copy (1 MiB: stays in cache)
-
-
-def copy_converting(target: torch.Tensor, source: torch.Tensor) -> None:
-    """target[...] = source (any dtypes and layouts of one shape). float16 → bfloat16 goes in chunks of rows through
-    a float32 buffer: the same bits as a direct copy (float16 → float32 is exact), 2.3× faster on the CPU, where
-    torch converts float16 → bfloat16 one element at a time but float16 → float32 → bfloat16 in vectors."""
-    if not (source.dtype == torch.float16 and target.dtype == torch.bfloat16):
-        target.copy_(source)
-    elif source.dim() == 0 or source.numel() <= CONVERSION_CHUNK:
-        target.copy_(source.float())
-    else:
-        rows = max(1, CONVERSION_CHUNK * source.shape[0] // source.numel())
-        for start in range(0, source.shape[0], rows):
-            target[start:start + rows].copy_(source[start:start + rows].float())
-
-
 def _materialise_meta_buffers(module: torch.nn.Module) -> None:
     """Non-persistent buffers stay on the meta device after assign-loading; recreate the ones we know."""
     for name, buffer in list(module.named_buffers()):
@@ -218,12 +205,15 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
     """UNet2DConditionModel from diffusers-named weights, built on the CPU to run on `device` (the caller moves it);
     a bf16 UNet for the CPU (the CPU fast path) gets the fast CPU attention (models/attention.py), fused layers
     (models/fused.py) and Winograd convolutions (models/winograd.py), and with `int8_linears` int8 linears in its
-    transformers (models/int8.py)."""
+    transformers (models/int8.py), whose weights stay the file's (not converted: only their packed copies stay in
+    memory)."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     on_cpu = _runs_on_cpu(device)
-    unet = assign_weights(unet, weights, dtype, where, convolutional=on_cpu)
+    packed_int8 = int8_linears and on_cpu and dtype == torch.bfloat16 and int8_available()
+    unet = assign_weights(unet, weights, dtype, where, convolutional=on_cpu,
+                          keep_mapped=int8_weight_names(unet) if packed_int8 else ())
     if unet.dtype == torch.bfloat16 and on_cpu:
         use_fast_cpu_attention(unet)
         use_fused_layers(unet)

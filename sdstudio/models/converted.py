@@ -88,9 +88,11 @@ class ConvertedWeights:
               parts: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Store the converted parts ({part: state dict}) of `source` in a background thread (writing GBs takes
         seconds; the weights are never written in place, so generating meanwhile is safe), then trim the folder to
-        the budget. A failure (disk full, read-only folder) is logged, never raised: the model is already loaded."""
+        the budget. A failure (disk full, read-only folder) is logged, never raised: the model is already loaded.
+        Parts not wholly in `dtype` (an int8 load keeps its linears' weights as the file's) are not stored."""
         size = sum(t.numel() * t.element_size() for sd in parts.values() for t in sd.values())
-        if size > self.budget:
+        mixed = any(t.is_floating_point() and t.dtype != dtype for sd in parts.values() for t in sd.values())
+        if size > self.budget or mixed:
             return
         tensors = {f"{part}/{key}": t for part, sd in parts.items() for key, t in sd.items()}
         # a permuted layout (channels-last weights, transposed projections) is stored as its bytes in memory order

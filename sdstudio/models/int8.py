@@ -5,16 +5,17 @@ On CPUs with VNNI or AMX, oneDNN's int8 matrix products run about twice as fast 
 fast path with every linear of the UNet's transformers (attention projections, GEGLU, feed-forward output, proj_in/out:
 SDXL's linears, SD1/SD2's 1×1 convolutions over channels-last pixels) computed that way — W8A8, dynamic:
 
-- weights: int8 per output channel, symmetric (scale = max |w| / 127), packed once for oneDNN and again whenever the
-  weight changes (a LoRA patch: the weight patcher bumps the parameter's version);
+- weights: int8 per output channel, symmetric (scale = max |w| / 127) of their bf16 values, packed once for oneDNN
+  and again whenever the weight changes (a LoRA patch: the weight patcher bumps the parameter's version). The load
+  leaves these weights as the file's own mapped tensors (fp16 / fp32 ones are not converted, models/build.py), and
+  packing gives their pages back to the page cache: in memory there is only the packed copy, half the bf16 size;
 - activations: uint8 per tensor, from each call's own minimum and maximum (0 always representable);
 - both quantized by C loops (models/native.py): PyTorch's element-wise ops took 4× as long;
 - the product, its bias and the GEGLU gate's GELU by one oneDNN call, into bf16.
 
-It is a choice, not the default: it costs the weights' int8 copy (+0.2 GiB for SD1.5, +2 GiB for SDXL) and accuracy
-(final image vs fp32 on random weights: SD1.5 38.4 dB, SDXL 33.4; bf16 43.6 and 36.8), and real models' activations
-have outlier channels that random weights lack, which per-tensor activation scales handle worst. 3×3 convolutions and
-the attention products stay bf16. Where the C kernel cannot be built, or int8 is measured no faster on the machine
+It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights: SD1.5 38.4 dB, SDXL 33.4;
+bf16 43.6 and 36.8), and real models' activations have outlier channels that random weights lack, which per-tensor
+activation scales handle worst. 3×3 convolutions and the attention products stay bf16. Where the C kernel cannot be built, or int8 is measured no faster on the machine
 (`int8_pays`, models/tuning.py), the layers keep their bf16 code.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+from sdstudio.files.readers import copy_converting, release_file_pages
 from sdstudio.models.fused import FusedGEGLU, fast_cpu_tensor
 from sdstudio.models.native import compiled_library
 from sdstudio.models.tuning import candidate_pays
@@ -120,8 +122,13 @@ def quantize_rows(x: torch.Tensor) -> QuantizedRows | None:
 
 
 def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedWeight:
-    """A bf16 `weight` (out × in) as symmetric int8 per output channel, packed for oneDNN's u8 × s8 product."""
-    weight = weight.detach().contiguous()
+    """A `weight` (out × in; bf16, or the file's fp16 / fp32) as symmetric int8 per output channel of its bf16
+    values, packed for oneDNN's u8 × s8 product."""
+    weight = weight.detach()
+    if weight.dtype != torch.bfloat16:
+        copy_converting(converted := torch.empty(weight.shape, dtype=torch.bfloat16), weight)
+        weight = converted
+    weight = weight.contiguous()
     rows, cols = weight.shape
     values, scales = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
     kernels = _kernels()
@@ -153,11 +160,16 @@ def int8_pays() -> bool:
     return candidate_pays("int8-linear", ways)
 
 
+def int8_available() -> bool:
+    """Whether int8 products run on this machine: the quantizers built and int8 measured faster than bf16."""
+    return _kernels() is not None and int8_pays()
+
+
 def int8_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether this call of a linear runs in int8: bf16 CPU tensors without gradients, the kernel built, int8
-    faster here."""
-    return (fast_cpu_tensor(x) and weight.dtype == torch.bfloat16 and x.shape[-1] == weight.shape[1]
-            and _kernels() is not None and int8_pays())
+    """Whether this call of a linear runs in int8: a bf16 CPU input without gradients, a CPU weight, int8 available
+    here."""
+    return (fast_cpu_tensor(x) and weight.device.type == "cpu" and weight.is_floating_point()
+            and x.shape[-1] == weight.shape[1] and int8_available())
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -166,10 +178,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _packed(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, pack):
     """`module`'s packed weights, made by pack() again whenever its weight or bias changed (storage or version: the
-    weight patcher bumps it)."""
+    weight patcher bumps it). A weight read from a mapped file (the load leaves these unconverted) then gives its
+    pages back: only the packed copy stays in memory."""
     key = tuple(None if t is None else (t.data_ptr(), t._version) for t in (weight, bias))
     if getattr(module, "_int8", (None,))[0] != key:
         module._int8 = (key, pack())
+        release_file_pages(weight)
     return module._int8[1]
 
 
@@ -186,7 +200,9 @@ class Int8Linear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _int8_product(self, x, self.weight, self.bias)
-        return super().forward(x) if out is None else out.reshape(*x.shape[:-1], -1)
+        if out is None:   # the weight may be the file's fp16 / fp32 (build.py): in x's dtype for this call
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
+        return out.reshape(*x.shape[:-1], -1)
 
 
 class Int8GEGLU(FusedGEGLU):
@@ -214,23 +230,44 @@ class Int8PointwiseConv2d(WinogradConv2d):
         pixels = x.permute(0, 2, 3, 1) if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
         weight = self.weight.reshape(self.out_channels, self.in_channels)   # a view: same storage and version
         out = None if pixels is None else _int8_product(self, pixels, weight, self.bias)
-        return super().forward(x) if out is None else out.view(*pixels.shape[:3], -1).permute(0, 3, 1, 2)
+        if out is None:   # as Int8Linear's
+            return self._conv_forward(x, self.weight.to(x.dtype), self.bias)
+        return out.view(*pixels.shape[:3], -1).permute(0, 3, 1, 2)
 
 
 def _pointwise(module: torch.nn.Module) -> bool:
-    return (type(module) in (torch.nn.Conv2d, WinogradConv2d) and module.kernel_size == (1, 1)
+    return (type(module) in (torch.nn.Conv2d, WinogradConv2d, Int8PointwiseConv2d) and module.kernel_size == (1, 1)
             and module.stride == (1, 1) and module.padding == (0, 0) and module.groups == 1)
+
+
+def _int8_class(module: torch.nn.Module) -> type | None:
+    """The int8 subclass a module inside a transformer takes (or has taken); None for the others."""
+    if type(module) in (torch.nn.Linear, Int8Linear):
+        return Int8Linear
+    if type(module) in (FusedGEGLU, Int8GEGLU):
+        return Int8GEGLU
+    return Int8PointwiseConv2d if _pointwise(module) else None
+
+
+def _transformer_modules(model: torch.nn.Module):
+    """(name, module) of every module inside `model`'s transformers (Transformer2DModel)."""
+    for name, transformer in model.named_modules():
+        if isinstance(transformer, Transformer2DModel):
+            for inner, module in transformer.named_modules():
+                yield f"{name}.{inner}" if inner else name, module
 
 
 def use_int8_linears(model: torch.nn.Module) -> None:
     """Give every linear inside `model`'s transformers (Transformer2DModel) its int8 subclass, their GEGLU the
     int8 one, and their 1×1 convolutions (SD1/SD2's proj_in / proj_out) the int8 pointwise one (same weights, same
     state; the bf16 code runs wherever int8 does not apply)."""
-    for transformer in [m for m in model.modules() if isinstance(m, Transformer2DModel)]:
-        for module in transformer.modules():
-            if type(module) is torch.nn.Linear:
-                module.__class__ = Int8Linear
-            elif type(module) is FusedGEGLU:
-                module.__class__ = Int8GEGLU
-            elif _pointwise(module):
-                module.__class__ = Int8PointwiseConv2d
+    for _, module in _transformer_modules(model):
+        kind = _int8_class(module)
+        if kind is not None:
+            module.__class__ = kind
+
+
+def int8_weight_names(model: torch.nn.Module) -> set[str]:
+    """The state-dict names of the weights `use_int8_linears` gives int8 products (a GEGLU's is its linear's)."""
+    return {f"{name}.weight" for name, module in _transformer_modules(model)
+            if _int8_class(module) in (Int8Linear, Int8PointwiseConv2d)}

@@ -16,8 +16,11 @@ import torch
 
 from sdstudio.errors import ModelFileError
 from sdstudio.files.readers import (
+    CONVERSION_CHUNK,
     TensorInfo,
+    copy_converting,
     detect_container,
+    is_file_mapped,
     load_pickle,
     read_safetensors_header,
     read_state_dict,
@@ -374,6 +377,24 @@ def test_release_file_pages_drops_a_converted_tensors_pages_and_keeps_its_values
     release_file_pages(tensors["big"])
     assert before - _resident_mib() > 100
     assert float(tensors["big"].double().sum()) == total   # the file's bytes fault back in
+    assert is_file_mapped(tensors["big"]) and is_file_mapped(tensors["big"][3])
     heap = torch.ones(1024, 1024)                        # not file-mapped: left alone
     release_file_pages(heap)
-    assert bool((heap == 1).all())
+    assert bool((heap == 1).all()) and not is_file_mapped(heap)
+
+
+@pytest.mark.parametrize("shape", [(37, 3 * CONVERSION_CHUNK // 37 + 5), (1, CONVERSION_CHUNK + 3), (5,), ()])
+def test_float16_to_bfloat16_copy_has_the_bits_of_a_direct_conversion(shape):
+    source = torch.randn(shape).mul(100).half()
+    source.view(-1)[:4] = torch.tensor([65504.0, -6e-8, float("inf"), -0.0])[:source.numel()]
+    target = torch.empty(shape, dtype=torch.bfloat16)
+    copy_converting(target, source)
+    assert torch.equal(target.view(torch.int16), source.to(torch.bfloat16).view(torch.int16))
+
+
+def test_convolution_weight_copy_changes_layout_and_dtype_in_one_go():
+    source = torch.randn(70, 64, 3, 3 * 2 * CONVERSION_CHUNK // (70 * 64 * 3)).half()
+    target = torch.empty_like(source, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    copy_converting(target, source)
+    assert target.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(target, source.to(torch.bfloat16))

@@ -1,15 +1,22 @@
 """`--precision int8`: the UNet transformers' linears as oneDNN u8 × s8 products, against fp64 references."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 
 from sdstudio.errors import SDStudioError
+from sdstudio.files.readers import is_file_mapped, read_state_dict
+from sdstudio.files.writers import save_safetensors
 from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, resolve_precision
 from sdstudio.models.fused import FusedGEGLU
-from sdstudio.models.int8 import Int8GEGLU, Int8Linear, Int8PointwiseConv2d, int8_linear, pack_weight, quantize_rows
+from sdstudio.models.converted import ConvertedWeights
+from sdstudio.models.int8 import (Int8GEGLU, Int8Linear, Int8PointwiseConv2d, int8_linear, int8_weight_names, pack_weight,
+                                 quantize_rows)
 from sdstudio.models.patcher import Patch, WeightPatcher
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # int8 in use whatever this machine chose (models/tuning.py)
@@ -23,14 +30,18 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def linear(features_in: int, features_out: int, bias: bool = True) -> Int8Linear:
+def linear(features_in: int, features_out: int, bias: bool = True,
+           weight_dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
+    """An Int8Linear in bf16, its weight in `weight_dtype` (an int8 load keeps an fp16 file's weights fp16)."""
     layer = torch.nn.Linear(features_in, features_out, bias=bias)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(features_out, features_in, generator=gen(1)) / features_in ** 0.5)
         if bias:
             layer.bias.copy_(torch.randn(features_out, generator=gen(2)))
     layer.__class__ = Int8Linear
-    return layer.to(torch.bfloat16)
+    layer = layer.to(torch.bfloat16)
+    layer.weight.data = layer.weight.data.to(weight_dtype)
+    return layer
 
 
 @pytest.mark.parametrize("low,high", [(-3.0, 5.0), (0.5, 2.0), (-4.0, -1.0)])
@@ -61,10 +72,13 @@ def test_an_int8_linear_is_close_to_fp64_and_less_exact_than_bf16(rows, features
     assert error < 0.03 and error > 1.5 * bf16_error, (error, bf16_error)
 
 
-def test_with_gradients_an_int8_linear_is_the_plain_linear():
-    layer = linear(64, 32)
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+def test_with_gradients_an_int8_linear_is_the_plain_bf16_linear(weight_dtype):
+    layer = linear(64, 32, weight_dtype=weight_dtype)
     x = torch.randn(5, 64, generator=gen(4)).bfloat16()
-    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and not hasattr(layer, "_int8")
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and not hasattr(layer, "_int8")
+    assert torch.equal(out, F.linear(x, layer.weight.bfloat16(), layer.bias))
 
 
 def test_int8_geglu_matches_the_fp64_geglu():
@@ -83,8 +97,9 @@ def test_int8_geglu_matches_the_fp64_geglu():
     assert error < 0.03 and error > 1.5 * relative_error(fused, exact), error
 
 
-def test_a_patched_weight_is_packed_again_and_restoring_gives_the_first_output_back():
-    layer = linear(128, 64)
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+def test_a_patched_weight_is_packed_again_and_restoring_gives_the_first_output_back(weight_dtype):
+    layer = linear(128, 64, weight_dtype=weight_dtype)
     x = torch.randn(40, 128, generator=gen(6)).bfloat16()
     patcher = WeightPatcher({"weight": layer.weight})
     delta = torch.randn(64, 128, generator=gen(7)) * 0.2
@@ -152,10 +167,62 @@ def test_an_int8_pointwise_convolution_is_close_to_fp64_over_channels_last_pixel
     assert relative_error(out, exact) < 0.03 and relative_error(out, exact) > relative_error(contiguous, exact)
 
 
-def test_a_nan_input_passes_through_as_nan_for_the_pipeline_to_report():
-    layer = linear(32, 16)
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+def test_a_nan_input_passes_through_as_nan_for_the_pipeline_to_report(weight_dtype):
+    layer = linear(32, 16, weight_dtype=weight_dtype)
     x = torch.randn(4, 32, generator=gen(13)).bfloat16()
     x[1, 3] = float("nan")
     with torch.inference_mode():
         out = layer(x)
     assert out[1].isnan().all() and not out[0].isnan().any()
+
+
+def _mapped_resident_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_packing_a_file_mapped_weight_gives_its_pages_back_to_the_page_cache(tmp_path):
+    path = tmp_path / "linear.safetensors"
+    weight = torch.randn(1024, 4096, generator=gen(16)) / 64
+    save_safetensors({"weight": weight.half()}, path)
+    layer = torch.nn.Linear(4096, 1024, bias=False).bfloat16()
+    layer.__class__ = Int8Linear
+    layer.weight.data = read_state_dict(path)["weight"]            # 8 MiB of fp16, a view of the mapped file
+    reference = F.linear(torch.zeros(1, 4096, dtype=torch.bfloat16), layer.weight.bfloat16())   # reads every page
+    x = torch.randn(64, 4096, generator=gen(17)).bfloat16()
+    assert _mapped_resident_kib(path) > 7000 and reference.abs().max() == 0
+    with torch.inference_mode():
+        out = layer(x)
+    assert _mapped_resident_kib(path) < 500                      # only the packed copy stays in memory
+    assert relative_error(out, F.linear(x.double(), weight.half().double())) < 0.03
+    with torch.inference_mode():
+        assert torch.equal(layer(x), out)                       # packed once; the file's pages are not needed
+
+
+def test_an_int8_load_keeps_the_files_weights_for_its_linears_and_runs_as_from_bf16_ones(synth_file, tmp_path):
+    source = synth_file("sd1", "fp16")
+    cache = ConvertedWeights(tmp_path / "converted")
+    kept = load_checkpoint(source, dtype=torch.bfloat16, int8_linears=True, converted=cache).unet
+    cache.wait()
+    assert not list((tmp_path / "converted").glob("*"))          # fp16 and bf16 weights: no converted copy stored
+    names = int8_weight_names(kept)
+    weights = dict(kept.named_parameters())
+    assert any(".proj_in." in n for n in names) and any(".ff.net.0.proj." in n for n in names)
+    assert all(weights[n].dtype == torch.float16 and is_file_mapped(weights[n]) for n in names)
+    assert all(w.dtype == torch.bfloat16 for n, w in weights.items() if n not in names)
+    load_checkpoint(source, dtype=torch.bfloat16, converted=cache)
+    cache.wait()                                                  # a bf16 load stores the converted weights
+    from_bf16 = load_checkpoint(source, dtype=torch.bfloat16, int8_linears=True, converted=cache).unet
+    assert all(w.dtype == torch.bfloat16 for w in from_bf16.parameters())
+    assert all(is_file_mapped(w) for n, w in from_bf16.named_parameters() if n in names)
+    sample = torch.randn(2, 4, 32, 32, generator=gen(18)).bfloat16()
+    context = torch.randn(2, 77, kept.config.cross_attention_dim, generator=gen(19)).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(kept(sample, 500, context).sample, from_bf16(sample, 500, context).sample)
