@@ -27,6 +27,8 @@ def main() -> None:
                 run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=folder)   # converts, keeps
                 ours.append(("sdstudio, converted weights kept by an earlier load",
                              run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=folder)))
+            ours.append(("sdstudio --precision int8 (its linears keep the file's weights)",
+                         run_runner("sdstudio_load", path=str(path), dtype=dtype, int8_linears=True)))
         warm_page_cache(path)
         theirs = run_runner("diffusers_load", path=str(path), config=str(config), dtype=dtype)
         size = f"SD1.5 {variant} ({path.stat().st_size / 2**30:.1f} GiB) as {dtype}"
@@ -43,7 +45,9 @@ def main() -> None:
                   "both; loaded in the file's dtype, and the fp16 file also in bf16 (`--precision auto` on this CPU); "
                   "ratios to diffusers' own load and load + touch; peak RSS = the child's VmHWM. \"Converted weights "
                   "kept\": a second process loading the same file through the `cache/converted/` folder that a first "
-                  f"one filled (models/converted.py; that file is in the page cache like the source).\n\n{table}")
+                  "one filled (models/converted.py; that file is in the page cache like the source). \"--precision "
+                  "int8\": the UNet's transformer linears stay the file's fp16 weights, packed to int8 at the first "
+                  f"step (models/int8.py).\n\n{table}")
 
 
 if __name__ == "__main__":

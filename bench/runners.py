@@ -303,15 +303,15 @@ def sdcpp(path: str, steps: int, size: int, wtype: str, e2e_steps: int) -> dict:
 
 # --- checkpoint load --------------------------------------------------------------------------------------------
 
-def sdstudio_load(path: str, dtype: str, converted: str | None = None) -> dict:
+def sdstudio_load(path: str, dtype: str, converted: str | None = None, int8_linears: bool = False) -> dict:
     """`load_checkpoint(path, dtype)` (through the converted-weights folder `converted` when given: the first load
-    fills it, later ones map it), then every weight touched once."""
+    fills it, later ones map it; with `int8_linears` as `--precision int8` loads), then every weight touched once."""
     from sdstudio.models.checkpoint import load_checkpoint
     from sdstudio.models.converted import ConvertedWeights
 
     cache = ConvertedWeights(converted) if converted else None
     start = time.perf_counter()
-    model = load_checkpoint(path, dtype=dtype, converted=cache)
+    model = load_checkpoint(path, dtype=dtype, converted=cache, int8_linears=int8_linears)
     loaded = time.perf_counter() - start
     touch([model.unet, model.vae] + [e.model for e in model.text_encoders])
     touched = time.perf_counter() - start
