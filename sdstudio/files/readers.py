@@ -271,6 +271,22 @@ def release_file_pages(tensor: torch.Tensor) -> None:
             mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
+def is_file_mapped(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a view of a mapped safetensors file (its pages can go back to the page cache)."""
+    return _mapping_of(tensor) is not None
+
+
+def _mapping_of(tensor: torch.Tensor) -> tuple[mmap.mmap, int, int] | None:
+    """The live mapping holding `tensor`'s storage, with the storage's start and end offsets in it; None if none."""
+    start = tensor.data_ptr()
+    end = start + tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
+    for base, (ref, length) in list(_MAPPINGS.items()):
+        mapped = ref()
+        if mapped is not None and base <= start and end <= base + length:
+            return mapped, start - base, end - base
+    return None
+
+
 CONVERSION_CHUNK = 1 << 18   # elements per float32 step of a float16 → bfloat16 copy (1 MiB: stays in cache)
 
 
@@ -286,22 +302,6 @@ def copy_converting(target: torch.Tensor, source: torch.Tensor) -> None:
         rows = max(1, CONVERSION_CHUNK * source.shape[0] // source.numel())
         for start in range(0, source.shape[0], rows):
             target[start:start + rows].copy_(source[start:start + rows].float())
-
-
-def is_file_mapped(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is a view of a mapped safetensors file (its pages can go back to the page cache)."""
-    return _mapping_of(tensor) is not None
-
-
-def _mapping_of(tensor: torch.Tensor) -> tuple[mmap.mmap, int, int] | None:
-    """The live mapping holding `tensor`'s storage, with the storage's start and end offsets in it; None if none."""
-    start = tensor.data_ptr()
-    end = start + tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
-    for base, (ref, length) in list(_MAPPINGS.items()):
-        mapped = ref()
-        if mapped is not None and base <= start and end <= base + length:
-            return mapped, start - base, end - base
-    return None
 
 
 def _load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
