@@ -2,8 +2,10 @@
 
 On CPUs with VNNI or AMX, oneDNN's int8 matrix products run about twice as fast as its bf16 ones (SD1.5's
 8192 × 1280 → 320 feed-forward output: 8.1 against 16 ms on two AVX512-VNNI cores). `--precision int8` is the bf16
-fast path with every linear of the UNet's transformers (attention projections, GEGLU, feed-forward output, proj_in/out:
-SDXL's linears, SD1/SD2's 1×1 convolutions over channels-last pixels) computed that way — W8A8, dynamic:
+fast path with the linears of the UNet's transformers (attention projections, GEGLU, feed-forward output, proj_in/out:
+SDXL's linears, SD1/SD2's 1×1 convolutions over channels-last pixels) computed that way — W8A8, dynamic — except the
+cross-attentions' key and value projections of the text condition (77 tokens: nothing to gain; and text encoders'
+hidden states have outliers that one scale per tensor would crush the rest under):
 
 - weights: int8 per output channel, symmetric (scale = max |w| / 127) of their bf16 values, packed once for oneDNN
   and again whenever the weight changes (a LoRA patch: the weight patcher bumps the parameter's version). The load
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from sdstudio.files.readers import copy_converting, release_file_pages
@@ -249,25 +252,31 @@ def _int8_class(module: torch.nn.Module) -> type | None:
     return Int8PointwiseConv2d if _pointwise(module) else None
 
 
-def _transformer_modules(model: torch.nn.Module):
-    """(name, module) of every module inside `model`'s transformers (Transformer2DModel)."""
+def _int8_modules(model: torch.nn.Module):
+    """(name, module, int8 subclass) of each module `use_int8_linears` converts: the linears, GEGLUs and 1×1
+    convolutions inside `model`'s transformers (Transformer2DModel), except the cross-attentions' key and value
+    projections, whose input is the text condition: 77 tokens, too few for int8 to gain anything, and text encoders'
+    hidden states have outliers that one scale per tensor would crush the other values under."""
     for name, transformer in model.named_modules():
-        if isinstance(transformer, Transformer2DModel):
-            for inner, module in transformer.named_modules():
-                yield f"{name}.{inner}" if inner else name, module
+        if not isinstance(transformer, Transformer2DModel):
+            continue
+        text_inputs = {id(projection) for attention in transformer.modules()
+                       if isinstance(attention, Attention) and attention.is_cross_attention
+                       for projection in (attention.to_k, attention.to_v)}
+        for inner, module in transformer.named_modules():
+            kind = _int8_class(module)
+            if kind is not None and id(module) not in text_inputs:
+                yield f"{name}.{inner}", module, kind
 
 
 def use_int8_linears(model: torch.nn.Module) -> None:
-    """Give every linear inside `model`'s transformers (Transformer2DModel) its int8 subclass, their GEGLU the
-    int8 one, and their 1×1 convolutions (SD1/SD2's proj_in / proj_out) the int8 pointwise one (same weights, same
-    state; the bf16 code runs wherever int8 does not apply)."""
-    for _, module in _transformer_modules(model):
-        kind = _int8_class(module)
-        if kind is not None:
-            module.__class__ = kind
+    """Give the linears inside `model`'s transformers their int8 subclass, their GEGLU the int8 one, and their 1×1
+    convolutions (SD1/SD2's proj_in / proj_out) the int8 pointwise one (same weights, same state; the bf16 code runs
+    wherever int8 does not apply) — all but the cross-attentions' key and value projections (`_int8_modules`)."""
+    for _, module, kind in _int8_modules(model):
+        module.__class__ = kind
 
 
 def int8_weight_names(model: torch.nn.Module) -> set[str]:
     """The state-dict names of the weights `use_int8_linears` gives int8 products (a GEGLU's is its linear's)."""
-    return {f"{name}.weight" for name, module in _transformer_modules(model)
-            if _int8_class(module) in (Int8Linear, Int8PointwiseConv2d)}
+    return {f"{name}.weight" for name, _, kind in _int8_modules(model) if kind is not Int8GEGLU}
