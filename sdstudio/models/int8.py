@@ -34,7 +34,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from sdstudio.files.readers import copy_converting, release_file_pages
 from sdstudio.models.fused import FusedGEGLU, fast_cpu_tensor
-from sdstudio.models.native import compiled_library
+from sdstudio.models.native import compiled_library, scratch
 from sdstudio.models.tuning import candidate_pays
 from sdstudio.models.winograd import WinogradConv2d
 
@@ -128,8 +128,8 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedWeight
     """A `weight` (out × in; bf16, or the file's fp16 / fp32) as symmetric int8 per output channel of its bf16
     values, packed for oneDNN's u8 × s8 product."""
     weight = weight.detach()
-    if weight.dtype != torch.bfloat16:
-        copy_converting(converted := torch.empty(weight.shape, dtype=torch.bfloat16), weight)
+    if weight.dtype != torch.bfloat16:   # into a buffer kept through the UNet call: no fresh pages per weight
+        copy_converting(converted := scratch("int8-weight", tuple(weight.shape)), weight)
         weight = converted
     weight = weight.contiguous()
     rows, cols = weight.shape
