@@ -15,10 +15,10 @@ hidden states have outliers that one scale per tensor would crush the rest under
 - both quantized by C loops (models/native.py): PyTorch's element-wise ops took 4× as long;
 - the product, its bias and the GEGLU gate's GELU by one oneDNN call, into bf16.
 
-It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights: SD1.5 38.4 dB, SDXL 33.4;
+It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights: SD1.5 38.1 dB, SDXL 33.8;
 bf16 43.6 and 36.8), and real models' activations have outlier channels that random weights lack, which per-tensor
-activation scales handle worst. 3×3 convolutions and the attention products stay bf16. Where the C kernel cannot be built, or int8 is measured no faster on the machine
-(`int8_pays`, models/tuning.py), the layers keep their bf16 code.
+activation scales handle worst. 3×3 convolutions and the attention products stay bf16. Where the C kernel cannot be
+built, or int8 is measured no faster on the machine (`int8_pays`, models/tuning.py), the layers keep their bf16 code.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from sdstudio.files.writers import save_safetensors
 from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, resolve_precision
 from sdstudio.models.fused import FusedGEGLU
 from sdstudio.models.converted import ConvertedWeights
-from sdstudio.models.int8 import (Int8GEGLU, Int8Linear, Int8PointwiseConv2d, int8_linear, int8_weight_names, pack_weight,
-                                 quantize_rows, use_int8_linears)
+from sdstudio.models.int8 import (Int8GEGLU, Int8Linear, Int8PointwiseConv2d, int8_linear, int8_weight_names,
+                                 pack_weight, quantize_rows, use_int8_linears)
 from sdstudio.models.patcher import Patch, WeightPatcher
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # int8 in use whatever this machine chose (models/tuning.py)
