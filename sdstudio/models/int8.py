@@ -11,7 +11,8 @@ hidden states have outliers that one scale per tensor would crush the rest under
   and again whenever the weight changes (a LoRA patch: the weight patcher bumps the parameter's version). The load
   leaves these weights as the file's own mapped tensors (fp16 / fp32 ones are not converted, models/build.py), and
   packing gives their pages back to the page cache: in memory there is only the packed copy, half the bf16 size;
-- activations: uint8 per tensor, from each call's own minimum and maximum (0 always representable);
+- activations: uint8 per tensor, from each call's own minimum and maximum (0 always representable); a call whose
+  range outliers dominate (over MAX_SPREAD times its mean |x|) runs bf16 instead;
 - both quantized by C loops (models/native.py): PyTorch's element-wise ops took 4× as long;
 - the product, its bias and the GEGLU gate's GELU by one oneDNN call, into bf16.
 
@@ -38,10 +39,30 @@ from sdstudio.models.native import compiled_library, scratch
 from sdstudio.models.tuning import candidate_pays
 from sdstudio.models.winograd import WinogradConv2d
 
+MAX_SPREAD = 128   # activations whose range exceeds this many times their mean |x| run bf16: a safety net for
+                   # extreme outliers only — on random weights Gaussian ones spread 12, the widest (GEGLU outputs,
+                   # which the quality guard covers) 83
 QUANTIZE_SOURCE = """typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
 typedef unsigned int uint32_t;
 typedef unsigned char uint8_t;
 typedef union { uint32_t u; float f; } bits;
+
+/* summary[0..2] = lowest, highest and mean |x| of count bf16 values (a NaN makes the mean NaN) */
+void summarize(const uint16_t *x, long count, float *summary, int threads) {
+  float lowest = 3.4e38f, highest = -3.4e38f, total = 0.f;
+#pragma omp parallel for simd num_threads(threads) schedule(static) reduction(min:lowest) reduction(max:highest) \
+    reduction(+:total)
+  for (long i = 0; i < count; i++) {
+    bits b;
+    b.u = (uint32_t)x[i] << 16;
+    lowest = b.f < lowest ? b.f : lowest;
+    highest = b.f > highest ? b.f : highest;
+    total += b.f < 0.f ? -b.f : b.f;
+  }
+  summary[0] = lowest;
+  summary[1] = highest;
+  summary[2] = count > 0 ? total / count : 0.f;
+}
 
 /* q[i] = clamp(round(x[i] / scale) + zero_point, 0, 255) for bf16 x, i in [0, count) */
 void quantize_u8(const uint16_t *x, uint8_t *q, long count, float inverse_scale, float zero_point, int threads) {
@@ -84,6 +105,7 @@ def _kernels() -> ctypes.CDLL | None:
     kernels = compiled_library("int8", QUANTIZE_SOURCE)
     if kernels is not None:
         pointer, index = ctypes.c_void_p, ctypes.c_long
+        kernels.summarize.argtypes = [pointer, index, pointer, ctypes.c_int]
         kernels.quantize_u8.argtypes = [pointer, pointer, index, ctypes.c_float, ctypes.c_float, ctypes.c_int]
         kernels.quantize_weight_rows.argtypes = [pointer, pointer, pointer, index, index, ctypes.c_int]
     return kernels
@@ -109,16 +131,19 @@ class PackedWeight:
 
 
 def quantize_rows(x: torch.Tensor) -> QuantizedRows | None:
-    """A contiguous bf16 CPU tensor as uint8 over its own range (which always includes 0); None when the range is
-    not finite (the caller's bf16 code then passes the NaN or inf on, for the pipeline to report)."""
-    low, high = (float(v) for v in torch.aminmax(x))
-    if not (math.isfinite(low) and math.isfinite(high)):
+    """A contiguous bf16 CPU tensor as uint8 over its own range (which always includes 0); None — the caller's
+    bf16 code runs — when the range is not finite (the NaN or inf passes on, for the pipeline to report) or more
+    than MAX_SPREAD times the mean |x| (outliers: one step of 1/255 of the range would swallow the other values)."""
+    kernels = _kernels()
+    summary = torch.empty(3)
+    kernels.summarize(x.data_ptr(), x.numel(), summary.data_ptr(), torch.get_num_threads())
+    low, high, mean_size = summary.tolist()
+    if not all(math.isfinite(v) for v in (low, high, mean_size)) or high - low > MAX_SPREAD * mean_size:
         return None
     low, high = min(low, 0.0), max(high, 0.0)
     scale = (high - low) / 255 or 1.0
     zero_point = round(-low / scale)
     values = torch.empty(x.shape, dtype=torch.uint8)
-    kernels = _kernels()
     kernels.quantize_u8(x.data_ptr(), values.data_ptr(), x.numel(), 1 / scale, float(zero_point),
                         torch.get_num_threads())
     return QuantizedRows(values, scale, zero_point)

@@ -170,6 +170,20 @@ def test_an_int8_pointwise_convolution_is_close_to_fp64_over_channels_last_pixel
     assert relative_error(out, exact) < 0.03 and relative_error(out, exact) > relative_error(contiguous, exact)
 
 
+@pytest.mark.parametrize("outlier,int8_runs", [(1.0, True), (20.0, True), (400.0, False)])
+def test_an_input_whose_range_outliers_dominate_runs_bf16(outlier, int8_runs):
+    layer = linear(320, 64)
+    x = torch.randn(256, 320, generator=gen(24))
+    x[:, 7] = x[:, 7].abs() * outlier                         # one channel, always positive, `outlier` × the rest
+    x = x.bfloat16()
+    with torch.inference_mode():
+        out = layer(x)
+    assert hasattr(layer, "_int8") == int8_runs               # packed only where the int8 product ran
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias)) != int8_runs
+    # 20× costs int8 ~4 %; at 400× the other channels would span only a few of the range's 255 steps
+    assert relative_error(out, F.linear(x.double(), layer.weight.double(), layer.bias.double())) < 0.05
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
 def test_a_nan_input_passes_through_as_nan_for_the_pipeline_to_report(weight_dtype):
     layer = linear(32, 16, weight_dtype=weight_dtype)
