@@ -50,6 +50,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/vae_attention.py
 	$(PY) bench/attention.py
 	$(PY) bench/roofline.py
+	$(PY) bench/compile.py
 	$(PY) bench/gpu.py
 	$(PY) bench/gpu_unet.py
 

@@ -377,9 +377,44 @@ def diffusers_lora(path: str, config: str, precision: str, lora_a: str, lora_b: 
     return {"read_s": read_s, "apply_s": read_s + fuse_s, "switch_s": switch_s, "remove_s": timed(remove)[0]}
 
 
+# --- torch.compile on sdstudio's path ---------------------------------------------------------------------------
+
+def sdstudio_compiled(path: str, calls: int) -> dict:
+    """One CFG UNet call (SD1.5 512², `--precision auto`) eager and under torch.compile (inductor's default mode:
+    the weights stay graph inputs, so in-place LoRA patches still count), `calls` times each, alternating. The fast
+    path's own kernels (Winograd convolutions, the attention processor, the fused GEGLU) stay eager inside the
+    compiled UNet: dynamo cannot trace their ctypes calls and scratch buffers, so inductor gets everything else."""
+    from sdstudio.models.attention import FastCPUAttention
+    from sdstudio.models.checkpoint import load_checkpoint
+    from sdstudio.models.fused import FusedGEGLU
+    from sdstudio.models.winograd import WinogradConv2d
+
+    for kind, method in ((WinogradConv2d, "forward"), (FastCPUAttention, "__call__"), (FusedGEGLU, "forward")):
+        setattr(kind, method, torch.compiler.disable(getattr(kind, method)))
+    unet = load_checkpoint(path, dtype=torch.bfloat16).unet
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 64, 64, generator=generator).bfloat16()
+    context = torch.randn(2, 77, 768, generator=generator).bfloat16()
+
+    def call(model) -> tuple[float, torch.Tensor]:
+        with torch.inference_mode():
+            return timed(lambda: model(latents, torch.tensor([500, 500]), context).sample)
+
+    _, eager_out = call(unet)
+    compiled = torch.compile(unet)
+    compile_s, compiled_out = call(compiled)
+    eager, fast = [], []
+    for _ in range(calls):
+        eager.append(call(unet)[0])
+        fast.append(call(compiled)[0])
+    return {"compile_s": compile_s, "eager_s": statistics.median(eager), "compiled_s": statistics.median(fast),
+            "max_difference": (compiled_out.float() - eager_out.float()).abs().max().item()}
+
+
 RUNNERS = {"sdstudio": sdstudio, "diffusers": diffusers, "openvino": openvino, "sdcpp": sdcpp,
            "sdstudio_load": sdstudio_load, "diffusers_load": diffusers_load, "sdstudio_lora": sdstudio_lora,
-           "diffusers_lora": diffusers_lora, "sdstudio_options": sdstudio_options}
+           "diffusers_lora": diffusers_lora, "sdstudio_options": sdstudio_options,
+           "sdstudio_compiled": sdstudio_compiled}
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
