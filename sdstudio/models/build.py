@@ -229,8 +229,14 @@ def build_vae(weights: Mapping[str, torch.Tensor], family: str, dtype: torch.dty
     """AutoencoderKL from diffusers-named weights, built on the CPU to run on `device`; a bf16 one for the CPU (the
     CPU fast path) gets the fast CPU attention (models/attention.py: its attention block by blocks of rows) and
     Winograd convolutions (models/winograd.py; vae.decode and vae.encode release their buffers)."""
+    return vae_from_config(vae_config(weights, family, where), weights, dtype, where, device)
+
+
+def vae_from_config(config: Mapping[str, Any], weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
+                    where: str, device: torch.device | str) -> AutoencoderKL:
+    """build_vae's module from its diffusers config (a copy of a loaded VAE in another dtype is built the same way)."""
     with torch.device("meta"):
-        vae = AutoencoderKL(**vae_config(weights, family, where))
+        vae = AutoencoderKL(**config)
     on_cpu = _runs_on_cpu(device)
     vae = assign_weights(vae, weights, dtype, where, convolutional=on_cpu)
     if vae.dtype == torch.bfloat16 and on_cpu:

@@ -119,7 +119,7 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     pooled_dim = getattr(encoders[-1].model.config, "projection_dim", None)
     unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)", device, int8_linears)
     own_vae = build_vae(weights["vae"], info.family, dtype, f"{where} (VAE)", device) if "vae" in weights else None
-    if converted and weights is file_weights and worth_storing(weights_dtype(parts.unet), dtype):
+    if converted and weights is file_weights and worth_storing(weights_dtype(parts.unet), dtype, device):
         converted.write(path, dtype, use_ema, {"unet": unet.state_dict()}
                         | ({"vae": own_vae.state_dict()} if own_vae else {})
                         | {f"text{i}": text_encoder_keys_as_ours(e.model.state_dict()) for i, e in enumerate(encoders)})

@@ -35,10 +35,11 @@ HALF_TYPES = (torch.float16, torch.bfloat16)
 STALE_PARTIAL_SECONDS = 3600  # a write this old without finishing belongs to a process that is gone
 
 
-def worth_storing(file_dtype: torch.dtype | None, dtype: torch.dtype) -> bool:
-    """Whether loading a file of `file_dtype` as `dtype` copies weights (a dtype change, or the channels-last
-    relayout of the half-precision path); a plain fp32 load maps the file and needs no cache."""
-    return file_dtype != dtype or dtype in HALF_TYPES
+def worth_storing(file_dtype: torch.dtype | None, dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether loading a file of `file_dtype` as `dtype` for `device` copies weights (a dtype change, or the
+    channels-last relayout of the CPU's half-precision path); a load in the file's dtype otherwise maps the file
+    (a GPU's then copies it to the device) and needs no cache."""
+    return file_dtype != dtype or (dtype in HALF_TYPES and torch.device(device).type == "cpu")
 
 
 def converted_weights(data_dir: Path, budget_bytes: int = DEFAULT_BUDGET) -> ConvertedWeights | None:

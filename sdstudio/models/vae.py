@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import weakref
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -15,8 +16,8 @@ from diffusers import AutoencoderKL
 from sdstudio.errors import ModelFileError
 from sdstudio.files.keymaps import vae_to_diffusers
 from sdstudio.files.readers import read_state_dict, read_tensor_infos
-from sdstudio.models.build import build_vae
-from sdstudio.models.checkpoint import LoadedCheckpoint
+from sdstudio.models.build import build_vae, vae_from_config
+from sdstudio.models.checkpoint import LoadedCheckpoint, fast_cpu_dtype
 from sdstudio.models.native import release_kernel_buffers
 from sdstudio.models.strip_decode import group_normalise, group_statistics, return_freed_heap, up_path_in_strips
 
@@ -127,34 +128,55 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None = None,
            overlap: int = TILE_OVERLAP) -> torch.Tensor:
     """Scaled latents (B,4,h,w) -> images (B,3,8h,8w) in [0,1], float32 on the CPU, whatever device the VAE runs on.
     Large images (or `tiled=True`) decode in overlapping tiles of at most `tile` latents so memory stays bounded. A
-    NaN in half precision retries the decode in fp32 (logged), never returning a black image."""
+    half-precision VAE that produces NaN (its activations overflow fp16: SDXL's VAE does) decodes again in a wider
+    dtype and keeps that copy for its later decodes (logged once; A1111 converts its VAE likewise): bf16 where the
+    device computes bf16 natively (fp32's range at half the work), else fp32 — never a black image."""
     tiled = latents.shape[-2] * latents.shape[-1] > TILE_ABOVE if tiled is None else tiled
-    return_freed_heap()
-    images = _decode_once(vae, latents, vae.dtype, tiled, tile, overlap)
-    release_kernel_buffers()
-    if torch.isnan(images).any() and vae.dtype != torch.float32:
-        log.warning("VAE produced NaN in %s; decoding again in float32", vae.dtype)
-        images = _decode_once(vae, latents, torch.float32, tiled, tile, overlap)
+    module = _WIDER_COPIES.get(vae, vae)
+    images = _decode_once(module, latents, tiled, tile, overlap)
+    while torch.isnan(images).any() and module.dtype != torch.float32:
+        wider = _wider_dtype(module)
+        log.warning("VAE produced NaN in %s; decoding in %s from now on", module.dtype, wider)
+        module = _WIDER_COPIES[vae] = vae_from_config(module.config, module.state_dict(), wider, "<vae>",
+                                                      module.device)
+        images = _decode_once(module, latents, tiled, tile, overlap)
     if torch.isnan(images).any():
         raise ModelFileError("<vae>", "VAE decode produced NaN even in float32; the VAE or latents are broken")
     return ((images.float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def _decode_once(vae: AutoencoderKL, latents: torch.Tensor, dtype: torch.dtype, tiled: bool, tile: int,
-                 overlap: int) -> torch.Tensor:
-    module = vae if vae.dtype == dtype else _upcast_copy(vae, dtype)
-    latents = latents.to(vae.device, dtype) / vae.config.scaling_factor
+# a half-precision VAE -> its copy in a wider dtype, made when it overflowed (goes with the VAE)
+_WIDER_COPIES: weakref.WeakKeyDictionary[AutoencoderKL, AutoencoderKL] = weakref.WeakKeyDictionary()
+
+
+def _wider_dtype(vae: AutoencoderKL) -> torch.dtype:
+    """bf16 for an fp16 VAE on a device with native bf16 math (a CUDA GPU that has it, an AMX / AVX512-BF16 CPU),
+    else fp32."""
+    if vae.dtype == torch.float16:
+        native = (torch.cuda.is_bf16_supported() if vae.device.type == "cuda" else
+                  vae.device.type == "cpu" and fast_cpu_dtype() == torch.bfloat16)
+        if native:
+            return torch.bfloat16
+    return torch.float32
+
+
+def _decode_once(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool, tile: int, overlap: int) -> torch.Tensor:
+    return_freed_heap()
+    latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
     with torch.inference_mode():
         if not tiled:   # fp32 is the exact reference (diffusers' own forward), and a GPU runs it whole; half
-            if dtype == torch.float32 or latents.device.type != "cpu":   # precision on the CPU, the fast path,
-                return module.decode(latents).sample   # runs the same arithmetic in strips of rows, in half the memory
-            return up_path_in_strips(module.decoder, decoder_trunk(module, latents))
-        # the low-resolution trunk (mid-block attention is global) runs whole; the high-resolution up path, where
-        # the memory goes, runs in tiles
-        features = decoder_trunk(module, latents)
-        up_path = partial(_decoder_up_path, module)
-        with shared_group_norm_statistics(module.decoder, up_path, features, _statistics_budget(tile)):
-            return run_tiled(up_path, features, tile, overlap, scale=8)
+            if vae.dtype == torch.float32 or latents.device.type != "cpu":   # precision on the CPU, the fast path,
+                images = vae.decode(latents).sample   # runs the same arithmetic in strips of rows, in half the memory
+            else:
+                images = up_path_in_strips(vae.decoder, decoder_trunk(vae, latents))
+        else:   # the low-resolution trunk (mid-block attention is global) runs whole; the high-resolution up path,
+            # where the memory goes, runs in tiles
+            features = decoder_trunk(vae, latents)
+            up_path = partial(_decoder_up_path, vae)
+            with shared_group_norm_statistics(vae.decoder, up_path, features, _statistics_budget(tile)):
+                images = run_tiled(up_path, features, tile, overlap, scale=8)
+    release_kernel_buffers()
+    return images
 
 
 def decoder_trunk(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
@@ -170,13 +192,6 @@ def _decoder_up_path(vae: AutoencoderKL, features: torch.Tensor) -> torch.Tensor
     for block in decoder.up_blocks:
         features = block(features, None)
     return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(features)))
-
-
-def _upcast_copy(vae: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:
-    with torch.device("meta"):
-        copy = AutoencoderKL(**vae.config)
-    copy.load_state_dict({k: v.to(dtype) for k, v in vae.state_dict().items()}, assign=True)
-    return copy.eval()
 
 
 def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None,

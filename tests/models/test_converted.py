@@ -10,7 +10,7 @@ import torch
 
 from sdstudio.files.readers import read_safetensors_header
 from sdstudio.models.checkpoint import load_checkpoint
-from sdstudio.models.converted import ConvertedWeights
+from sdstudio.models.converted import ConvertedWeights, worth_storing
 
 BF16 = torch.bfloat16
 
@@ -98,3 +98,10 @@ def test_loads_that_map_the_file_as_it_is_are_not_cached(synth_file, tmp_path):
     assert not (tmp_path / "converted").exists()
     load_through(cache, synth_file("sd1", "pruned"), dtype=BF16)       # fp32 file as bf16: converted, kept
     assert len(list((tmp_path / "converted").glob("*.safetensors"))) == 1
+
+
+def test_a_gpu_load_in_the_files_half_dtype_copies_nothing_so_is_not_kept():
+    # a GPU keeps the file's layout (no channels-last copy): its fp16 load of an fp16 file would store the file again
+    assert not worth_storing(torch.float16, torch.float16, "cuda")
+    assert worth_storing(torch.float16, torch.float16, "cpu")      # the CPU's half path relays out convolutions
+    assert worth_storing(torch.float32, torch.float16, "cuda")     # a dtype change is a conversion anywhere

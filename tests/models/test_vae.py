@@ -11,7 +11,8 @@ from sdstudio.errors import ModelFileError
 from sdstudio.files.keymaps import vae_to_original
 from sdstudio.files.writers import save_safetensors
 from sdstudio.models import vae as vae_ops
-from sdstudio.models.checkpoint import load_checkpoint
+from sdstudio.models.build import vae_from_config
+from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint
 from tests.helpers import psnr
 
 
@@ -99,7 +100,7 @@ def test_decode_gives_images_in_range(model):
     assert images.shape == (2, 3, 64, 64) and images.min() >= 0 and images.max() <= 1 and images.std() > 0.01
 
 
-def test_half_precision_nan_falls_back_to_float32(sd1_file, caplog):
+def test_half_precision_nan_decodes_again_wider_and_keeps_that_copy(sd1_file, caplog):
     half = load_checkpoint(sd1_file, dtype="fp16")
     vae = half.vae
     with torch.no_grad():  # make fp16 overflow: activations beyond 65504 before the first GroupNorm
@@ -107,10 +108,18 @@ def test_half_precision_nan_falls_back_to_float32(sd1_file, caplog):
     latents = torch.randn(1, 4, 8, 8) * 3
     raw = vae.decode(latents.half() / vae.config.scaling_factor).sample
     assert torch.isnan(raw).any()  # the failure really happens in fp16
+    wider = "torch.bfloat16" if fast_cpu_dtype() == torch.bfloat16 else "torch.float32"
     with caplog.at_level(logging.WARNING):
         images = vae_ops.decode(vae, latents)
     assert torch.isfinite(images).all() and images.std() > 0
-    assert "decoding again in float32" in caplog.text
+    assert f"decoding in {wider} from now on" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):   # the next decode goes straight to the wider copy: no NaN, no warning
+        again = vae_ops.decode(vae, latents)
+    assert torch.equal(again, images) and "NaN" not in caplog.text
+    assert vae.dtype == torch.float16           # the loaded VAE itself is left as it was
+    exact = vae_from_config(vae.config, vae.state_dict(), torch.float32, "<vae>", "cpu")
+    assert psnr(images, vae_ops.decode(exact, latents), peak=1.0) > 35
 
 
 def test_encode_is_the_deterministic_scaled_posterior_mean(model):
