@@ -23,6 +23,7 @@ from common import (BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, p
 SD15_STEPS = 20     # the end-to-end image; per-step time is the median of the intervals after the first
 SDXL_STEPS = 3      # a 1024² SDXL step is a minute or more here: the first step plus two measured ones
 SDCPP_STEPS = 4     # stable-diffusion.cpp: ~45 s a step here; its 20-step time is extended from 4 measured steps
+OUTLIERS_ROW = "sdstudio --precision int8, the file with outlier channels"   # same function (synthetic.py)
 
 
 def selected(name: str) -> bool:
@@ -57,8 +58,11 @@ def sd15_rows(images: Path, results: dict[str, dict]) -> None:
                                                        decode_sizes=[512, 1024, 2048])),  # 2048²: tiled
         "sdstudio --precision int8": ("sdstudio", dict(path=str(path), precision="int8",
                                                        image=str(images / "sd15-int8.png"), decode_sizes=[])),
+        OUTLIERS_ROW: ("sdstudio", dict(path=str(full_checkpoint("sd1", "fp16", outlier_channels=True)),
+                                        precision="int8", image=str(images / "sd15-int8-outliers.png"),
+                                        decode_sizes=[])),
     }
-    run_plan(plan, results, common, path)
+    run_plan(plan, results, common)
 
 
 def sdxl_rows(images: Path, results: dict[str, dict]) -> None:
@@ -78,16 +82,15 @@ def sdxl_rows(images: Path, results: dict[str, dict]) -> None:
         "sdstudio --precision int8": ("sdstudio", dict(path=str(path), precision="int8",
                                                        image=str(images / "sdxl-int8.png"))),
     }
-    run_plan(plan, results, common, path, prefix="SDXL ")
+    run_plan(plan, results, common, prefix="SDXL ")
 
 
-def run_plan(plan: dict[str, tuple[str, dict]], results: dict[str, dict], common: dict, path: Path,
-             prefix: str = "") -> None:
+def run_plan(plan: dict[str, tuple[str, dict]], results: dict[str, dict], common: dict, prefix: str = "") -> None:
     """Run the selected rows of `plan` (name -> runner, arguments), each in a fresh process from a warm page cache;
     `results` ends in plan order (the tables' row order)."""
     for name, (runner, kwargs) in plan.items():
         if selected(prefix + name):
-            warm_page_cache(path)  # every engine starts from the file in the page cache
+            warm_page_cache(Path(kwargs["path"]))  # every engine starts from its file in the page cache
             steps = {"steps": SDCPP_STEPS} if runner == "sdcpp" else {}
             results[name] = run_runner(runner, **{**common, **steps}, **kwargs)
             print(prefix + name, json.dumps(results[name]), flush=True)
@@ -153,6 +156,9 @@ def quality(images: Path) -> str:
              f"SD1.5 512², {SD15_STEPS} steps: diffusers bf16 vs diffusers fp32": ("diffusers-bf16", "diffusers-fp32"),
              f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision auto vs sdstudio fp32": ("sdxl-auto", "sdxl-fp32"),
              f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision int8 vs sdstudio fp32": ("sd15-int8", "sd15-fp32"),
+             f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision int8 on the file with outlier channels (the same "
+             "function: 4 channels ×32 after every transformer norm) vs sdstudio fp32": ("sd15-int8-outliers",
+                                                                                         "sd15-fp32"),
              f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision int8 vs sdstudio fp32": ("sdxl-int8", "sdxl-fp32")}
     for label, (a, b) in pairs.items():
         pa, pb = images / f"{a}.png", images / f"{b}.png"

@@ -9,6 +9,7 @@ and adding what real files carry: EMA copies, DDPM schedule buffers, `position_i
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,10 @@ TEXT_PREFIXES = {
     "sdxl-refiner": ("conditioner.embedders.0.model.",),
 }
 VOCAB, POSITIONS = 49408, 77  # the real CLIP BPE vocabulary and context length, at every size
+# outlier channels (`make_checkpoint`): which layers read each transformer norm's output, how many channels, how wide
+NORM_READERS = {"norm": ("proj_in",), "norm1": ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "norm2": ("attn2.to_q",),
+                "norm3": ("ff.net.0.proj",)}
+OUTLIER_CHANNELS, OUTLIER_FACTOR = 4, 32.0   # a power of two: float arithmetic gives bit for bit the same results
 
 
 def _base_family(family: str) -> tuple[str, int, str]:
@@ -145,6 +150,24 @@ def _with_text_model_level(weights: dict[str, torch.Tensor]) -> dict[str, torch.
             for k, v in weights.items()}
 
 
+def _with_outlier_channels(unet: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The same UNet function with OUTLIER_CHANNELS channels of every transformer norm's output OUTLIER_FACTOR times
+    wider (its scale and shift) and the layers reading them taking the factor out of those input columns: the
+    activation outlier channels of real trained transformers, which random weights lack (diffusers names)."""
+    for name in list(unet):
+        found = re.fullmatch(r"(.*\.attentions\.\d+\.(?:transformer_blocks\.\d+\.)?)(norm\d?)\.weight", name)
+        if not found or (found[2] == "norm") == ("transformer_blocks" in found[1]):
+            continue
+        owner, norm = found[1], found[2]
+        channels = torch.randperm(unet[name].shape[0], generator=gen)[:OUTLIER_CHANNELS]
+        for part in ("weight", "bias"):
+            unet[f"{owner}{norm}.{part}"][channels] *= OUTLIER_FACTOR
+        for reader in NORM_READERS[norm]:
+            weight = unet[f"{owner}{reader}.weight"]
+            weight.view(weight.shape[0], -1)[:, channels] /= OUTLIER_FACTOR
+    return unet
+
+
 def ddpm_buffers() -> dict[str, torch.Tensor]:
     """The schedule buffers real SD1/SD2 checkpoints carry (float32, 1000 steps)."""
     betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, TRAIN_STEPS, dtype=torch.float64) ** 2
@@ -172,9 +195,11 @@ def make_vae_weights(size: str = "tiny", seed: int = 0) -> dict[str, torch.Tenso
     return vae_to_original(_random_like(shapes, gen))
 
 
-def make_checkpoint(family: str = "sd1", size: str = "tiny", variant: str = "pruned",
-                    seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random-weight state dict in the original single-file layout of `family` (see FAMILIES)."""
+def make_checkpoint(family: str = "sd1", size: str = "tiny", variant: str = "pruned", seed: int = 0,
+                    outlier_channels: bool = False) -> dict[str, torch.Tensor]:
+    """A random-weight state dict in the original single-file layout of `family` (see FAMILIES); with
+    `outlier_channels` its UNet computes the same function through activations with outlier channels
+    (`_with_outlier_channels`: the same weights otherwise)."""
     if family not in FAMILIES or size not in SIZES or variant not in VARIANTS:
         raise ValueError(f"family must be one of {FAMILIES}, size {SIZES}, variant {VARIANTS}")
     base, in_channels, prediction = _base_family(family)
@@ -193,6 +218,8 @@ def make_checkpoint(family: str = "sd1", size: str = "tiny", variant: str = "pru
     pooled = spec.text[-1][1].projection or 0
     unet_module = _unet_module(spec, in_channels, context, pooled)
     unet = _random_like({k: v.shape for k, v in unet_module.state_dict().items()}, gen)
+    if outlier_channels:
+        _with_outlier_channels(unet, torch.Generator().manual_seed(seed + 1))
     vae = _random_like({k: v.shape for k, v in _vae_module(spec.vae_channels).state_dict().items()}, gen)
 
     extras: dict[str, torch.Tensor] = {}
@@ -223,11 +250,11 @@ def make_checkpoint(family: str = "sd1", size: str = "tiny", variant: str = "pru
 
 
 def write_checkpoint(path: str | Path, family: str = "sd1", size: str = "tiny", variant: str = "pruned",
-                     fmt: str | None = None, seed: int = 0) -> Path:
+                     fmt: str | None = None, seed: int = 0, outlier_channels: bool = False) -> Path:
     """Write a synthetic checkpoint; format from `fmt` or the file extension (.safetensors / .ckpt)."""
     path = Path(path)
     fmt = fmt or ("ckpt" if path.suffix in (".ckpt", ".pt", ".pth") else "safetensors")
-    sd = make_checkpoint(family, size, variant, seed)
+    sd = make_checkpoint(family, size, variant, seed, outlier_channels)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         save_safetensors(sd, path)

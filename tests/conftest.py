@@ -25,14 +25,18 @@ def fast_kernels(monkeypatch):
 
 @pytest.fixture(scope="session")
 def synth_file(tmp_path_factory):
-    """Factory: path of a tiny synthetic checkpoint (family, variant, fmt), written once per session."""
+    """Factory: path of a tiny synthetic checkpoint (family, variant, fmt, outlier_channels), written once per
+    session."""
     folder = tmp_path_factory.mktemp("synth")
-    made: dict[tuple[str, str, str], Path] = {}
+    made: dict[tuple[str, str, str, bool], Path] = {}
 
-    def make(family: str = "sd1", variant: str = "pruned", fmt: str = "safetensors") -> Path:
-        key = (family, variant, fmt)
+    def make(family: str = "sd1", variant: str = "pruned", fmt: str = "safetensors",
+             outlier_channels: bool = False) -> Path:
+        key = (family, variant, fmt, outlier_channels)
         if key not in made:
-            made[key] = synthetic.write_checkpoint(folder / f"{family}-{variant}.{fmt}", family, "tiny", variant, fmt)
+            name = f"{family}-{variant}{'-outliers' if outlier_channels else ''}.{fmt}"
+            made[key] = synthetic.write_checkpoint(folder / name, family, "tiny", variant, fmt,
+                                                   outlier_channels=outlier_channels)
         return made[key]
 
     return make

@@ -11,14 +11,20 @@ hidden states have outliers that one scale per tensor would crush the rest under
   and again whenever the weight changes (a LoRA patch: the weight patcher bumps the parameter's version). The load
   leaves these weights as the file's own mapped tensors (fp16 / fp32 ones are not converted, models/build.py), and
   packing gives their pages back to the page cache: in memory there is only the packed copy, half the bf16 size;
+- smoothing (SmoothQuant): each input channel's activations are divided, and the weight's column multiplied, by one
+  factor per channel taken when the weight is packed (`smoothing_factors`), so an outlier channel — real
+  transformers' activations have a few, random weights' none — shares its range with the weight instead of
+  taking the 255 steps from every other channel (a random-weight SD1.5 given 4 such channels ×32 per layer,
+  the float model bit-identical: 20-step image vs fp32 26.8 dB unsmoothed, 38.5 smoothed);
 - activations: uint8 per tensor, from each call's own minimum and maximum (0 always representable); a call whose
-  range outliers dominate (over MAX_SPREAD times its mean |x|) runs bf16 instead;
+  range outliers still dominate (over MAX_SPREAD times its mean |x|: a few huge tokens, which no channel factor
+  helps) runs bf16 instead;
 - both quantized by C loops (models/native.py): PyTorch's element-wise ops took 4× as long;
 - the product, its bias and the GEGLU gate's GELU by one oneDNN call, into bf16.
 
-It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights: SD1.5 38.1 dB, SDXL 33.8;
-bf16 43.6 and 36.8), and real models' activations have outlier channels that random weights lack, which per-tensor
-activation scales handle worst. 3×3 convolutions and the attention products stay bf16. Where the C kernel cannot be
+It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights: SD1.5 39.8 dB, SDXL
+SDXL_DB; bf16 43.6 and 36.8), and how real models' activations behave under it is measured on none here.
+3×3 convolutions and the attention products stay bf16. Where the C kernel cannot be
 built, or int8 is measured no faster on the machine (`int8_pays`, models/tuning.py), the layers keep their bf16 code.
 """
 from __future__ import annotations
@@ -47,37 +53,50 @@ typedef unsigned int uint32_t;
 typedef unsigned char uint8_t;
 typedef union { uint32_t u; float f; } bits;
 
-/* summary[0..2] = lowest, highest and mean |x| of count bf16 values (a NaN makes the mean NaN) */
-void summarize(const uint16_t *x, long count, float *summary, int threads) {
+/* summary[0..2] = lowest, highest and mean |x| of x (rows × cols bf16) divided column by column by the smoothing
+   factors (x · inverse_smoothing); a NaN makes the mean NaN */
+void summarize(const uint16_t *x, long rows, long cols, const float *inverse_smoothing, float *summary,
+               int threads) {
   float lowest = 3.4e38f, highest = -3.4e38f, total = 0.f;
-#pragma omp parallel for simd num_threads(threads) schedule(static) reduction(min:lowest) reduction(max:highest) \
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(min:lowest) reduction(max:highest) \
     reduction(+:total)
-  for (long i = 0; i < count; i++) {
-    bits b;
-    b.u = (uint32_t)x[i] << 16;
-    lowest = b.f < lowest ? b.f : lowest;
-    highest = b.f > highest ? b.f : highest;
-    total += b.f < 0.f ? -b.f : b.f;
+  for (long r = 0; r < rows; r++) {
+    const uint16_t *row = x + r * cols;
+#pragma omp simd reduction(min:lowest) reduction(max:highest) reduction(+:total)
+    for (long c = 0; c < cols; c++) {
+      bits b;
+      b.u = (uint32_t)row[c] << 16;
+      float v = b.f * inverse_smoothing[c];
+      lowest = v < lowest ? v : lowest;
+      highest = v > highest ? v : highest;
+      total += v < 0.f ? -v : v;
+    }
   }
   summary[0] = lowest;
   summary[1] = highest;
-  summary[2] = count > 0 ? total / count : 0.f;
+  summary[2] = rows * cols > 0 ? total / (rows * cols) : 0.f;
 }
 
-/* q[i] = clamp(round(x[i] / scale) + zero_point, 0, 255) for bf16 x, i in [0, count) */
-void quantize_u8(const uint16_t *x, uint8_t *q, long count, float inverse_scale, float zero_point, int threads) {
-#pragma omp parallel for simd num_threads(threads) schedule(static)
-  for (long i = 0; i < count; i++) {
-    bits b;
-    b.u = (uint32_t)x[i] << 16;
-    float v = b.f * inverse_scale + zero_point;
-    v = v < 0.f ? 0.f : v > 255.f ? 255.f : v;
-    q[i] = (uint8_t)(v + 0.5f);
+/* q = clamp(round(x · inverse_smoothing[column] / scale) + zero_point, 0, 255) for x (rows × cols bf16) */
+void quantize_u8(const uint16_t *x, uint8_t *q, long rows, long cols, const float *inverse_smoothing,
+                 float inverse_scale, float zero_point, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long r = 0; r < rows; r++) {
+#pragma omp simd
+    for (long c = 0; c < cols; c++) {
+      bits b;
+      b.u = (uint32_t)x[r * cols + c] << 16;
+      float v = b.f * inverse_smoothing[c] * inverse_scale + zero_point;
+      v = v < 0.f ? 0.f : v > 255.f ? 255.f : v;
+      q[r * cols + c] = (uint8_t)(v + 0.5f);
+    }
   }
 }
 
-/* a bf16 weight (rows × cols) as int8 with one scale per row: max |w| / 127 */
-void quantize_weight_rows(const uint16_t *w, signed char *q, float *scales, long rows, long cols, int threads) {
+/* a bf16 weight (rows × cols) times the smoothing factors column by column, as int8 with one scale per row:
+   max |w · smoothing| / 127 */
+void quantize_weight_rows(const uint16_t *w, const float *smoothing, signed char *q, float *scales, long rows,
+                          long cols, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long r = 0; r < rows; r++) {
     const uint16_t *row = w + r * cols;
@@ -85,13 +104,14 @@ void quantize_weight_rows(const uint16_t *w, signed char *q, float *scales, long
     for (long i = 0; i < cols; i++) {
       bits b;
       b.u = (uint32_t)(row[i] & 0x7fff) << 16;
-      largest = b.f > largest ? b.f : largest;
+      float v = b.f * smoothing[i];
+      largest = v > largest ? v : largest;
     }
     float scale = largest > 0.f ? largest / 127.f : 1.f, inverse = 1.f / scale;
     for (long i = 0; i < cols; i++) {
       bits b;
       b.u = (uint32_t)row[i] << 16;
-      float v = b.f * inverse;
+      float v = b.f * smoothing[i] * inverse;
       q[r * cols + i] = (signed char)(v < 0.f ? v - 0.5f : v + 0.5f);
     }
     scales[r] = scale;
@@ -105,9 +125,10 @@ def _kernels() -> ctypes.CDLL | None:
     kernels = compiled_library("int8", QUANTIZE_SOURCE)
     if kernels is not None:
         pointer, index = ctypes.c_void_p, ctypes.c_long
-        kernels.summarize.argtypes = [pointer, index, pointer, ctypes.c_int]
-        kernels.quantize_u8.argtypes = [pointer, pointer, index, ctypes.c_float, ctypes.c_float, ctypes.c_int]
-        kernels.quantize_weight_rows.argtypes = [pointer, pointer, pointer, index, index, ctypes.c_int]
+        kernels.summarize.argtypes = [pointer, index, index, pointer, pointer, ctypes.c_int]
+        kernels.quantize_u8.argtypes = [pointer, pointer, index, index, pointer, ctypes.c_float, ctypes.c_float,
+                                        ctypes.c_int]
+        kernels.quantize_weight_rows.argtypes = [pointer, pointer, pointer, pointer, index, index, ctypes.c_int]
     return kernels
 
 
@@ -122,21 +143,40 @@ class QuantizedRows:
 
 @dataclass
 class PackedWeight:
-    """A linear's weight as int8 per output channel, packed for oneDNN, with its fp32 bias."""
+    """A linear's weight times its smoothing factors (one per input channel, `smoothing_factors`) as int8 per output
+    channel, packed for oneDNN, with its fp32 bias; its inputs are divided by the same factors as they quantize."""
 
     packed: torch.Tensor
     scales: torch.Tensor
     zero_points: torch.Tensor
     bias: torch.Tensor | None
+    inverse_smoothing: torch.Tensor
 
 
-def quantize_rows(x: torch.Tensor) -> QuantizedRows | None:
-    """A contiguous bf16 CPU tensor as uint8 over its own range (which always includes 0); None — the caller's
-    bf16 code runs — when the range is not finite (the NaN or inf passes on, for the pipeline to report) or more
-    than MAX_SPREAD times the mean |x| (outliers: one step of 1/255 of the range would swallow the other values)."""
+def smoothing_factors(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One factor per input channel that moves a linear's activation outliers into its weight (SmoothQuant, α = ½):
+    x · Wᵀ = (x / s) · (W · s)ᵀ with s = √(max |x| / max |w|) per channel, so both sides span √(max |x| · max |w|).
+    Real transformers' activations have a few channels far wider than the rest (random weights' have none), and one
+    int8 scale per tensor would give the rest a few of its 255 steps. The maxima below the channels' median count
+    as the median: a channel quiet in the calibrating call is not divided up into an outlier in a later one. Taken
+    from the `rows` of the call that packs the weight (the first, or the first after a LoRA change)."""
+    activations = rows.abs().amax(0).float()
+    weights = weight.detach().abs().amax(0).bfloat16().float()   # its bf16 values' (rounding keeps the maximum)
+    factors = (activations.clamp_min(activations.median()) / weights.clamp_min(1e-12)).sqrt()
+    return factors if bool(torch.isfinite(factors).all()) and bool((factors > 0).all()) else torch.ones_like(factors)
+
+
+def quantize_rows(x: torch.Tensor, inverse_smoothing: torch.Tensor | None = None) -> QuantizedRows | None:
+    """A contiguous 2-D bf16 CPU tensor, its columns times `inverse_smoothing` (float32, one per column; none: as it
+    is), as uint8 over its own range (which always includes 0); None — the caller's bf16 code runs — when the range is
+    not finite (the NaN or inf passes on, for the pipeline to report) or more than MAX_SPREAD times the mean |x|
+    (outliers: one step of 1/255 of the range would swallow the other values)."""
     kernels = _kernels()
+    rows, cols = x.shape
+    inverse_smoothing = torch.ones(cols) if inverse_smoothing is None else inverse_smoothing
     summary = torch.empty(3)
-    kernels.summarize(x.data_ptr(), x.numel(), summary.data_ptr(), torch.get_num_threads())
+    kernels.summarize(x.data_ptr(), rows, cols, inverse_smoothing.data_ptr(), summary.data_ptr(),
+                      torch.get_num_threads())
     low, high, mean_size = summary.tolist()
     if not all(math.isfinite(v) for v in (low, high, mean_size)) or high - low > MAX_SPREAD * mean_size:
         return None
@@ -144,27 +184,29 @@ def quantize_rows(x: torch.Tensor) -> QuantizedRows | None:
     scale = (high - low) / 255 or 1.0
     zero_point = round(-low / scale)
     values = torch.empty(x.shape, dtype=torch.uint8)
-    kernels.quantize_u8(x.data_ptr(), values.data_ptr(), x.numel(), 1 / scale, float(zero_point),
-                        torch.get_num_threads())
+    kernels.quantize_u8(x.data_ptr(), values.data_ptr(), rows, cols, inverse_smoothing.data_ptr(), 1 / scale,
+                        float(zero_point), torch.get_num_threads())
     return QuantizedRows(values, scale, zero_point)
 
 
-def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedWeight:
-    """A `weight` (out × in; bf16, or the file's fp16 / fp32) as symmetric int8 per output channel of its bf16
-    values, packed for oneDNN's u8 × s8 product."""
+def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
+                smoothing: torch.Tensor | None = None) -> PackedWeight:
+    """A `weight` (out × in; bf16, or the file's fp16 / fp32) times `smoothing` (one factor per input channel; none:
+    as it is) as symmetric int8 per output channel of its bf16 values, packed for oneDNN's u8 × s8 product."""
     weight = weight.detach()
     if weight.dtype != torch.bfloat16:   # into a buffer kept through the UNet call: no fresh pages per weight
         copy_converting(converted := scratch("int8-weight", tuple(weight.shape)), weight)
         weight = converted
     weight = weight.contiguous()
     rows, cols = weight.shape
+    smoothing = torch.ones(cols) if smoothing is None else smoothing.float().contiguous()
     values, scales = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
     kernels = _kernels()
-    kernels.quantize_weight_rows(weight.data_ptr(), values.data_ptr(), scales.data_ptr(), rows, cols,
-                                 torch.get_num_threads())
+    kernels.quantize_weight_rows(weight.data_ptr(), smoothing.data_ptr(), values.data_ptr(), scales.data_ptr(), rows,
+                                 cols, torch.get_num_threads())
     return PackedWeight(torch.ops.onednn.qlinear_prepack(values, None), scales,
                         torch.zeros(len(scales), dtype=torch.long),
-                        None if bias is None else bias.detach().float())
+                        None if bias is None else bias.detach().float(), 1 / smoothing)
 
 
 def int8_linear(x: QuantizedRows, weight: PackedWeight, activation: str = "none") -> torch.Tensor:
@@ -182,8 +224,8 @@ def int8_pays() -> bool:
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(8192, 1280, generator=generator).bfloat16()
         weight = torch.randn(320, 1280, generator=generator).bfloat16()
-        packed = pack_weight(weight, None)
-        return lambda: int8_linear(quantize_rows(x), packed), lambda: F.linear(x, weight)
+        packed = pack_weight(weight, None, smoothing_factors(x, weight))
+        return lambda: int8_linear(quantize_rows(x, packed.inverse_smoothing), packed), lambda: F.linear(x, weight)
 
     return candidate_pays("int8-linear", ways)
 
@@ -219,8 +261,12 @@ def _int8_product(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor
                   bias: torch.Tensor | None) -> torch.Tensor | None:
     """x · weightᵀ + bias over x's last dimension as rows (x's other dimensions flattened) by the int8 product, the
     packed weight kept on `module`; None where int8 does not apply or x is not finite (the caller's bf16 code runs)."""
-    rows = quantize_rows(_rows(x)) if int8_applies(x, weight) else None
-    return None if rows is None else int8_linear(rows, _packed(module, weight, bias, lambda: pack_weight(weight, bias)))
+    if not int8_applies(x, weight):
+        return None
+    rows = _rows(x)
+    packed = _packed(module, weight, bias, lambda: pack_weight(weight, bias, smoothing_factors(rows, weight)))
+    quantized = quantize_rows(rows, packed.inverse_smoothing)
+    return None if quantized is None else int8_linear(quantized, packed)
 
 
 class Int8Linear(torch.nn.Linear):
@@ -239,13 +285,19 @@ class Int8GEGLU(FusedGEGLU):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         weight, bias = self.proj.weight, self.proj.bias
-        x = quantize_rows(_rows(hidden_states)) if int8_applies(hidden_states, weight) else None
+        if not int8_applies(hidden_states, weight):
+            return super().forward(hidden_states, *args, **kwargs)
+        rows, half = _rows(hidden_states), weight.shape[0] // 2
+        value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
+
+        def pack():   # one input, so both halves take the same smoothing factors
+            smoothing = smoothing_factors(rows, weight)
+            return pack_weight(weight[:half], value_bias, smoothing), pack_weight(weight[half:], gate_bias, smoothing)
+
+        value, gate = _packed(self, weight, bias, pack)
+        x = quantize_rows(rows, value.inverse_smoothing)
         if x is None:
             return super().forward(hidden_states, *args, **kwargs)
-        half = weight.shape[0] // 2
-        value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
-        value, gate = _packed(self, weight, bias, lambda: (pack_weight(weight[:half], value_bias),
-                                                           pack_weight(weight[half:], gate_bias)))
         out = int8_linear(x, value).mul_(int8_linear(x, gate, "gelu"))
         return out.reshape(*hidden_states.shape[:-1], -1)
 
