@@ -157,9 +157,9 @@ def smoothing_factors(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """One factor per input channel that moves a linear's activation outliers into its weight (SmoothQuant, α = ½):
     x · Wᵀ = (x / s) · (W · s)ᵀ with s = √(max |x| / max |w|) per channel, so both sides span √(max |x| · max |w|).
     Real transformers' activations have a few channels far wider than the rest (random weights' have none), and one
-    int8 scale per tensor would give the rest a few of its 255 steps. The maxima below the channels' median count
-    as the median: a channel quiet in the calibrating call is not divided up into an outlier in a later one. Taken
-    from the `rows` of the call that packs the weight (the first, or the first after a LoRA change)."""
+    int8 scale per tensor would give the rest a few of its 255 steps. Activation maxima below the channels' median
+    count as the median: a channel quiet in the calibrating call is not divided up into an outlier in a later one.
+    Taken from the `rows` of the call that packs the weight (the first, or the first after a LoRA change)."""
     activations = rows.abs().amax(0).float()
     weights = weight.detach().abs().amax(0).bfloat16().float()   # its bf16 values' (rounding keeps the maximum)
     factors = (activations.clamp_min(activations.median()) / weights.clamp_min(1e-12)).sqrt()
