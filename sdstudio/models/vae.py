@@ -137,8 +137,7 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None = None,
     while torch.isnan(images).any() and module.dtype != torch.float32:
         wider = _wider_dtype(module)
         log.warning("VAE produced NaN in %s; decoding in %s from now on", module.dtype, wider)
-        module = _WIDER_COPIES[vae] = vae_from_config(module.config, module.state_dict(), wider, "<vae>",
-                                                      module.device)
+        module = _WIDER_COPIES[vae] = vae_from_config(vae.config, vae.state_dict(), wider, "<vae>", vae.device)
         images = _decode_once(module, latents, tiled, tile, overlap)
     if torch.isnan(images).any():
         raise ModelFileError("<vae>", "VAE decode produced NaN even in float32; the VAE or latents are broken")
