@@ -81,6 +81,8 @@ def sdxl_rows(images: Path, results: dict[str, dict]) -> None:
                                                        image=str(images / "sdxl-auto.png"))),
         "sdstudio --precision int8": ("sdstudio", dict(path=str(path), precision="int8",
                                                        image=str(images / "sdxl-int8.png"))),
+        OUTLIERS_ROW: ("sdstudio", dict(path=str(full_checkpoint("sdxl", "fp16", outlier_channels=True)),
+                                        precision="int8", image=str(images / "sdxl-int8-outliers.png"))),
     }
     run_plan(plan, results, common, prefix="SDXL ")
 
@@ -159,7 +161,9 @@ def quality(images: Path) -> str:
              f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision int8 on the file with outlier channels (the same "
              "function: 4 channels ×32 after every transformer norm) vs sdstudio fp32": ("sd15-int8-outliers",
                                                                                          "sd15-fp32"),
-             f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision int8 vs sdstudio fp32": ("sdxl-int8", "sdxl-fp32")}
+             f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision int8 vs sdstudio fp32": ("sdxl-int8", "sdxl-fp32"),
+             f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision int8 on the file with outlier channels vs sdstudio "
+             "fp32": ("sdxl-int8-outliers", "sdxl-fp32")}
     for label, (a, b) in pairs.items():
         pa, pb = images / f"{a}.png", images / f"{b}.png"
         if pa.exists() and pb.exists():

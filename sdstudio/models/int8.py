@@ -15,7 +15,8 @@ hidden states have outliers that one scale per tensor would crush the rest under
   factor per channel taken when the weight is packed (`smoothing_factors`), so an outlier channel — real
   transformers' activations have a few, random weights' none — shares its range with the weight instead of
   taking the 255 steps from every other channel (a random-weight SD1.5 file with 4 such channels ×32 after every
-  transformer norm, the float model bit for bit the same: 20-step image vs fp32 36.4 dB unsmoothed, 39.2 smoothed);
+  transformer norm, the float model bit for bit the same: 20-step image vs fp32 36.4 dB unsmoothed, 39.2 smoothed;
+  SDXL's, 3 steps: 26.6 and 34.0);
 - activations: uint8 per tensor, from each call's own minimum and maximum (0 always representable); a call whose
   range outliers still dominate (over MAX_SPREAD times its mean |x|: a few huge tokens, which no channel factor
   helps) runs bf16 instead;
