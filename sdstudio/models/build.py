@@ -21,7 +21,7 @@ from sdstudio.files.keymaps import fit_text_encoder_keys
 from sdstudio.files.readers import copy_converting, is_file_mapped, release_file_pages
 from sdstudio.models.attention import use_fast_cpu_attention
 from sdstudio.models.fused import use_fused_layers
-from sdstudio.models.int8 import int8_available, int8_weight_names, use_int8_linears
+from sdstudio.models.int8 import calibrate_int8, int8_available, int8_weight_names, use_int8_linears
 from sdstudio.models.native import release_kernel_buffers
 from sdstudio.models.winograd import use_winograd_convolutions
 
@@ -220,6 +220,7 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
         use_winograd_convolutions(unet)
         if int8_linears:
             use_int8_linears(unet)
+            calibrate_int8(unet, pooled_dim)
         unet.register_forward_hook(release_kernel_buffers)   # kept through a call, nothing between calls
     return unet
 

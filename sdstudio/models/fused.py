@@ -25,7 +25,11 @@ class FusedGEGLU(GEGLU):
     into the other's."""
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        weight, bias = self.proj.weight, self.proj.bias
+        return self.fused_forward(hidden_states, self.proj.weight, *args, **kwargs)
+
+    def fused_forward(self, hidden_states: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The forward with `weight` standing for the projection's (int8's bf16 code passes its weight in bf16)."""
+        bias = self.proj.bias
         if not (fast_cpu_tensor(hidden_states) and hidden_states.is_contiguous() and weight.is_contiguous()
                 and weight.dtype == torch.bfloat16):
             return super().forward(hidden_states, *args, **kwargs)

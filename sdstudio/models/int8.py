@@ -12,7 +12,8 @@ hidden states have outliers that one scale per tensor would crush the rest under
   leaves these weights as the file's own mapped tensors (fp16 / fp32 ones are not converted, models/build.py), and
   packing gives their pages back to the page cache: in memory there is only the packed copy, half the bf16 size;
 - smoothing (SmoothQuant): each input channel's activations are divided, and the weight's column multiplied, by one
-  factor per channel taken when the weight is packed (`smoothing_factors`), so an outlier channel — real
+  factor per channel (`smoothing_factors`) from the activations of one fixed calibration call at load
+  (`calibrate_int8`: the same for every prompt, so images never depend on what ran first), so an outlier channel — real
   transformers' activations have a few, random weights' none — shares its range with the weight instead of
   taking the 255 steps from every other channel (a random-weight SD1.5 file with 4 such channels ×32 after every
   transformer norm, the float model bit for bit the same: 20-step image vs fp32 36.4 dB unsmoothed, 39.2 smoothed;
@@ -33,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -154,14 +156,14 @@ class PackedWeight:
     inverse_smoothing: torch.Tensor
 
 
-def smoothing_factors(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def smoothing_factors(activation_maxima: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """One factor per input channel that moves a linear's activation outliers into its weight (SmoothQuant, α = ½):
     x · Wᵀ = (x / s) · (W · s)ᵀ with s = √(max |x| / max |w|) per channel, so both sides span √(max |x| · max |w|).
     Real transformers' activations have a few channels far wider than the rest (random weights' have none), and one
     int8 scale per tensor would give the rest a few of its 255 steps. Activation maxima below the channels' median
     count as the median: a channel quiet in the calibrating call is not divided up into an outlier in a later one.
-    Taken from the `rows` of the call that packs the weight (the first, or the first after a LoRA change)."""
-    activations = _column_maxima(rows).float()
+    `activation_maxima`: max |x| per input channel, float32 (`calibrate_int8`)."""
+    activations = activation_maxima
     weights = _column_maxima(weight.detach()).bfloat16().float()   # its bf16 values' (rounding keeps the maximum)
     factors = (activations.clamp_min(activations.median()) / weights.clamp_min(1e-12)).sqrt()
     return factors if bool(torch.isfinite(factors).all()) and bool((factors > 0).all()) else torch.ones_like(factors)
@@ -230,7 +232,7 @@ def int8_pays() -> bool:
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(8192, 1280, generator=generator).bfloat16()
         weight = torch.randn(320, 1280, generator=generator).bfloat16()
-        packed = pack_weight(weight, None, smoothing_factors(x, weight))
+        packed = pack_weight(weight, None, smoothing_factors(_column_maxima(x).float(), weight))
         return lambda: int8_linear(quantize_rows(x, packed.inverse_smoothing), packed), lambda: F.linear(x, weight)
 
     return candidate_pays("int8-linear", ways)
@@ -263,6 +265,22 @@ def _packed(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
     return module._int8[1]
 
 
+def _calibrated(module: torch.nn.Module, rows: torch.Tensor) -> bool:
+    """Under `calibrating`: keep the running max |x| per channel of `rows` on `module` and say so (the caller's
+    bf16 code runs); else False."""
+    if not getattr(module, "_calibrating", False):
+        return False
+    maxima, kept = _column_maxima(rows).float(), getattr(module, "_activation_maxima", None)
+    module._activation_maxima = maxima if kept is None else torch.maximum(kept, maxima)
+    return True
+
+
+def _smoothing(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+    """`module`'s smoothing factors for `weight` from its calibrated activation maxima (None, none: uncalibrated)."""
+    maxima = getattr(module, "_activation_maxima", None)
+    return None if maxima is None else smoothing_factors(maxima, weight)
+
+
 def _int8_product(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor | None:
     """x · weightᵀ + bias over x's last dimension as rows (x's other dimensions flattened) by the int8 product, the
@@ -270,7 +288,9 @@ def _int8_product(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor
     if not int8_applies(x, weight):
         return None
     rows = _rows(x)
-    packed = _packed(module, weight, bias, lambda: pack_weight(weight, bias, smoothing_factors(rows, weight)))
+    if _calibrated(module, rows):
+        return None
+    packed = _packed(module, weight, bias, lambda: pack_weight(weight, bias, _smoothing(module, weight)))
     quantized = quantize_rows(rows, packed.inverse_smoothing)
     return None if quantized is None else int8_linear(quantized, packed)
 
@@ -294,16 +314,18 @@ class Int8GEGLU(FusedGEGLU):
         if not int8_applies(hidden_states, weight):
             return super().forward(hidden_states, *args, **kwargs)
         rows, half = _rows(hidden_states), weight.shape[0] // 2
+        if _calibrated(self, rows):   # the weight may be the file's fp16 (build.py): its bf16 values, fused
+            return self.fused_forward(hidden_states, weight.to(hidden_states.dtype), *args, **kwargs)
         value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
 
         def pack():   # one input, so both halves take the same smoothing factors
-            smoothing = smoothing_factors(rows, weight)
+            smoothing = _smoothing(self, weight)
             return pack_weight(weight[:half], value_bias, smoothing), pack_weight(weight[half:], gate_bias, smoothing)
 
         value, gate = _packed(self, weight, bias, pack)
         x = quantize_rows(rows, value.inverse_smoothing)
         if x is None:
-            return super().forward(hidden_states, *args, **kwargs)
+            return self.fused_forward(hidden_states, weight.to(hidden_states.dtype), *args, **kwargs)
         out = int8_linear(x, value).mul_(int8_linear(x, gate, "gelu"))
         return out.reshape(*hidden_states.shape[:-1], -1)
 
@@ -358,6 +380,44 @@ def use_int8_linears(model: torch.nn.Module) -> None:
     wherever int8 does not apply) — all but the cross-attentions' key and value projections (`_int8_modules`)."""
     for _, module, kind in _int8_modules(model):
         module.__class__ = kind
+
+
+@contextmanager
+def calibrating(model: torch.nn.Module):
+    """Within: the int8 layers of `model` run their bf16 code and record max |x| per input channel of what they see
+    (the smoothing factors' activation side)."""
+    layers = [m for m in model.modules() if type(m) in (Int8Linear, Int8GEGLU, Int8PointwiseConv2d)]
+    for layer in layers:
+        layer._calibrating = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._calibrating
+
+
+CALIBRATION_SIDE = 16   # latents per side of the calibration call (batch 2, as CFG runs)
+
+
+def calibrate_int8(unet: torch.nn.Module, pooled_dim: int | None) -> None:
+    """One UNet call on fixed seeded inputs (latents of CALIBRATION_SIDE², a random text condition; SDXL's pooled
+    embedding and size conditions) under `calibrating`: each int8 layer's activation maxima, from the loaded weights
+    before any LoRA, so its smoothing — and the images — depend on the model alone. The file pages of the weights the
+    call read go back to the page cache (packing reads them again at the first step)."""
+    if not int8_available():
+        return
+    config, generator = unet.config, torch.Generator().manual_seed(0)
+    sample = torch.randn(2, config.in_channels, CALIBRATION_SIDE, CALIBRATION_SIDE, generator=generator)
+    context = torch.randn(2, 77, config.cross_attention_dim, generator=generator)
+    added = {}
+    if config.addition_embed_type == "text_time":
+        sizes = (config.projection_class_embeddings_input_dim - pooled_dim) // config.addition_time_embed_dim
+        added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled_dim, generator=generator).bfloat16(),
+                                       "time_ids": torch.full((2, sizes), 8.0 * CALIBRATION_SIDE).bfloat16()}}
+    with calibrating(unet), torch.inference_mode():
+        unet(sample.bfloat16(), 500, context.bfloat16(), **added)
+    for _, module, _ in _int8_modules(unet):
+        release_file_pages(module.proj.weight if isinstance(module, Int8GEGLU) else module.weight)
 
 
 def int8_weight_names(model: torch.nn.Module) -> set[str]:

@@ -16,8 +16,8 @@ from sdstudio.files.writers import save_safetensors
 from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, resolve_precision
 from sdstudio.models.fused import FusedGEGLU
 from sdstudio.models.converted import ConvertedWeights
-from sdstudio.models.int8 import (Int8GEGLU, Int8Linear, Int8PointwiseConv2d, int8_linear, int8_weight_names,
-                                 pack_weight, quantize_rows, use_int8_linears)
+from sdstudio.models.int8 import (Int8GEGLU, Int8Linear, Int8PointwiseConv2d, calibrating, int8_linear,
+                                 int8_weight_names, pack_weight, quantize_rows, use_int8_linears)
 from sdstudio.models.patcher import Patch, WeightPatcher
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # int8 in use whatever this machine chose (models/tuning.py)
@@ -155,6 +155,16 @@ def test_an_int8_unet_swaps_only_its_transformer_linears_and_stays_close(sd1_fil
     assert relative_error(int8, exact) < 0.06 and not torch.equal(int8, fast)   # 0.043 (unsmoothed ~0.048); bf16 0.017
 
 
+def test_an_int8_unets_output_does_not_depend_on_what_ran_before(sd1_file):
+    first, fresh = (load_checkpoint(sd1_file, dtype=torch.bfloat16, int8_linears=True).unet for _ in range(2))
+    sample = torch.randn(2, 4, 32, 32, generator=gen(31)).bfloat16()
+    context = torch.randn(2, 77, first.config.cross_attention_dim, generator=gen(32)).bfloat16()
+    other = torch.randn(2, 4, 16, 24, generator=gen(33)).bfloat16() * 5   # another size and range first
+    with torch.inference_mode():
+        first(other, 900, context * 3)
+        assert torch.equal(first(sample, 500, context).sample, fresh(sample, 500, context).sample)
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_outlier_channels_cost_an_int8_unet_little(synth_file, family):
     plain, widened = synth_file(family), synth_file(family, outlier_channels=True)   # same function (synthetic.py)
@@ -207,6 +217,8 @@ def test_an_outlier_channel_is_smoothed_into_the_weight_and_runs_int8(outlier):
     x = outlier_channel_input(outlier)
     exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
     with torch.inference_mode():
+        with calibrating(layer):
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))   # bf16 while calibrating
         out = layer(x)
     assert not torch.equal(out, F.linear(x, layer.weight, layer.bias))   # the int8 product ran
     assert relative_error(out, exact) < 0.015
@@ -219,10 +231,11 @@ def test_an_outlier_channel_is_smoothed_into_the_weight_and_runs_int8(outlier):
 def test_a_channel_quiet_when_the_weight_is_packed_is_no_outlier_later():
     layer = linear(320, 64)
     quiet = torch.randn(256, 320, generator=gen(25))
-    quiet[:, 3] = 0                                           # calibrates the smoothing factors (first call)
+    quiet[:, 3] = 0                                           # calibrates the smoothing factors
     later = torch.randn(256, 320, generator=gen(26)).bfloat16()
     with torch.inference_mode():
-        layer(quiet.bfloat16())
+        with calibrating(layer):
+            layer(quiet.bfloat16())
         out = layer(later)
     assert not torch.equal(out, F.linear(later, layer.weight, layer.bias))
     assert relative_error(out, F.linear(later.double(), layer.weight.double(), layer.bias.double())) < 0.015
@@ -233,7 +246,8 @@ def test_an_input_whose_range_outliers_dominate_runs_bf16():
     x = outlier_channel_input(1.0)
     x[5] *= 400                                               # one token 400× the rest: no channel factor helps
     with torch.inference_mode():
-        layer(outlier_channel_input(1.0, seed=27))             # packed from an ordinary input
+        with calibrating(layer):
+            layer(outlier_channel_input(1.0, seed=27))         # calibrated on an ordinary input
         out = layer(x)
     assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
 
