@@ -16,15 +16,15 @@ hidden states have outliers that one scale per tensor would crush the rest under
   (`calibrate_int8`: the same for every prompt, so images never depend on what ran first), so an outlier channel — real
   transformers' activations have a few, random weights' none — shares its range with the weight instead of
   taking the 255 steps from every other channel (a random-weight SD1.5 file with 4 such channels ×32 after every
-  transformer norm, the float model bit for bit the same: 20-step image vs fp32 36.4 dB unsmoothed, 39.2 smoothed;
-  SDXL's, 3 steps: 26.6 and 34.0);
+  transformer norm, the float model bit for bit the same: 20-step image vs fp32 36.4 dB unsmoothed, 38.1 smoothed;
+  SDXL's, 3 steps: 26.6 and 33.4);
 - activations: uint8 per tensor, from each call's own minimum and maximum (0 always representable); a call whose
   range outliers still dominate (over MAX_SPREAD times its mean |x|: a few huge tokens, which no channel factor
   helps) runs bf16 instead;
 - both quantized by C loops (models/native.py): PyTorch's element-wise ops took 4× as long;
 - the product, its bias and the GEGLU gate's GELU by one oneDNN call, into bf16.
 
-It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights: SD1.5 39.3 dB, SDXL 34.1;
+It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights: SD1.5 38.3 dB, SDXL 33.5;
 bf16 43.6 and 36.8), and no trained model was measured here. 3×3 convolutions and the attention products stay bf16.
 Where the C kernel cannot be built, or int8 is measured no faster on the machine (`int8_pays`, models/tuning.py), the
 layers keep their bf16 code.
@@ -385,15 +385,22 @@ def use_int8_linears(model: torch.nn.Module) -> None:
 @contextmanager
 def calibrating(model: torch.nn.Module):
     """Within: the int8 layers of `model` run their bf16 code and record max |x| per input channel of what they see
-    (the smoothing factors' activation side)."""
+    (the smoothing factors' activation side); each one's weight, where it is a mapped file's (build.py), gives its
+    pages back right after its call (packing reads them again at the first step)."""
     layers = [m for m in model.modules() if type(m) in (Int8Linear, Int8GEGLU, Int8PointwiseConv2d)]
+    hooks = [layer.register_forward_hook(lambda m, *_: release_file_pages(_weight(m))) for layer in layers]
     for layer in layers:
         layer._calibrating = True
     try:
         yield
     finally:
-        for layer in layers:
+        for layer, hook in zip(layers, hooks):
             del layer._calibrating
+            hook.remove()
+
+
+def _weight(layer: torch.nn.Module) -> torch.Tensor:
+    return layer.proj.weight if isinstance(layer, Int8GEGLU) else layer.weight
 
 
 CALIBRATION_SIDE = 16   # latents per side of the calibration call (batch 2, as CFG runs)
@@ -402,8 +409,7 @@ CALIBRATION_SIDE = 16   # latents per side of the calibration call (batch 2, as 
 def calibrate_int8(unet: torch.nn.Module, pooled_dim: int | None) -> None:
     """One UNet call on fixed seeded inputs (latents of CALIBRATION_SIDE², a random text condition; SDXL's pooled
     embedding and size conditions) under `calibrating`: each int8 layer's activation maxima, from the loaded weights
-    before any LoRA, so its smoothing — and the images — depend on the model alone. The file pages of the weights the
-    call read go back to the page cache (packing reads them again at the first step)."""
+    before any LoRA, so its smoothing — and the images — depend on the model alone."""
     if not int8_available():
         return
     config, generator = unet.config, torch.Generator().manual_seed(0)
@@ -416,8 +422,6 @@ def calibrate_int8(unet: torch.nn.Module, pooled_dim: int | None) -> None:
                                        "time_ids": torch.full((2, sizes), 8.0 * CALIBRATION_SIDE).bfloat16()}}
     with calibrating(unet), torch.inference_mode():
         unet(sample.bfloat16(), 500, context.bfloat16(), **added)
-    for _, module, _ in _int8_modules(unet):
-        release_file_pages(module.proj.weight if isinstance(module, Int8GEGLU) else module.weight)
 
 
 def int8_weight_names(model: torch.nn.Module) -> set[str]:
