@@ -186,7 +186,7 @@ def test_outlier_channels_cost_an_int8_unet_little(synth_file, family):
     exact = run(plain, torch.float32)
     assert torch.equal(run(widened, torch.float32), exact) and torch.equal(run(widened), run(plain))
     errors = [relative_error(run(path, int8=True), exact) for path in (plain, widened)]
-    # sd1 0.043 → 0.044, sdxl 0.033 → 0.033; unsmoothed (one scale per tensor) 0.050 → 0.50, 0.039 → 0.18
+    # sd1 0.046 → 0.046, sdxl 0.039 → 0.037; unsmoothed (one scale per tensor) 0.050 → 0.50, 0.039 → 0.18
     assert errors[1] < 1.3 * errors[0], errors
 
 
