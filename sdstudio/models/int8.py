@@ -201,11 +201,7 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
                 smoothing: torch.Tensor | None = None) -> PackedWeight:
     """A `weight` (out × in; bf16, or the file's fp16 / fp32) times `smoothing` (one factor per input channel; none:
     as it is) as symmetric int8 per output channel of its bf16 values, packed for oneDNN's u8 × s8 product."""
-    weight = weight.detach()
-    if weight.dtype != torch.bfloat16:   # into a buffer kept through the UNet call: no fresh pages per weight
-        copy_converting(converted := scratch("int8-weight", tuple(weight.shape)), weight)
-        weight = converted
-    weight = weight.contiguous()
+    weight = _in_dtype(weight.detach(), torch.bfloat16).contiguous()
     rows, cols = weight.shape
     smoothing = torch.ones(cols) if smoothing is None else smoothing.float().contiguous()
     values, scales = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
@@ -215,6 +211,15 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
     return PackedWeight(torch.ops.onednn.qlinear_prepack(values, None), scales,
                         torch.zeros(len(scales), dtype=torch.long),
                         None if bias is None else bias.detach().float(), 1 / smoothing)
+
+
+def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` in `dtype`; an fp16 / fp32 file's weight going to bf16 without gradients converts into a buffer kept
+    through the UNet call (no fresh pages per weight; chunked: torch's direct fp16 → bf16 is 2.3× slower)."""
+    if weight.dtype == dtype or dtype != torch.bfloat16 or torch.is_grad_enabled():
+        return weight.to(dtype)
+    copy_converting(converted := scratch("int8-weight", tuple(weight.shape)), weight)
+    return converted
 
 
 def int8_linear(x: QuantizedRows, weight: PackedWeight, activation: str = "none") -> torch.Tensor:
@@ -301,7 +306,7 @@ class Int8Linear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _int8_product(self, x, self.weight, self.bias)
         if out is None:   # the weight may be the file's fp16 / fp32 (build.py): in x's dtype for this call
-            return F.linear(x, self.weight.to(x.dtype), self.bias)
+            return F.linear(x, _in_dtype(self.weight, x.dtype), self.bias)
         return out.reshape(*x.shape[:-1], -1)
 
 
@@ -315,7 +320,7 @@ class Int8GEGLU(FusedGEGLU):
             return super().forward(hidden_states, *args, **kwargs)
         rows, half = _rows(hidden_states), weight.shape[0] // 2
         if _calibrated(self, rows):   # the weight may be the file's fp16 (build.py): its bf16 values, fused
-            return self.fused_forward(hidden_states, weight.to(hidden_states.dtype), *args, **kwargs)
+            return self.fused_forward(hidden_states, _in_dtype(weight, hidden_states.dtype), *args, **kwargs)
         value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
 
         def pack():   # one input, so both halves take the same smoothing factors
@@ -325,7 +330,7 @@ class Int8GEGLU(FusedGEGLU):
         value, gate = _packed(self, weight, bias, pack)
         x = quantize_rows(rows, value.inverse_smoothing)
         if x is None:
-            return self.fused_forward(hidden_states, weight.to(hidden_states.dtype), *args, **kwargs)
+            return self.fused_forward(hidden_states, _in_dtype(weight, hidden_states.dtype), *args, **kwargs)
         out = int8_linear(x, value).mul_(int8_linear(x, gate, "gelu"))
         return out.reshape(*hidden_states.shape[:-1], -1)
 
@@ -339,7 +344,7 @@ class Int8PointwiseConv2d(WinogradConv2d):
         weight = self.weight.reshape(self.out_channels, self.in_channels)   # a view: same storage and version
         out = None if pixels is None else _int8_product(self, pixels, weight, self.bias)
         if out is None:   # as Int8Linear's
-            return self._conv_forward(x, self.weight.to(x.dtype), self.bias)
+            return self._conv_forward(x, _in_dtype(self.weight, x.dtype), self.bias)
         return out.view(*pixels.shape[:3], -1).permute(0, 3, 1, 2)
 
 
