@@ -113,6 +113,11 @@ def run_runner(name: str, **kwargs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def failed_row(cells: list[str], error: str, columns: int) -> str:
+    """A table row of `columns` cells for a runner that failed: its leading `cells`, then why, then blanks."""
+    return "| " + " | ".join(cells + [f"failed: {error}"]) + " |" + " |" * (columns - len(cells) - 1)
+
+
 def cpuinfo() -> str:
     """The text of /proc/cpuinfo ("" where there is none)."""
     return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""

@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BENCH_DIR, full_checkpoint, machine, run_runner, warm_page_cache, write_section  # noqa: E402
+from common import (BENCH_DIR, failed_row, full_checkpoint, machine, run_runner, warm_page_cache,  # noqa: E402
+                    write_section)
 
 CALLS = 3
 
@@ -27,7 +28,7 @@ def main() -> None:
         for name in ("first (empty inductor cache)", "restart (the first one's cache)"):
             r = run_runner("sdstudio_compiled", path=str(path), calls=CALLS)
             if "error" in r:
-                rows.append(f"| {name} | failed: {r['error']} | | | | |")
+                rows.append(failed_row([name], r["error"], 6))
                 continue
             rows.append(f"| {name} | {r['compile_s']:.1f} | {r['eager_s']:.2f} | {r['compiled_s']:.2f} | "
                         f"{r['eager_s'] / r['compiled_s']:.3f}× | {r['max_difference']:.2e} |")

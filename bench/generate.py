@@ -17,8 +17,8 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, psnr, run_runner,  # noqa: E402
-                    warm_page_cache, write_section)
+from common import (BENCH_DIR, diffusers_config_dir, failed_row, full_checkpoint, machine, psnr,  # noqa: E402
+                    run_runner, warm_page_cache, write_section)
 
 SD15_STEPS = 20     # the end-to-end image; per-step time is the median of the intervals after the first
 SDXL_STEPS = 3      # a 1024² SDXL step is a minute or more here: the first step plus two measured ones
@@ -118,7 +118,7 @@ def sd15_table(results: dict[str, dict]) -> str:
             "|---" * 12 + "|"]
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | failed: {r['error']} |" + " |" * 10)
+            rows.append(failed_row([name], r["error"], 12))
             continue
         first = r["first_step_s"] + r.get("compile_s", 0)
         rows.append(f"| {name} | {fmt(r['load_s'])} | {fmt(r['step_s'])} | {ratio(base, r)} | "
@@ -145,7 +145,7 @@ def sdxl_table(results: dict[str, dict]) -> str:
             "peak RSS GiB |", "|---" * 7 + "|"]
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | failed: {r['error']} |" + " |" * 5)
+            rows.append(failed_row([name], r["error"], 7))
             continue
         rows.append(f"| {name} | {fmt(r['load_s'])} | {fmt(r['step_s'])} | {ratio(base, r)} | {ratio(fastest, r)} | "
                     f"{fmt(r['first_step_s'] + r.get('compile_s', 0))} | {fmt(r['rss_gib'])} |")

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, psnr, run_runner, write_section  # noqa: E402
+from common import (BENCH_DIR, diffusers_config_dir, failed_row, full_checkpoint, machine, psnr,  # noqa: E402
+                    run_runner, write_section)
 
 STEPS = 20
 
@@ -32,7 +33,7 @@ def rows_for(family: str, size: int, images: Path) -> list[str]:
     for name, r in (("diffusers fp16 (SDPA)", theirs), ("sdstudio --device cuda --precision auto", ours),
                     ("sdstudio --device cuda --precision fp32", reference)):
         if "error" in r:
-            rows.append(f"| {label} | {name} | failed: {r['error']} | | | | |")
+            rows.append(failed_row([label, name], r["error"], 7))
             continue
         speedup = f"{theirs['step_s'] / r['step_s']:.2f}×" if "error" not in theirs else "–"
         rows.append(f"| {label} | {name} | {r['load_s']:.2f} | {1 / r['step_s']:.2f} | {speedup} | "

@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BENCH_DIR, diffusers_config_dir, full_checkpoint, machine, run_runner, warm_page_cache, write_section  # noqa: E402
+from common import (BENCH_DIR, diffusers_config_dir, failed_row, full_checkpoint, machine, run_runner,  # noqa: E402
+                    warm_page_cache, write_section)
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
         size = f"SD1.5 {variant} ({path.stat().st_size / 2**30:.1f} GiB) as {dtype}"
         for name, r in ours + [("diffusers from_single_file", theirs)]:
             if "error" in r:
-                rows.append(f"| {size} | {name} | failed: {r['error']} | | | |")
+                rows.append(failed_row([size, name], r["error"], 6))
                 continue
             rows.append(f"| {size} | {name} | {r['load_s']:.2f} | {r['touch_s']:.2f} | {r['rss_gib']:.2f} | "
                         f"{r['load_s'] / theirs['load_s']:.2f}× (touch {r['touch_s'] / theirs['touch_s']:.2f}×) |")
