@@ -6,6 +6,7 @@ looks nearly free, so "load + touch" also reads every weight once (what the firs
 """
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -14,41 +15,61 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (BENCH_DIR, diffusers_config_dir, failed_row, full_checkpoint, machine, run_runner,  # noqa: E402
                     warm_page_cache, write_section)
 
+ROUNDS = 3
+
 
 def main() -> None:
     rows = ["| file | loader | load s | load + touch s | peak RSS GiB | ratio to diffusers |",
             "|---|---|---|---|---|---|"]
-    for variant, dtype in (("pruned", "float32"), ("fp16", "float16"), ("fp16", "bfloat16")):
-        path = full_checkpoint("sd1", variant)
-        config = diffusers_config_dir(full_checkpoint("sd1", "fp16"))
-        warm_page_cache(path)
-        ours = [("sdstudio", run_runner("sdstudio_load", path=str(path), dtype=dtype))]
-        if variant == "fp16" and dtype == "bfloat16":   # the --precision auto load: a conversion, kept on disk
-            with tempfile.TemporaryDirectory(dir=BENCH_DIR) as folder:
-                run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=folder)   # converts, keeps
-                ours.append(("sdstudio, converted weights kept by an earlier load",
-                             run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=folder)))
-            ours.append(("sdstudio --precision int8 (its linears keep the file's weights)",
-                         run_runner("sdstudio_load", path=str(path), dtype=dtype, int8_linears=True)))
-        warm_page_cache(path)
-        theirs = run_runner("diffusers_load", path=str(path), config=str(config), dtype=dtype)
-        size = f"SD1.5 {variant} ({path.stat().st_size / 2**30:.1f} GiB) as {dtype}"
-        for name, r in ours + [("diffusers from_single_file", theirs)]:
-            if "error" in r:
-                rows.append(failed_row([size, name], r["error"], 6))
-                continue
-            rows.append(f"| {size} | {name} | {r['load_s']:.2f} | {r['touch_s']:.2f} | {r['rss_gib']:.2f} | "
-                        f"{r['load_s'] / theirs['load_s']:.2f}× (touch {r['touch_s'] / theirs['touch_s']:.2f}×) |")
+    with tempfile.TemporaryDirectory(dir=BENCH_DIR) as converted:
+        for variant, dtype in (("pruned", "float32"), ("fp16", "float16"), ("fp16", "bfloat16")):
+            path = full_checkpoint("sd1", variant)
+            config = diffusers_config_dir(full_checkpoint("sd1", "fp16"))
+            loaders = {"sdstudio": ("sdstudio_load", dict(path=str(path), dtype=dtype))}
+            if variant == "fp16" and dtype == "bfloat16":   # the --precision auto load: a conversion, kept on disk
+                run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=converted)   # converts, keeps
+                loaders["sdstudio, converted weights kept by an earlier load"] = (
+                    "sdstudio_load", dict(path=str(path), dtype=dtype, converted=converted))
+                loaders["sdstudio --precision int8 (its linears keep the file's weights)"] = (
+                    "sdstudio_load", dict(path=str(path), dtype=dtype, int8_linears=True))
+            loaders["diffusers from_single_file"] = (
+                "diffusers_load", dict(path=str(path), config=str(config), dtype=dtype))
+            results = _alternating(path, loaders)
+            theirs = results["diffusers from_single_file"]
+            size = f"SD1.5 {variant} ({path.stat().st_size / 2**30:.1f} GiB) as {dtype}"
+            for name, r in results.items():
+                if "error" in r or "error" in theirs:
+                    rows.append(failed_row([size, name], r.get("error", theirs.get("error")), 6))
+                    continue
+                rows.append(f"| {size} | {name} | {r['load_s']:.2f} | {r['touch_s']:.2f} | {r['rss_gib']:.2f} | "
+                            f"{r['load_s'] / theirs['load_s']:.2f}× (touch {r['touch_s'] / theirs['touch_s']:.2f}×) |")
     table = "\n".join(rows)
     print(table)
     write_section("Checkpoint load (bench/load.py)",
                   f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/load.py`. Page cache warm for "
                   "both; loaded in the file's dtype, and the fp16 file also in bf16 (`--precision auto` on this CPU); "
-                  "ratios to diffusers' own load and load + touch; peak RSS = the child's VmHWM. \"Converted weights "
-                  "kept\": a second process loading the same file through the `cache/converted/` folder that a first "
-                  "one filled (models/converted.py; that file is in the page cache like the source). \"--precision "
-                  "int8\": the UNet's transformer linears stay the file's fp16 weights, packed to int8 at the first "
-                  f"step (models/int8.py).\n\n{table}")
+                  "ratios to diffusers' own load and load + touch; each load in a fresh child process, the loaders "
+                  f"in turn, {ROUNDS} rounds, the median of each (one load moves ±20 % from run to run on this VM); "
+                  "peak RSS = the child's VmHWM. \"Converted weights kept\": a second process loading the same file "
+                  "through the `cache/converted/` folder that a first one filled (models/converted.py; that file is in "
+                  "the page cache like the source). \"--precision int8\": the UNet's transformer linears stay the "
+                  "file's fp16 weights, packed to int8 at the first step (models/int8.py).\n\n{table}")
+
+
+def _alternating(path: Path, loaders: dict[str, tuple[str, dict]]) -> dict[str, dict]:
+    """Each loader's figures, the median of ROUNDS fresh-process runs taken in turn (the page cache warm before
+    each); a loader that failed once reports that failure."""
+    runs: dict[str, list[dict]] = {name: [] for name in loaders}
+    for _ in range(ROUNDS):
+        for name, (runner, arguments) in loaders.items():
+            warm_page_cache(path)
+            runs[name].append(run_runner(runner, **arguments))
+    results = {}
+    for name, figures in runs.items():
+        failed = [r for r in figures if "error" in r]
+        results[name] = failed[0] if failed else {key: statistics.median(r[key] for r in figures)
+                                                  for key in ("load_s", "touch_s", "rss_gib")}
+    return results
 
 
 if __name__ == "__main__":

@@ -244,16 +244,22 @@ def _check_layout(path: str | Path, tensors: dict[str, TensorInfo], data_size: i
         previous_name, previous_end = name, end
 
 
-# live safetensors mappings: base address -> (mmap, length); an entry goes when its mmap is collected
-_MAPPINGS: dict[int, tuple[weakref.ref, int]] = {}
+# live safetensors mappings: base address -> (mmap, length, a descriptor of the mapped file); an entry goes, and its
+# descriptor is closed, when its mmap is collected
+_MAPPINGS: dict[int, tuple[weakref.ref, int, int]] = {}
 _PAGE = mmap.PAGESIZE
 
 
-def _register_mapping(mapped: mmap.mmap) -> None:
+def _register_mapping(mapped: mmap.mmap, fileno: int) -> None:
     view = ctypes.c_char.from_buffer(mapped)
     base = ctypes.addressof(view)
     del view   # no lasting buffer export: the mmap stays closable
-    _MAPPINGS[base] = (weakref.ref(mapped, lambda _ref: _MAPPINGS.pop(base, None)), len(mapped))
+    descriptor = os.dup(fileno)
+
+    def forget(_ref: weakref.ref) -> None:
+        _MAPPINGS.pop(base, None)
+        os.close(descriptor)
+    _MAPPINGS[base] = (weakref.ref(mapped, forget), len(mapped), descriptor)
 
 
 def release_file_pages(tensor: torch.Tensor) -> None:
@@ -264,7 +270,7 @@ def release_file_pages(tensor: torch.Tensor) -> None:
     alone."""
     found = _mapping_of(tensor)
     if found is not None:
-        mapped, start, end = found
+        mapped, start, end, _descriptor = found
         first = -(-start // _PAGE) * _PAGE          # whole pages inside the tensor only
         last = end // _PAGE * _PAGE
         if last > first:
@@ -276,14 +282,26 @@ def is_file_mapped(tensor: torch.Tensor) -> bool:
     return _mapping_of(tensor) is not None
 
 
-def _mapping_of(tensor: torch.Tensor) -> tuple[mmap.mmap, int, int] | None:
-    """The live mapping holding `tensor`'s storage, with the storage's start and end offsets in it; None if none."""
+def file_region(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(file descriptor, byte offset) of a contiguous tensor that is a view of a mapped safetensors file: its bytes
+    can be read with pread, without faulting the mapping's pages into this process (models/conversion.py); None for
+    any other tensor. The descriptor lives as long as the mapping."""
+    found = _mapping_of(tensor)
+    if found is None or not tensor.is_contiguous():
+        return None
+    _mapped, start, _end, descriptor = found
+    return descriptor, start
+
+
+def _mapping_of(tensor: torch.Tensor) -> tuple[mmap.mmap, int, int, int] | None:
+    """The live mapping holding `tensor`'s storage, with the storage's start and end offsets in it and the mapped
+    file's descriptor; None if none."""
     start = tensor.data_ptr()
     end = start + tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
-    for base, (ref, length) in list(_MAPPINGS.items()):
+    for base, (ref, length, descriptor) in list(_MAPPINGS.items()):
         mapped = ref()
         if mapped is not None and base <= start and end <= base + length:
-            return mapped, start - base, end - base
+            return mapped, start - base, end - base, descriptor
     return None
 
 
@@ -309,7 +327,7 @@ def _load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     header = read_safetensors_header(path)
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    _register_mapping(mapped)
+        _register_mapping(mapped, f.fileno())
     tensors = {}
     for name, info in header.tensors.items():
         begin = header.data_start + info.data_offsets[0]

@@ -18,8 +18,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdstudio.errors import ModelFileError
 from sdstudio.files.keymaps import fit_text_encoder_keys
-from sdstudio.files.readers import copy_converting, is_file_mapped, release_file_pages
+from sdstudio.files.readers import is_file_mapped
 from sdstudio.models.attention import use_fast_cpu_attention
+from sdstudio.models.conversion import converted_weights
 from sdstudio.models.fused import use_fused_layers
 from sdstudio.models.int8 import calibrate_int8, int8_available, int8_weight_names, use_int8_linears
 from sdstudio.models.native import release_kernel_buffers
@@ -159,9 +160,9 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
     if unexpected:
         weights = {k: v for k, v in weights.items() if k in expected}
     half = (dtype or weights_dtype(weights)) in (torch.bfloat16, torch.float16)
-    layout = torch.channels_last if convolutional and half else None
-    weights = {k: v if k in keep_mapped and is_file_mapped(v) else
-               _converted(v, dtype or v.dtype, layout if v.dim() == 4 else None) for k, v in weights.items()}
+    kept = {k: v for k, v in weights.items() if k in keep_mapped and is_file_mapped(v)}
+    weights = kept | converted_weights({k: v for k, v in weights.items() if k not in kept}, dtype,
+                                       channels_last=convolutional and half, where=where)
     module.load_state_dict(weights, strict=True, assign=True)
     _materialise_meta_buffers(module)
     return module.eval().requires_grad_(False)
@@ -170,20 +171,6 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
 def weights_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype | None:
     """The dtype of the first floating-point weight (a file's dtype); None when there is none."""
     return next((w.dtype for w in weights.values() if w.is_floating_point()), None)
-
-
-def _converted(tensor: torch.Tensor, dtype: torch.dtype, layout: torch.memory_format | None) -> torch.Tensor:
-    """`tensor` in `dtype` (and `layout`), one copy at most; when that copied file-mapped bytes, the file's pages
-    leave this process."""
-    if not tensor.is_floating_point():
-        return tensor
-    relayout = layout is not None and not tensor.is_contiguous(memory_format=layout)
-    if tensor.dtype == dtype and not relayout:
-        return tensor
-    copy = torch.empty_like(tensor, dtype=dtype, memory_format=layout if relayout else torch.preserve_format)
-    copy_converting(copy, tensor)
-    release_file_pages(tensor)
-    return copy
 
 
 def _materialise_meta_buffers(module: torch.nn.Module) -> None:
