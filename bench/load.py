@@ -53,7 +53,7 @@ def main() -> None:
                   "peak RSS = the child's VmHWM. \"Converted weights kept\": a second process loading the same file "
                   "through the `cache/converted/` folder that a first one filled (models/converted.py; that file is in "
                   "the page cache like the source). \"--precision int8\": the UNet's transformer linears stay the "
-                  "file's fp16 weights, packed to int8 at the first step (models/int8.py).\n\n{table}")
+                  f"file's fp16 weights, packed to int8 at the first step (models/int8.py).\n\n{table}")
 
 
 def _alternating(path: Path, loaders: dict[str, tuple[str, dict]]) -> dict[str, dict]:
