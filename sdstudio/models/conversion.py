@@ -56,6 +56,16 @@ def converted_weights(weights: Mapping[str, torch.Tensor], dtype: torch.dtype | 
     return result
 
 
+def copy_weight(target: torch.Tensor, source: torch.Tensor, where: str = "the model file") -> None:
+    """target[...] = source (a contiguous or, for 4-D, channels-last target): read from the file by the kernel where
+    `source` is a view of a safetensors file (its pages never enter the process), else by `copy_converting`."""
+    region = file_region(source) if _kernel_reads(source, target) else None
+    if region is None:
+        copy_converting(target, source)
+    else:
+        _read_weights([(target, source, region)], where)
+
+
 def _kernel_reads(source: torch.Tensor, copy: torch.Tensor) -> bool:
     return ((source.dtype, copy.dtype) in CONVERSIONS and source.numel() > 0
             and (copy.is_contiguous() or copy.is_contiguous(memory_format=torch.channels_last))

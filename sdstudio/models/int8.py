@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from sdstudio.files.readers import copy_converting, release_file_pages
+from sdstudio.files.readers import release_file_pages
+from sdstudio.models.conversion import copy_weight
 from sdstudio.models.fused import FusedGEGLU, fast_cpu_tensor
 from sdstudio.models.native import compiled_library, scratch
 from sdstudio.models.tuning import candidate_pays
@@ -215,10 +216,11 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
 
 def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`weight` in `dtype`; an fp16 / fp32 file's weight going to bf16 without gradients converts into a buffer kept
-    through the UNet call (no fresh pages per weight; chunked: torch's direct fp16 → bf16 is 2.3× slower)."""
+    through the UNet call (no fresh pages per weight), read from the file where it is a view of one
+    (models/conversion.py)."""
     if weight.dtype == dtype or dtype != torch.bfloat16 or torch.is_grad_enabled():
         return weight.to(dtype)
-    copy_converting(converted := scratch("int8-weight", tuple(weight.shape)), weight)
+    copy_weight(converted := scratch("int8-weight", tuple(weight.shape)), weight)
     return converted
 
 
