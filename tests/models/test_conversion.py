@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from sdstudio.errors import ModelFileError
 from sdstudio.files.readers import file_region, read_state_dict
 from sdstudio.models import conversion
-from sdstudio.models.conversion import converted_weights
+from sdstudio.models.conversion import converted_weights, copy_weight
 
 SPECIAL_HALVES = [0.0, -0.0, 6e-8, -6e-8, 6.1e-5, 1e-7, 65504.0, -65504.0, float("inf"), float("-inf"), float("nan"),
                   1.0039062, 1.0078125, 3.1415926]   # subnormals, extremes, infinities, NaN, rounding ties
@@ -92,3 +92,12 @@ def test_a_file_cut_short_after_it_was_opened_names_the_file(tmp_path):
     os.truncate(path, path.stat().st_size // 2)
     with pytest.raises(ModelFileError, match="shrinking.safetensors.*became shorter"):
         converted_weights(mapped, torch.bfloat16, channels_last=True, where=str(path))
+
+
+def test_one_weight_copied_into_a_kept_buffer(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file(weights_of(torch.float16), str(path))
+    for source in (read_state_dict(path)["linear"], weights_of(torch.float16)["linear"]):   # from the file, in memory
+        target = torch.full(source.shape, 7.0, dtype=torch.bfloat16)
+        copy_weight(target, source)
+        assert_same_bits(target, expected(source, torch.bfloat16, channels_last=False))
