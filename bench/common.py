@@ -33,14 +33,15 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def full_checkpoint(family: str = "sd1", variant: str = "pruned", outlier_channels: bool = False) -> Path:
+def full_checkpoint(family: str = "sd1", variant: str = "pruned", outlier_channels: bool = False,
+                    suffix: str = ".safetensors") -> Path:
     """A full-size random-weight checkpoint (sd1 = SD1.5, sdxl = SDXL base) in the real single-file layout (with
-    `outlier_channels`: the same function through activations with outlier channels, synthetic.py), written once
-    under BENCH_DIR (in a child process), then reused."""
+    `outlier_channels`: the same function through activations with outlier channels, synthetic.py; `suffix` .ckpt: a
+    torch-zip pickle), written once under BENCH_DIR (in a child process), then reused."""
     from sdstudio import synthetic
 
     name = {"sd1": "sd15", "sdxl": "sdxl"}[family]
-    path = BENCH_DIR / f"{name}-full-{variant}{'-outliers' if outlier_channels else ''}.safetensors"
+    path = BENCH_DIR / f"{name}-full-{variant}{'-outliers' if outlier_channels else ''}{suffix}"
     if not path.exists():
         BENCH_DIR.mkdir(parents=True, exist_ok=True)
         in_child(synthetic.write_checkpoint, path, family, "full", variant, None, 0, outlier_channels)

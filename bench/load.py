@@ -22,11 +22,12 @@ def main() -> None:
     rows = ["| file | loader | load s | load + touch s | peak RSS GiB | ratio to diffusers |",
             "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(dir=BENCH_DIR) as converted:
-        for variant, dtype in (("pruned", "float32"), ("fp16", "float16"), ("fp16", "bfloat16")):
-            path = full_checkpoint("sd1", variant)
+        for variant, dtype, suffix in (("pruned", "float32", ".safetensors"), ("fp16", "float16", ".safetensors"),
+                                       ("fp16", "bfloat16", ".safetensors"), ("fp16", "bfloat16", ".ckpt")):
+            path = full_checkpoint("sd1", variant, suffix=suffix)
             config = diffusers_config_dir(full_checkpoint("sd1", "fp16"))
             loaders = {"sdstudio": ("sdstudio_load", dict(path=str(path), dtype=dtype))}
-            if variant == "fp16" and dtype == "bfloat16":   # the --precision auto load: a conversion, kept on disk
+            if suffix == ".safetensors" and variant == "fp16" and dtype == "bfloat16":   # auto's load: converted
                 run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=converted)   # converts, keeps
                 loaders["sdstudio, converted weights kept by an earlier load"] = (
                     "sdstudio_load", dict(path=str(path), dtype=dtype, converted=converted))
@@ -36,7 +37,7 @@ def main() -> None:
                 "diffusers_load", dict(path=str(path), config=str(config), dtype=dtype))
             results = _alternating(path, loaders)
             theirs = results["diffusers from_single_file"]
-            size = f"SD1.5 {variant} ({path.stat().st_size / 2**30:.1f} GiB) as {dtype}"
+            size = f"SD1.5 {variant} {suffix} ({path.stat().st_size / 2**30:.1f} GiB) as {dtype}"
             for name, r in results.items():
                 if "error" in r or "error" in theirs:
                     rows.append(failed_row([size, name], r.get("error", theirs.get("error")), 6))

@@ -132,7 +132,50 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     tensors = {name: value for name, value in obj.items() if isinstance(value, torch.Tensor)}
     if not tensors:
         raise ModelFileError(path, f"no tensors found (keys: {', '.join(map(str, list(obj)[:10]))})")
-    return tensors
+    return _remapped(path, tensors)
+
+
+def _remapped(path: str | Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors that torch.load mapped from a torch-zip file, as the same views of a registered mapping of our
+    own, as safetensors tensors are (their copies can read the file with pread and their pages can go:
+    `release_file_pages`); torch's mapping goes with its tensors. Where this process's memory map (Linux's
+    /proc/self/maps) shows no mapping of the file, the tensors stay as torch made them."""
+    regions = _mapped_regions(path)
+    if not regions:
+        return tensors
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        _register_mapping(mapped, f.fileno())
+    result = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        start = storage.data_ptr()
+        offset = next((start - low + file_offset for low, high, file_offset in regions if low <= start < high), None)
+        if (offset is None or tensor.numel() == 0 or offset % tensor.element_size()
+                or offset + storage.nbytes() > len(mapped)):
+            result[name] = tensor
+            continue
+        whole = torch.frombuffer(mapped, dtype=tensor.dtype, count=storage.nbytes() // tensor.element_size(),
+                                 offset=offset)
+        result[name] = whole.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
+    return result
+
+
+def _mapped_regions(path: str | Path) -> list[tuple[int, int, int]]:
+    """(start address, end address, file offset) of each mapping of `path` in this process (none off Linux)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    status = os.stat(path)
+    device = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}"
+    regions = []
+    for line in maps.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[3] == device and fields[4] == str(status.st_ino):
+            low, high = (int(address, 16) for address in fields[0].split("-"))
+            regions.append((low, high, int(fields[2], 16)))
+    return regions
 
 
 _TORCH_LOAD_LOCK = threading.Lock()  # torch's safe-globals list is process-wide: one scoped change at a time

@@ -20,6 +20,7 @@ from sdstudio.files.readers import (
     TensorInfo,
     copy_converting,
     detect_container,
+    file_region,
     is_file_mapped,
     load_pickle,
     read_safetensors_header,
@@ -308,6 +309,21 @@ def test_legacy_format_loads(tmp_path):
     source = _small_state()
     torch.save({"state_dict": source, "global_step": 5}, path, _use_new_zipfile_serialization=False)
     _assert_same(read_state_dict(path), source)
+    assert not any(is_file_mapped(t) for t in read_state_dict(path).values())   # read into memory, not mapped
+
+
+def test_torch_zip_tensors_are_views_of_our_own_mapping_of_the_file(tmp_path):
+    path = tmp_path / "model.ckpt"
+    base = torch.arange(48, dtype=torch.float16).reshape(6, 8)
+    source = {"plain": torch.randn(5, 7), "shared": base, "row": base[2], "transposed": base.t(),
+              "ints": torch.arange(10), "empty": torch.empty(0)}
+    torch.save({"state_dict": source, "global_step": 5}, path)
+    tensors = read_state_dict(path)
+    for name, tensor in source.items():
+        assert torch.equal(tensors[name], tensor) and tensors[name].stride() == tensor.stride(), name
+        assert is_file_mapped(tensors[name]) == (tensor.numel() > 0), name
+    assert file_region(tensors["plain"]) is not None and file_region(tensors["transposed"]) is None
+    assert tensors["row"].data_ptr() == tensors["shared"][2].data_ptr()   # views of one storage stay one
 
 
 def test_tensor_infos_of_pickle(tmp_path):
@@ -364,13 +380,17 @@ def _resident_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def test_release_file_pages_drops_a_converted_tensors_pages_and_keeps_its_values(tmp_path):
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_release_file_pages_drops_a_converted_tensors_pages_and_keeps_its_values(tmp_path, suffix):
     from sdstudio.files.readers import read_state_dict, release_file_pages
 
     g = torch.Generator().manual_seed(0)
-    path = tmp_path / "big.safetensors"
-    safetensors.torch.save_file({"small": torch.randn(3, generator=g), "big": torch.randn(32, 1024, 1024, generator=g)},
-                                str(path))
+    path = tmp_path / f"big{suffix}"
+    weights = {"small": torch.randn(3, generator=g), "big": torch.randn(32, 1024, 1024, generator=g)}
+    if suffix == ".ckpt":
+        torch.save({"state_dict": weights}, path)
+    else:
+        safetensors.torch.save_file(weights, str(path))
     tensors = read_state_dict(path)
     total = float(tensors["big"].double().sum())        # reads every page: 128 MiB resident
     before = _resident_mib()
