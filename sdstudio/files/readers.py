@@ -287,8 +287,8 @@ def _check_layout(path: str | Path, tensors: dict[str, TensorInfo], data_size: i
         previous_name, previous_end = name, end
 
 
-# live safetensors mappings: base address -> (mmap, length, a descriptor of the mapped file); an entry goes, and its
-# descriptor is closed, when its mmap is collected
+# live mappings of model files (safetensors, and torch-zip pickles: `_remapped`): base address -> (mmap, length, a
+# descriptor of the mapped file); an entry goes, and its descriptor is closed, when its mmap is collected
 _MAPPINGS: dict[int, tuple[weakref.ref, int, int]] = {}
 _PAGE = mmap.PAGESIZE
 
@@ -306,7 +306,7 @@ def _register_mapping(mapped: mmap.mmap, fileno: int) -> None:
 
 
 def release_file_pages(tensor: torch.Tensor) -> None:
-    """Drop the resident pages of a tensor read from a safetensors file once a copy of it replaced it (a converted
+    """Drop the resident pages of a tensor read from a mapped model file once a copy of it replaced it (a converted
     weight, or the int8 path's packed one): its bytes stay in the page cache, not in this process (a bf16 model
     loaded from an fp16/fp32 file would otherwise hold both copies). The mapping is private and never written, so a
     later read of the same range simply faults the file's bytes in again. Tensors not in such a mapping are left
@@ -321,12 +321,12 @@ def release_file_pages(tensor: torch.Tensor) -> None:
 
 
 def is_file_mapped(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is a view of a mapped safetensors file (its pages can go back to the page cache)."""
+    """Whether `tensor` is a view of a mapped model file (its pages can go back to the page cache)."""
     return _mapping_of(tensor) is not None
 
 
 def file_region(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """(file descriptor, byte offset) of a contiguous tensor that is a view of a mapped safetensors file: its bytes
+    """(file descriptor, byte offset) of a contiguous tensor that is a view of a mapped model file: its bytes
     can be read with pread, without faulting the mapping's pages into this process (models/conversion.py); None for
     any other tensor. The descriptor lives as long as the mapping."""
     found = _mapping_of(tensor)
