@@ -3,12 +3,12 @@ are, else one copy each.
 
 Loading a bf16 model from an fp16 or fp32 file (`--precision auto` on a bf16 CPU) is mostly copying: each weight's
 pages of the mapped file fault in, its converted copy's fresh pages fault in, and on this path's 2-core machines
-these faults, one thread after another, were most of the load. So the copies of a safetensors file's weights are
+these faults, one thread after another, were most of the load. So the copies of a mapped file's weights are
 made by one C call (kernels/read_weights.c) that reads the file with pread (no file page is mapped into the
 process) and shares blocks of every tensor out to torch's threads (the fresh pages fault in on both cores),
 converting fp16 / fp32 to bf16 with torch's rounding bit for bit and laying convolution weights channels-last in the
 same pass (also for a 2-byte file kept in its dtype: fp16, or a bf16 file). Other copies (other dtypes, a tensor not
-read from a safetensors file, no C compiler) go through `copy_converting`.
+read from a mapped safetensors or torch-zip file, no C compiler) go through `copy_converting`.
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ CONVERSIONS = {(torch.float16, torch.float16): 0, (torch.bfloat16, torch.bfloat1
 def converted_weights(weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None, channels_last: bool,
                       where: str) -> dict[str, torch.Tensor]:
     """Each floating-point weight in `dtype` (None: its own) and, with `channels_last`, each 4-D one channels-last:
-    the tensor itself where it already is, else a copy (a copied file-mapped weight's pages leave the process)."""
+    the tensor itself where it already is, else a copy (`copy_weights`)."""
     result: dict[str, torch.Tensor] = {}
-    reads: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = []
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for key, tensor in weights.items():
         target_dtype = dtype or tensor.dtype
         layout = torch.channels_last if channels_last and tensor.dim() == 4 else None
@@ -43,27 +43,26 @@ def converted_weights(weights: Mapping[str, torch.Tensor], dtype: torch.dtype | 
         if not tensor.is_floating_point() or (tensor.dtype == target_dtype and not relayout):
             result[key] = tensor
             continue
-        copy = torch.empty_like(tensor, dtype=target_dtype,
-                                memory_format=layout if relayout else torch.contiguous_format)
-        region = file_region(tensor) if _kernel_reads(tensor, copy) else None
-        if region is not None:
-            reads.append((copy, tensor, region))
-        else:
-            copy_converting(copy, tensor)
-            release_file_pages(tensor)
-        result[key] = copy
-    _read_weights(reads, where)
+        result[key] = torch.empty_like(tensor, dtype=target_dtype,
+                                       memory_format=layout if relayout else torch.contiguous_format)
+        copies.append((result[key], tensor))
+    copy_weights(copies, where)
     return result
 
 
-def copy_weight(target: torch.Tensor, source: torch.Tensor, where: str = "the model file") -> None:
-    """target[...] = source (a contiguous or, for 4-D, channels-last target): read from the file by the kernel where
-    `source` is a view of a safetensors file (its pages never enter the process), else by `copy_converting`."""
-    region = file_region(source) if _kernel_reads(source, target) else None
-    if region is None:
-        copy_converting(target, source)
-    else:
-        _read_weights([(target, source, region)], where)
+def copy_weights(copies: list[tuple[torch.Tensor, torch.Tensor]], where: str = "the model file") -> None:
+    """target[...] = source for each (target, source) pair (targets contiguous, or 4-D channels-last): the sources
+    that are views of a mapped model file read from the file by one kernel call per file and conversion (their pages
+    never enter the process), the others by `copy_converting` (a file-mapped source's pages leave the process)."""
+    reads = []
+    for target, source in copies:
+        region = file_region(source) if _kernel_reads(source, target) else None
+        if region is None:
+            copy_converting(target, source)
+            release_file_pages(source)
+        else:
+            reads.append((target, source, region))
+    _read_weights(reads, where)
 
 
 def _kernel_reads(source: torch.Tensor, copy: torch.Tensor) -> bool:

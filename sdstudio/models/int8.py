@@ -43,7 +43,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from sdstudio.files.readers import release_file_pages
-from sdstudio.models.conversion import copy_weight
+from sdstudio.models.conversion import copy_weights
 from sdstudio.models.fused import FusedGEGLU, fast_cpu_tensor
 from sdstudio.models.native import compiled_library, scratch
 from sdstudio.models.tuning import candidate_pays
@@ -220,7 +220,7 @@ def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     (models/conversion.py)."""
     if weight.dtype == dtype or dtype != torch.bfloat16 or torch.is_grad_enabled():
         return weight.to(dtype)
-    copy_weight(converted := scratch("int8-weight", tuple(weight.shape)), weight)
+    copy_weights([(converted := scratch("int8-weight", tuple(weight.shape)), weight)])
     return converted
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from sdstudio.errors import ModelFileError
 from sdstudio.files.readers import file_region, read_state_dict
 from sdstudio.models import conversion
-from sdstudio.models.conversion import converted_weights, copy_weight
+from sdstudio.models.conversion import converted_weights, copy_weights
 
 SPECIAL_HALVES = [0.0, -0.0, 6e-8, -6e-8, 6.1e-5, 1e-7, 65504.0, -65504.0, float("inf"), float("-inf"), float("nan"),
                   1.0039062, 1.0078125, 3.1415926]   # subnormals, extremes, infinities, NaN, rounding ties
@@ -99,5 +99,5 @@ def test_one_weight_copied_into_a_kept_buffer(tmp_path):
     save_file(weights_of(torch.float16), str(path))
     for source in (read_state_dict(path)["linear"], weights_of(torch.float16)["linear"]):   # from the file, in memory
         target = torch.full(source.shape, 7.0, dtype=torch.bfloat16)
-        copy_weight(target, source)
+        copy_weights([(target, source)])
         assert_same_bits(target, expected(source, torch.bfloat16, channels_last=False))
