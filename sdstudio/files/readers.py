@@ -145,7 +145,7 @@ def _remapped(path: str | Path, tensors: dict[str, torch.Tensor]) -> dict[str, t
         return tensors
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        _register_mapping(mapped, f.fileno())
+        _register_mapping(mapped, path, f.fileno())
     result = {}
     for name, tensor in tensors.items():
         storage = tensor.untyped_storage()
@@ -287,22 +287,27 @@ def _check_layout(path: str | Path, tensors: dict[str, TensorInfo], data_size: i
         previous_name, previous_end = name, end
 
 
-# live mappings of model files (safetensors, and torch-zip pickles: `_remapped`): base address -> (mmap, length, a
-# descriptor of the mapped file); an entry goes, and its descriptor is closed, when its mmap is collected
-_MAPPINGS: dict[int, tuple[weakref.ref, int, int]] = {}
+@dataclass(frozen=True)
+class MappedFile:
+    """A mapped model file: its path and the identity (device, inode) of what was mapped."""
+    path: str
+    device: int
+    inode: int
+
+
+# live mappings of model files (safetensors, and torch-zip pickles: `_remapped`): base address -> (mmap, length, the
+# file); an entry goes when its mmap is collected
+_MAPPINGS: dict[int, tuple[weakref.ref, int, MappedFile]] = {}
 _PAGE = mmap.PAGESIZE
 
 
-def _register_mapping(mapped: mmap.mmap, fileno: int) -> None:
+def _register_mapping(mapped: mmap.mmap, path: str | Path, fileno: int) -> None:
     view = ctypes.c_char.from_buffer(mapped)
     base = ctypes.addressof(view)
     del view   # no lasting buffer export: the mmap stays closable
-    descriptor = os.dup(fileno)
-
-    def forget(_ref: weakref.ref) -> None:
-        _MAPPINGS.pop(base, None)
-        os.close(descriptor)
-    _MAPPINGS[base] = (weakref.ref(mapped, forget), len(mapped), descriptor)
+    status = os.fstat(fileno)
+    _MAPPINGS[base] = (weakref.ref(mapped, lambda _ref: _MAPPINGS.pop(base, None)), len(mapped),
+                       MappedFile(str(path), status.st_dev, status.st_ino))
 
 
 def release_file_pages(tensor: torch.Tensor) -> None:
@@ -313,7 +318,7 @@ def release_file_pages(tensor: torch.Tensor) -> None:
     alone."""
     found = _mapping_of(tensor)
     if found is not None:
-        mapped, start, end, _descriptor = found
+        mapped, start, end, _file = found
         first = -(-start // _PAGE) * _PAGE          # whole pages inside the tensor only
         last = end // _PAGE * _PAGE
         if last > first:
@@ -325,26 +330,40 @@ def is_file_mapped(tensor: torch.Tensor) -> bool:
     return _mapping_of(tensor) is not None
 
 
-def file_region(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """(file descriptor, byte offset) of a contiguous tensor that is a view of a mapped model file: its bytes
-    can be read with pread, without faulting the mapping's pages into this process (models/conversion.py); None for
-    any other tensor. The descriptor lives as long as the mapping."""
+def file_region(tensor: torch.Tensor) -> tuple[MappedFile, int] | None:
+    """(file, byte offset) of a contiguous tensor that is a view of a mapped model file: its bytes can be read from
+    the file (`open_mapped_file`) without faulting the mapping's pages into this process (models/conversion.py);
+    None for any other tensor."""
     found = _mapping_of(tensor)
     if found is None or not tensor.is_contiguous():
         return None
-    _mapped, start, _end, descriptor = found
-    return descriptor, start
+    _mapped, start, _end, file = found
+    return file, start
 
 
-def _mapping_of(tensor: torch.Tensor) -> tuple[mmap.mmap, int, int, int] | None:
+def open_mapped_file(file: MappedFile) -> int:
+    """A read-only descriptor of the file that was mapped (the caller closes it); a ModelFileError where the path
+    now holds another file (replaced since it was mapped) or none."""
+    try:
+        descriptor = os.open(file.path, os.O_RDONLY)
+    except OSError as exc:
+        raise ModelFileError(file.path, f"cannot be read again: {exc.strerror}") from exc
+    status = os.fstat(descriptor)
+    if (status.st_dev, status.st_ino) != (file.device, file.inode):
+        os.close(descriptor)
+        raise ModelFileError(file.path, "was replaced on disk while its weights were being read")
+    return descriptor
+
+
+def _mapping_of(tensor: torch.Tensor) -> tuple[mmap.mmap, int, int, MappedFile] | None:
     """The live mapping holding `tensor`'s storage, with the storage's start and end offsets in it and the mapped
-    file's descriptor; None if none."""
+    file; None if none."""
     start = tensor.data_ptr()
     end = start + tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
-    for base, (ref, length, descriptor) in list(_MAPPINGS.items()):
+    for base, (ref, length, file) in list(_MAPPINGS.items()):
         mapped = ref()
         if mapped is not None and base <= start and end <= base + length:
-            return mapped, start - base, end - base, descriptor
+            return mapped, start - base, end - base, file
     return None
 
 
@@ -370,7 +389,7 @@ def _load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     header = read_safetensors_header(path)
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        _register_mapping(mapped, f.fileno())
+        _register_mapping(mapped, path, f.fileno())
     tensors = {}
     for name, info in header.tensors.items():
         begin = header.data_start + info.data_offsets[0]

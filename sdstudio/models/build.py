@@ -162,7 +162,7 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
     half = (dtype or weights_dtype(weights)) in (torch.bfloat16, torch.float16)
     kept = {k: v for k, v in weights.items() if k in keep_mapped and is_file_mapped(v)}
     weights = kept | converted_weights({k: v for k, v in weights.items() if k not in kept}, dtype,
-                                       channels_last=convolutional and half, where=where)
+                                       channels_last=convolutional and half)
     module.load_state_dict(weights, strict=True, assign=True)
     _materialise_meta_buffers(module)
     return module.eval().requires_grad_(False)

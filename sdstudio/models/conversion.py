@@ -15,13 +15,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from sdstudio.errors import ModelFileError
-from sdstudio.files.readers import copy_converting, file_region, release_file_pages
+from sdstudio.files.readers import MappedFile, copy_converting, file_region, open_mapped_file, release_file_pages
 from sdstudio.models.native import compiled_library
 
 KERNEL_SOURCE = Path(__file__).parent / "kernels" / "read_weights.c"
@@ -30,8 +31,8 @@ CONVERSIONS = {(torch.float16, torch.float16): 0, (torch.bfloat16, torch.bfloat1
                (torch.float16, torch.bfloat16): 1, (torch.float32, torch.bfloat16): 2}
 
 
-def converted_weights(weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None, channels_last: bool,
-                      where: str) -> dict[str, torch.Tensor]:
+def converted_weights(weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
+                      channels_last: bool) -> dict[str, torch.Tensor]:
     """Each floating-point weight in `dtype` (None: its own) and, with `channels_last`, each 4-D one channels-last:
     the tensor itself where it already is, else a copy (`copy_weights`)."""
     result: dict[str, torch.Tensor] = {}
@@ -46,11 +47,11 @@ def converted_weights(weights: Mapping[str, torch.Tensor], dtype: torch.dtype | 
         result[key] = torch.empty_like(tensor, dtype=target_dtype,
                                        memory_format=layout if relayout else torch.contiguous_format)
         copies.append((result[key], tensor))
-    copy_weights(copies, where)
+    copy_weights(copies)
     return result
 
 
-def copy_weights(copies: list[tuple[torch.Tensor, torch.Tensor]], where: str = "the model file") -> None:
+def copy_weights(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """target[...] = source for each (target, source) pair (targets contiguous, or 4-D channels-last): the sources
     that are views of a mapped model file read from the file by one kernel call per file and conversion (their pages
     never enter the process), the others by `copy_converting` (a file-mapped source's pages leave the process)."""
@@ -62,7 +63,7 @@ def copy_weights(copies: list[tuple[torch.Tensor, torch.Tensor]], where: str = "
             release_file_pages(source)
         else:
             reads.append((target, source, region))
-    _read_weights(reads, where)
+    _read_weights(reads)
 
 
 def _kernel_reads(source: torch.Tensor, copy: torch.Tensor) -> bool:
@@ -71,21 +72,25 @@ def _kernel_reads(source: torch.Tensor, copy: torch.Tensor) -> bool:
             and _kernels() is not None)
 
 
-def _read_weights(reads: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]], where: str) -> None:
+def _read_weights(reads: list[tuple[torch.Tensor, torch.Tensor, tuple[MappedFile, int]]]) -> None:
     """Fill each copy from its source's file region, one kernel call per (file, conversion)."""
-    groups: dict[tuple[int, int], list] = {}
-    for copy, source, (descriptor, offset) in reads:
-        groups.setdefault((descriptor, CONVERSIONS[source.dtype, copy.dtype]), []).append((copy, offset))
-    for (descriptor, conversion), group in groups.items():
+    groups: dict[tuple[MappedFile, int], list] = {}
+    for copy, source, (file, offset) in reads:
+        groups.setdefault((file, CONVERSIONS[source.dtype, copy.dtype]), []).append((copy, offset))
+    for (file, conversion), group in groups.items():
         shapes = [_rows_channels_taps(copy) for copy, _offset in group]
         longs = ctypes.c_long * len(group)
-        status = _kernels().read_weights(
-            descriptor, conversion, len(group), longs(*(offset for _copy, offset in group)),
-            (ctypes.c_void_p * len(group))(*(copy.data_ptr() for copy, _offset in group)),
-            longs(*(s[0] for s in shapes)), longs(*(s[1] for s in shapes)), longs(*(s[2] for s in shapes)),
-            torch.get_num_threads())
+        descriptor = open_mapped_file(file)
+        try:
+            status = _kernels().read_weights(
+                descriptor, conversion, len(group), longs(*(offset for _copy, offset in group)),
+                (ctypes.c_void_p * len(group))(*(copy.data_ptr() for copy, _offset in group)),
+                longs(*(s[0] for s in shapes)), longs(*(s[1] for s in shapes)), longs(*(s[2] for s in shapes)),
+                torch.get_num_threads())
+        finally:
+            os.close(descriptor)
         if status != 0:
-            raise ModelFileError(where, "the file became shorter while its weights were read (changed on disk?)")
+            raise ModelFileError(file.path, "became shorter while its weights were read (changed on disk?)")
 
 
 def _rows_channels_taps(copy: torch.Tensor) -> tuple[int, int, int]:

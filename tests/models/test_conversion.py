@@ -52,7 +52,7 @@ def test_kernel_copies_have_the_bits_of_torchs_conversion(tmp_path, file_dtype, 
     save_file(weights_of(file_dtype), str(path))
     mapped = read_state_dict(path)
     assert all(file_region(tensor) is not None for tensor in mapped.values())
-    copies = converted_weights(mapped, dtype, channels_last=True, where=str(path))
+    copies = converted_weights(mapped, dtype, channels_last=True)
     for name, source in mapped.items():
         want = expected(source, dtype, channels_last=True)
         assert_same_bits(copies[name], want)
@@ -65,13 +65,13 @@ def test_kernel_copies_have_the_bits_of_torchs_conversion(tmp_path, file_dtype, 
 def test_without_a_compiler_the_copies_are_the_same(tmp_path, monkeypatch):
     path = tmp_path / "weights.safetensors"
     save_file(weights_of(torch.float16), str(path))
-    with_kernel = converted_weights(read_state_dict(path), torch.bfloat16, channels_last=True, where=str(path))
+    with_kernel = converted_weights(read_state_dict(path), torch.bfloat16, channels_last=True)
     monkeypatch.setenv("SDSTUDIO_KERNEL_CACHE", str(tmp_path / "kernels"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     conversion._kernels.cache_clear()
     try:
         assert conversion._kernels() is None
-        without = converted_weights(read_state_dict(path), torch.bfloat16, channels_last=True, where=str(path))
+        without = converted_weights(read_state_dict(path), torch.bfloat16, channels_last=True)
     finally:
         conversion._kernels.cache_clear()
     for name, copy in with_kernel.items():
@@ -80,7 +80,7 @@ def test_without_a_compiler_the_copies_are_the_same(tmp_path, monkeypatch):
 
 def test_weights_not_read_from_a_file_are_copied_too():
     weights = weights_of(torch.float16)
-    copies = converted_weights(weights, torch.bfloat16, channels_last=False, where="<memory>")
+    copies = converted_weights(weights, torch.bfloat16, channels_last=False)
     for name, source in weights.items():
         assert_same_bits(copies[name], expected(source, torch.bfloat16, channels_last=False))
 
@@ -91,7 +91,17 @@ def test_a_file_cut_short_after_it_was_opened_names_the_file(tmp_path):
     mapped = read_state_dict(path)
     os.truncate(path, path.stat().st_size // 2)
     with pytest.raises(ModelFileError, match="shrinking.safetensors.*became shorter"):
-        converted_weights(mapped, torch.bfloat16, channels_last=True, where=str(path))
+        converted_weights(mapped, torch.bfloat16, channels_last=True)
+
+
+def test_a_file_replaced_after_it_was_opened_names_the_file(tmp_path):
+    path = tmp_path / "replaced.safetensors"
+    save_file(weights_of(torch.float16), str(path))
+    mapped = read_state_dict(path)
+    save_file(weights_of(torch.float32), str(tmp_path / "other.safetensors"))
+    os.replace(tmp_path / "other.safetensors", path)       # another file (inode) at the same path
+    with pytest.raises(ModelFileError, match="replaced.safetensors.*replaced on disk"):
+        converted_weights(mapped, torch.bfloat16, channels_last=True)
 
 
 def test_one_weight_copied_into_a_kept_buffer(tmp_path):
