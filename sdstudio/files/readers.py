@@ -221,7 +221,8 @@ def _extra_safe_globals() -> list[Any]:
     scalar = np.float32(0).__reduce__()[0]
     numeric_dtypes = {type(np.dtype(code)) for code in np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"}
     numpy_helpers = [(helper, f"{module}.{helper.__name__}")
-                     for module in ("numpy.core.multiarray", "numpy._core.multiarray") for helper in (reconstruct, scalar)]
+                     for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                     for helper in (reconstruct, scalar)]
     return [
         ParameterDict, np.dtype, np.ndarray, *numeric_dtypes, *numpy_helpers,
         (_LightningModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
