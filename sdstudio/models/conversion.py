@@ -89,6 +89,8 @@ def _read_weights(reads: list[tuple[torch.Tensor, torch.Tensor, tuple[MappedFile
                 torch.get_num_threads())
         finally:
             os.close(descriptor)
+        if status == -2:
+            raise MemoryError(f"no memory left for a block of {file.path} while reading its weights")
         if status != 0:
             raise ModelFileError(file.path, "became shorter while its weights were read (changed on disk?)")
 

@@ -54,12 +54,13 @@ static void convert(const void *in, int conversion, uint16_t *out, long count) {
    `conversion`) read from `fd` at offsets[k], written to dsts[k] (bf16, or the same 2-byte type) with the taps moved
    outside the channels (dst[r][t][c] = src[r][c][t]: a
    convolution weight's channels-last layout; taps 1 = the same layout). Blocks of rows of every tensor are shared
-   out to `threads` threads, so the destination's first-touch page faults run in parallel too. Returns 0, or -1
-   when a read came up short (the file changed). */
+   out to `threads` threads, so the destination's first-touch page faults run in parallel too. Returns 0, -1 when a
+   read came up short (the file changed), or -2 when a block's buffer could not be allocated. */
 int read_weights(int fd, int conversion, long count, const long *offsets, uint16_t *const *dsts, const long *rows,
                  const long *channels, const long *taps, int threads) {
     int source_size = conversion == FLOAT_TO_BF16 ? 4 : 2;
     long *first_block = malloc((count + 1) * sizeof(long)), *block_rows = malloc((count + 1) * sizeof(long));
+    if (!first_block || !block_rows) { free(first_block); free(block_rows); return -2; }
     first_block[0] = 0;
     for (long k = 0; k < count; k++) {
         long row_bytes = channels[k] * taps[k] * source_size;
@@ -80,18 +81,20 @@ int read_weights(int fd, int conversion, long count, const long *offsets, uint16
             long n = rows[k] - first < block_rows[k] ? rows[k] - first : block_rows[k];
             long want = n * row_bytes, got = 0;
             if (want > source_bytes) { free(source); source = malloc(source_bytes = want); }
+            if (!source) { source_bytes = 0; failed = 2; continue; }
             while (got < want) {
                 ssize_t read = pread(fd, source + got, want - got, offsets[k] + first * row_bytes + got);
                 if (read <= 0) break;
                 got += read;
             }
-            if (got < want) { failed = 1; continue; }
+            if (got < want) { failed = failed ? failed : 1; continue; }
             uint16_t *out = dsts[k] + first * per_row;
             if (taps[k] == 1) { convert(source, conversion, out, n * per_row); continue; }
             if (n * per_row > converted_count) {
                 free(converted);
                 converted = malloc(2 * (converted_count = n * per_row));
             }
+            if (!converted) { converted_count = 0; failed = 2; continue; }
             convert(source, conversion, converted, n * per_row);
             for (long r = 0; r < n; r++)
                 for (long c = 0; c < channels[k]; c++)
@@ -103,5 +106,5 @@ int read_weights(int fd, int conversion, long count, const long *offsets, uint16
     }
     free(first_block);
     free(block_rows);
-    return failed ? -1 : 0;
+    return -failed;
 }
