@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import threading
 
 import pytest
 import torch
 
 from sdstudio.files.readers import read_safetensors_header
 from sdstudio.models.checkpoint import load_checkpoint
+from sdstudio.models import converted
 from sdstudio.models.converted import ConvertedWeights, worth_storing
 
 BF16 = torch.bfloat16
@@ -105,3 +108,20 @@ def test_a_gpu_load_in_the_files_half_dtype_copies_nothing_so_is_not_kept():
     assert not worth_storing(torch.float16, torch.float16, "cuda")
     assert worth_storing(torch.float16, torch.float16, "cpu")      # the CPU's half path relays out convolutions
     assert worth_storing(torch.float32, torch.float16, "cuda")     # a dtype change is a conversion anywhere
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+def test_the_background_write_runs_at_the_lowest_cpu_priority_and_the_caller_keeps_its_own(synth_file, tmp_path,
+                                                                                        monkeypatch):
+    priorities = []
+    real_save = converted.save_safetensors
+
+    def save_noting_the_priority(*args, **kwargs):
+        priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        real_save(*args, **kwargs)
+    monkeypatch.setattr(converted, "save_safetensors", save_noting_the_priority)
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    load_through(ConvertedWeights(tmp_path / "converted"), synth_file("sd1", "fp16"))
+    assert priorities == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
+    assert list((tmp_path / "converted").glob("*.safetensors"))
