@@ -52,10 +52,10 @@ static void convert(const void *in, int conversion, uint16_t *out, long count) {
 
 /* For each of `count` tensors k: rows[k] × channels[k] × taps[k] values (fp16, fp32 or any 2-byte type, per
    `conversion`) read from `fd` at offsets[k], written to dsts[k] (bf16, or the same 2-byte type) with the taps moved
-   outside the channels (dst[r][t][c] = src[r][c][t]: a
-   convolution weight's channels-last layout; taps 1 = the same layout). Blocks of rows of every tensor are shared
-   out to `threads` threads, so the destination's first-touch page faults run in parallel too. Returns 0, -1 when a
-   read came up short (the file changed), or -2 when a block's buffer could not be allocated. */
+   outside the channels (dst[r][t][c] = src[r][c][t]: a convolution weight's channels-last layout; taps 1 = the same
+   layout). Blocks of rows of every tensor are shared out to `threads` threads, so the destination's first-touch
+   page faults run in parallel too. Returns 0, -1 when a read came up short (the file changed), or -2 when a block's
+   buffer could not be allocated. */
 int read_weights(int fd, int conversion, long count, const long *offsets, uint16_t *const *dsts, const long *rows,
                  const long *channels, const long *taps, int threads) {
     int source_size = conversion == FLOAT_TO_BF16 ? 4 : 2;
