@@ -317,24 +317,24 @@ class Int8GEGLU(FusedGEGLU):
     gate's, then the product."""
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        weight, bias = self.proj.weight, self.proj.bias
+        weight = self.proj.weight
         if not int8_applies(hidden_states, weight):
             return super().forward(hidden_states, *args, **kwargs)
-        rows, half = _rows(hidden_states), weight.shape[0] // 2
-        if _calibrated(self, rows):   # the weight may be the file's fp16 (build.py): its bf16 values, fused
-            return self.fused_forward(hidden_states, _in_dtype(weight, hidden_states.dtype), *args, **kwargs)
-        value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
-
-        def pack():   # one input, so both halves take the same smoothing factors
-            smoothing = _smoothing(self, weight)
-            return pack_weight(weight[:half], value_bias, smoothing), pack_weight(weight[half:], gate_bias, smoothing)
-
-        value, gate = _packed(self, weight, bias, pack)
-        x = quantize_rows(rows, value.inverse_smoothing)
-        if x is None:
+        rows, x = _rows(hidden_states), None
+        if not _calibrated(self, rows):
+            value, gate = _packed(self, weight, self.proj.bias, self._pack)
+            x = quantize_rows(rows, value.inverse_smoothing)
+        if x is None:   # calibrating, or outliers: its bf16 values (the weight may be the file's fp16, build.py), fused
             return self.fused_forward(hidden_states, _in_dtype(weight, hidden_states.dtype), *args, **kwargs)
         out = int8_linear(x, value).mul_(int8_linear(x, gate, "gelu"))
         return out.reshape(*hidden_states.shape[:-1], -1)
+
+    def _pack(self) -> tuple[PackedWeight, PackedWeight]:
+        """Both halves of the projection packed, with the same smoothing factors (they read one input)."""
+        weight, bias = self.proj.weight, self.proj.bias
+        half, smoothing = weight.shape[0] // 2, _smoothing(self, weight)
+        value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
+        return pack_weight(weight[:half], value_bias, smoothing), pack_weight(weight[half:], gate_bias, smoothing)
 
 
 class Int8PointwiseConv2d(WinogradConv2d):
