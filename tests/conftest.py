@@ -14,12 +14,13 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 @pytest.fixture
 def fast_kernels(monkeypatch):
     """The bf16 CPU fast path's kernels (Winograd and unfolded convolutions, the flash, OpenVINO's and the blocked
-    attention, int8 linears) in use whatever this machine measured for them (models/tuning.py): for the tests of
-    those kernels."""
-    from sdstudio.models import attention, int8, winograd
+    attention, int8 linears, the GEGLU kernel) in use whatever this machine measured for them (models/tuning.py): for
+    the tests of those kernels."""
+    from sdstudio.models import attention, fused, int8, winograd
 
     for module, choice in ((winograd, "winograd_pays"), (winograd, "unfolded_pays"), (attention, "flash_pays"),
-                           (attention, "openvino_pays"), (attention, "blocked_pays"), (int8, "int8_pays")):
+                           (attention, "openvino_pays"), (attention, "blocked_pays"), (int8, "int8_pays"),
+                           (fused, "geglu_kernel_pays")):
         monkeypatch.setattr(module, choice, lambda *shape: True)
 
 

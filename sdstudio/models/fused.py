@@ -1,9 +1,12 @@
 """Fused layers for the bf16 CPU fast path: fewer passes over the UNet's largest activations.
 
 - GEGLU (every transformer block's feed-forward): diffusers computes proj(x), 2 × inner wide, then splits it and
-  multiplies one half by GELU of the other: a wide product and three more passes over it. Here the two halves of the
-  same weight (row views, so LoRA patches show through) run as two oneDNN linears, the gate with its GELU fused and
-  the other half with the product fused: SD1.5's 8192 × 320 → 2 × 1280 takes 42 instead of 72 ms.
+  multiplies one half by GELU of the other: a wide product and three more passes over it. Here, where the CPU has
+  AVX512-BF16 and it was measured faster (`geglu_kernel_pays`), both halves run in one pass of our C kernel
+  (kernels/geglu.c: each tile's value and gate sums in registers, GELU · product on them, the weight packed for it on
+  every call so LoRA patches show through): SD1.5's 8192 × 320 → 2 × 1280 in 34 ms. Elsewhere the two halves of the
+  same weight (row views) run as two oneDNN linears, the gate with its GELU fused and the other half with the product
+  fused (42–51 ms; diffusers' own code 72).
 - Transformer2DModel: diffusers makes its channels-last output NCHW-contiguous (a copy) and the next convolution
   converts it back; here the permuted view, already channels-last, goes on as it is.
 
@@ -11,18 +14,87 @@ Anything else (another device or dtype, gradients, a non-contiguous input) takes
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+from pathlib import Path
+
 import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from sdstudio.models.native import compiled_library, scratch
+from sdstudio.models.tuning import candidate_pays, cpu_description
+
+GEGLU_SOURCE = Path(__file__).parent / "kernels" / "geglu.c"
+GEGLU_PANEL = 16       # the kernel's PANEL: the inner width must be a multiple of it
+GEGLU_MIN_ROWS = 1024  # fewer tokens stay with oneDNN: packing the weight is a bigger part there (SD1.5's 16² level,
+                       # 512 with CFG, 1280 → 2 × 5120: 0.97×)
 
 
 def fast_cpu_tensor(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
 
 
+@functools.cache
+def _geglu_kernel() -> ctypes.CDLL | None:
+    """The GEGLU kernel built for this machine; None without AVX512-BF16 or a C compiler."""
+    if "avx512_bf16" not in cpu_description()[1].split():
+        return None
+    kernel = compiled_library("geglu", GEGLU_SOURCE.read_text())
+    if kernel is not None:
+        pointer, index, count = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        kernel.pack_weight.argtypes = [pointer, index, index, index, pointer, count]
+        kernel.geglu.argtypes = [pointer, index, pointer, pointer, pointer, index, index, index, count]
+    return kernel
+
+
+def geglu_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """value · GELU(gate) of x · weightᵀ + bias split in halves (value first), for bf16 rows x (2-D, each row
+    contiguous), by the GEGLU kernel; the caller checks `geglu_kernel_applies`."""
+    kernel, threads = _geglu_kernel(), torch.get_num_threads()
+    rows, width = x.shape
+    half = weight.shape[0] // 2
+    packed = scratch("geglu weight", (weight.shape[0] * width // 2,), torch.int32)
+    kernel.pack_weight(weight.data_ptr(), weight.stride(0), half, width, packed.data_ptr(), threads)
+    out = torch.empty(rows, half, dtype=x.dtype)
+    kernel.geglu(x.data_ptr(), x.stride(0), packed.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
+                 out.data_ptr(), rows, half, width, threads)
+    return out
+
+
+def geglu_kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `geglu_rows(x, weight, bias)` runs (bf16 CPU tensors assumed): at least GEGLU_MIN_ROWS rows of an
+    even width, a weight with contiguous rows whose halves are multiples of GEGLU_PANEL, a bf16 bias or none, and the
+    kernel built and measured faster here."""
+    return (x.shape[0] >= GEGLU_MIN_ROWS and (bias is None or bias.dtype == torch.bfloat16) and x.shape[1] % 2 == 0 and x.stride(1) == weight.stride(1) == 1
+            and weight.shape[0] % (2 * GEGLU_PANEL) == 0 and _geglu_kernel() is not None and geglu_kernel_pays())
+
+
+@functools.cache
+def geglu_kernel_pays() -> bool:
+    """Whether the GEGLU kernel beats the two fused oneDNN linears on this machine (models/tuning.py), timed on SD1.5's
+    at 512² (CFG batch: 8192 tokens, 320 → 2 × 1280). On CPUs with AMX, oneDNN's products run on its tiles and win."""
+    def ways():
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(8192, 320, generator=generator).bfloat16()
+        weight = (torch.randn(2560, 320, generator=generator) * 0.05).bfloat16()
+        return lambda: geglu_rows(x, weight, None), lambda: _onednn_geglu(x, weight, None)
+
+    return candidate_pays("geglu-kernel", ways)
+
+
+def _onednn_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """geglu_rows by two oneDNN linears over the halves of the weight: GELU fused into the gate's, the product into
+    the value's."""
+    half = weight.shape[0] // 2
+    value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
+    gate = torch.ops.mkldnn._linear_pointwise(x, weight[half:], gate_bias, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, gate, weight[:half], value_bias, "mul")
+
+
 class FusedGEGLU(GEGLU):
-    """GEGLU as two oneDNN linears over the halves of its projection: GELU fused into the gate's, the product
-    into the other's."""
+    """GEGLU in one pass of our kernel where it applies, else as two oneDNN linears over the halves of its
+    projection: GELU fused into the gate's, the product into the other's."""
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.fused_forward(hidden_states, self.proj.weight, *args, **kwargs)
@@ -34,11 +106,8 @@ class FusedGEGLU(GEGLU):
                 and weight.dtype == torch.bfloat16):
             return super().forward(hidden_states, *args, **kwargs)
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        half = weight.shape[0] // 2
-        value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
-        gate = torch.ops.mkldnn._linear_pointwise(x, weight[half:], gate_bias, "gelu", [], "none")
-        out = torch.ops.mkldnn._linear_pointwise(x, gate, weight[:half], value_bias, "mul")
-        return out.reshape(*hidden_states.shape[:-1], half)
+        out = geglu_rows(x, weight, bias) if geglu_kernel_applies(x, weight, bias) else _onednn_geglu(x, weight, bias)
+        return out.reshape(*hidden_states.shape[:-1], -1)
 
 
 class ChannelsLastTransformer2D(Transformer2DModel):

@@ -1,4 +1,5 @@
-"""The bf16 CPU fast path's fused layers: GEGLU as two oneDNN linears, Transformer2DModel output kept channels-last."""
+"""The bf16 CPU fast path's fused layers: GEGLU in one pass of our kernel or as two oneDNN linears, Transformer2DModel
+output kept channels-last."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,12 @@ import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+from sdstudio.models import fused
 from sdstudio.models.checkpoint import load_checkpoint
-from sdstudio.models.fused import ChannelsLastTransformer2D, FusedGEGLU, use_fused_layers
+from sdstudio.models.fused import ChannelsLastTransformer2D, FusedGEGLU, geglu_rows, use_fused_layers
+
+needs_kernel = pytest.mark.skipif(fused._geglu_kernel() is None,
+                                  reason="the GEGLU kernel needs AVX512-BF16 and a C compiler")
 
 
 def geglu(dim_in: int, inner: int, bias: bool = True) -> GEGLU:
@@ -50,6 +55,59 @@ def test_fused_geglu_sees_a_patched_projection():
     patched[:48] *= 2               # the value half doubles: so does the output
     module.proj.weight.data = patched   # what the weight patcher does
     assert torch.allclose(run(module, x).float(), 2 * before.float(), rtol=0.02, atol=0.02)
+
+
+def reference_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """value · GELU(gate) in float64 from the same bf16 inputs."""
+    value, gate = torch.nn.functional.linear(x.double(), weight.double(),
+                                             None if bias is None else bias.double()).chunk(2, dim=-1)
+    return value * torch.nn.functional.gelu(gate)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, width, inner, bias", [
+    (14, 64, 16, True),       # one register tile, one panel
+    (45, 96, 48, False),      # a last tile of 3 rows, 3 panels, no bias
+    (31, 1280, 224, True),    # 14 panels of 80 KiB: two blocks of the 1 MiB weight budget, uneven split
+])
+def test_the_geglu_kernel_is_value_times_gelu_of_gate_within_bf16_rounding(rows, width, inner, bias):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, width, generator=generator).bfloat16()
+    weight = (torch.randn(2 * inner, width, generator=generator) * width ** -0.5).bfloat16()
+    weight[inner:] *= 3       # gates from about −10 to 10: GELU's curved part and both tails
+    b = torch.randn(2 * inner, generator=generator).bfloat16() if bias else None
+    out = geglu_rows(x, weight, b)
+    expected = reference_geglu(x, weight, b)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, inner)
+    error = (out.double() - expected).abs()
+    # one bf16 rounding of the result (2⁻⁸ relative) plus the fp32 sums' and GELU approximation's share
+    assert (error <= 2 ** -8 * expected.abs() + 1e-3).all(), error.max()
+    two_products = fused._onednn_geglu(x, weight, b)   # what runs without the kernel: rounded twice
+    assert error.norm() <= (two_products.double() - expected).norm()
+
+
+@needs_kernel
+def test_a_long_geglu_takes_the_kernel_and_sees_a_patched_projection(fast_kernels, monkeypatch):
+    module = fused_copy(geglu(64, 96).to(torch.bfloat16))
+    x = torch.randn(2, 600, 64, dtype=torch.bfloat16)         # 1200 rows: over GEGLU_MIN_ROWS
+    calls = []
+    monkeypatch.setattr(fused, "geglu_rows", lambda *a: calls.append(1) or geglu_rows(*a))
+    before = run(module, x)
+    assert calls and before.shape == (2, 600, 96)
+    assert torch.allclose(before.double(), reference_geglu(x, module.proj.weight, module.proj.bias), atol=0.05)
+    patched = module.proj.weight.data.clone()
+    patched[:96] *= 2
+    module.proj.weight.data = patched
+    bias = module.proj.bias.data.clone()
+    bias[:96] *= 2            # value and its bias doubled: the output doubles
+    module.proj.bias.data = bias
+    assert torch.allclose(run(module, x).float(), 2 * before.float(), rtol=0.02, atol=0.02)
+    calls.clear()
+    run(module, x[:, :500])   # 1000 rows: oneDNN
+    assert not calls
+    monkeypatch.setattr(fused, "geglu_kernel_pays", lambda: False)   # measured slower on a machine: oneDNN
+    run(module, x)
+    assert not calls
 
 
 def test_fp32_gradients_and_strided_inputs_keep_diffusers_geglu():
