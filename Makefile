@@ -44,6 +44,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) bench/load.py
 	$(PY) bench/generate.py
+	$(PY) bench/duel.py
 	$(PY) bench/lora.py
 	$(PY) bench/options.py
 	$(PY) bench/winograd.py

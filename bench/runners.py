@@ -72,22 +72,34 @@ def load_on(target: str, load, *args, **kwargs):
 
 # --- sdstudio ---------------------------------------------------------------------------------------------------
 
-def sdstudio(path: str, precision: str, steps: int, size: int, decode_sizes: list[int], image: str | None,
-             device: str = "cpu") -> dict:
-    """sdstudio's own path: `load_checkpoint(dtype=…, device=…)` + `txt2img` (what the CLI and server run)."""
+def sdstudio_session(path: str, precision: str, device: str = "cpu"):
+    """sdstudio loaded (`load_checkpoint(dtype=…, device=…)`, what the CLI and server run): (load seconds, model,
+    generate) where generate(steps, size, clock) runs `txt2img` and returns (seconds, result)."""
     from sdstudio.files.hashing import sha256_file
-    from sdstudio.models import vae as vae_ops
     from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
     from sdstudio.pipeline import txt2img
 
     load_s, model = timed(load_on, device, load_checkpoint, path, dtype=resolve_precision(precision, device),
                           device=device, int8_linears=precision == "int8")
     model_hash = sha256_file(path)   # the infotext's model hash: the server and CLI keep it in their hash cache
+
+    def generate(steps: int, size: int, clock: StepClock):
+        clock.start()
+        return timed(txt2img, model, prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, width=size, height=size,
+                     sampler_name="Euler", cfg_scale=7, seed=1, save=False, callback=clock.mark,
+                     model_hash=model_hash)
+
+    return load_s, model, generate
+
+
+def sdstudio(path: str, precision: str, steps: int, size: int, decode_sizes: list[int], image: str | None,
+             device: str = "cpu") -> dict:
+    """sdstudio's own path: `load_checkpoint` + `txt2img` (sdstudio_session), then VAE decodes."""
+    from sdstudio.models import vae as vae_ops
+
+    load_s, model, generate = sdstudio_session(path, precision, device)
     clock = StepClock()
-    clock.start()
-    e2e_s, result = timed(txt2img, model, prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, width=size,
-                          height=size, sampler_name="Euler", cfg_scale=7, seed=1, save=False, callback=clock.mark,
-                          model_hash=model_hash)
+    e2e_s, result = generate(steps, size, clock)
     out = {"load_s": load_s, "e2e_s": e2e_s, **clock.figures(), "rss_gib": peak_rss_gib(),
            "dtype": str(model.dtype).replace("torch.", "")}
     if image:
@@ -214,10 +226,11 @@ def diffusers(path: str, config: str, mode: str, steps: int, size: int, decode_s
 
 # --- OpenVINO ---------------------------------------------------------------------------------------------------
 
-def openvino(path: str, config: str, steps: int, size: int, decode_sizes: list[int], precision: str) -> dict:
+def openvino_session(path: str, config: str, size: int, precision: str):
     """OpenVINO: the UNet and VAE decoder of the diffusers pipeline (same weights) converted with
     `openvino.convert_model` and compiled for the CPU with inference precision `precision` (bf16 or f32); the text
-    encoder stays in torch (one call per image). Euler sampling with diffusers' scheduler, CFG in one batch of 2."""
+    encoder stays in torch (one call per image). Euler sampling with diffusers' scheduler, CFG in one batch of 2.
+    (load seconds, decoder, generate) where generate(steps, size, clock) returns (seconds, decoded image)."""
     import openvino as ov
     from diffusers import EulerDiscreteScheduler
 
@@ -253,9 +266,8 @@ def openvino(path: str, config: str, steps: int, size: int, decode_sizes: list[i
         decoder = core.compile_model(decoder_model, "CPU", settings)
     load_s = time.perf_counter() - start
     scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    clock = StepClock()
 
-    def generate(n: int):
+    def run(n: int, clock: StepClock):
         clock.start()
         with torch.no_grad():
             embeds = _diffusers_embeddings(pipe, False)
@@ -264,18 +276,47 @@ def openvino(path: str, config: str, steps: int, size: int, decode_sizes: list[i
         latent = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1)) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_in = scheduler.scale_model_input(torch.cat([latent] * 2), t)
-            uncond, cond = torch.from_numpy(unet((model_in.numpy(), t.float().reshape(()).numpy(), context))[0]).chunk(2)
+            noise = unet((model_in.numpy(), t.float().reshape(()).numpy(), context))[0]
+            uncond, cond = torch.from_numpy(noise).chunk(2)
             latent = scheduler.step(uncond + 7 * (cond - uncond), t, latent).prev_sample
             clock.mark()
         return decoder((latent / pipe.vae.config.scaling_factor).numpy())[0]
 
-    e2e_s, _ = timed(generate, steps)
+    def generate(steps: int, size_px: int, clock: StepClock):
+        assert size_px == size, "the OpenVINO UNet is compiled for one size"
+        return timed(run, steps, clock)
+
+    return load_s, decoder, generate
+
+
+def openvino(path: str, config: str, steps: int, size: int, decode_sizes: list[int], precision: str) -> dict:
+    """OpenVINO's pipeline (openvino_session): a `steps` image, then VAE decodes."""
+    load_s, decoder, generate = openvino_session(path, config, size, precision)
+    clock = StepClock()
+    e2e_s, _ = generate(steps, size, clock)
     out = {"load_s": load_s, "e2e_s": e2e_s, **clock.figures(), "rss_gib": peak_rss_gib()}
     for side_px in decode_sizes:
         latent = torch.randn(1, 4, side_px // 8, side_px // 8, generator=torch.Generator().manual_seed(2)).numpy()
         out[f"decode_{side_px}_s"], _ = timed(decoder, latent)
     out["rss_all_gib"] = peak_rss_gib()
     return out
+
+
+# --- step duels: engines loaded once, taking turns ----------------------------------------------------------------
+
+def step_worker(engine: str, size: int, **kwargs) -> None:
+    """Loads `engine` ("sdstudio": path, precision; "openvino": path, config, precision) once, prints {"ready": load
+    seconds}, then for each line N on stdin runs an N-step image at `size` and prints its step figures and seconds
+    end to end (one JSON line each) until stdin closes."""
+    if engine == "sdstudio":
+        load_s, _, generate = sdstudio_session(kwargs["path"], kwargs["precision"])
+    else:
+        load_s, _, generate = openvino_session(kwargs["path"], kwargs["config"], size, kwargs["precision"])
+    print(json.dumps({"ready": load_s, "rss_gib": peak_rss_gib()}), flush=True)
+    for line in sys.stdin:
+        clock = StepClock()
+        e2e_s, _ = generate(int(line), size, clock)
+        print(json.dumps({"e2e_s": e2e_s, **clock.figures(), "rss_gib": peak_rss_gib()}), flush=True)
 
 
 # --- stable-diffusion.cpp ---------------------------------------------------------------------------------------
@@ -418,4 +459,7 @@ RUNNERS = {"sdstudio": sdstudio, "diffusers": diffusers, "openvino": openvino, "
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    print(json.dumps(RUNNERS[sys.argv[1]](**json.loads(sys.argv[2]))))
+    if sys.argv[1] == "step_worker":
+        step_worker(**json.loads(sys.argv[2]))
+    else:
+        print(json.dumps(RUNNERS[sys.argv[1]](**json.loads(sys.argv[2]))))
