@@ -30,18 +30,16 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from sdstudio.models.native import compiled_library, release_kernel_buffers, scratch
+from sdstudio.models.native import compiled_library, kernel_source, release_kernel_buffers, scratch
 from sdstudio.models.tuning import candidate_pays, cpu_description
 
 LONG_ATTENTION = 1024   # keys from this many tokens on go through OpenVINO (measured crossover: 77 no, 1024 yes)
-FLASH_SOURCE = Path(__file__).parent / "kernels" / "flash_attention.c"
 FLASH_MAX_WIDTH = 256   # head widths the flash kernel takes (even ones up to this)
 FLASH_MIN_SCORES = 16384   # scores per head from which it runs (measured, 8 heads: 256 × 77 1.1 vs PyTorch's 1.9
                            # ms, 64 × 77 0.59 vs 0.54)
@@ -93,7 +91,7 @@ def _flash_kernels() -> ctypes.CDLL | None:
     """The flash-attention kernel built for this machine; None without AVX512-BF16 or a C compiler."""
     if "avx512_bf16" not in cpu_description()[1].split():
         return None
-    kernels = compiled_library("flash_attention", FLASH_SOURCE.read_text())
+    kernels = compiled_library("flash_attention", kernel_source("flash_attention"))
     if kernels is not None:
         pointer, index = ctypes.c_void_p, ctypes.c_long
         kernels.pack.argtypes = [pointer, pointer, *[index] * 6, pointer, pointer, ctypes.c_int]

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 
 import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from sdstudio.models.native import compiled_library, scratch
+from sdstudio.models.native import compiled_library, kernel_source, scratch
 from sdstudio.models.tuning import candidate_pays, cpu_description
 
-GEGLU_SOURCE = Path(__file__).parent / "kernels" / "geglu.c"
 GEGLU_PANEL = 16       # the kernel's PANEL: the inner width must be a multiple of it
 GEGLU_MIN_ROWS = 1024  # fewer tokens stay with oneDNN: packing the weight is a bigger part there (SD1.5's 16² level,
                        # 512 with CFG, 1280 → 2 × 5120: 0.97×)
@@ -40,7 +38,7 @@ def _geglu_kernel() -> ctypes.CDLL | None:
     """The GEGLU kernel built for this machine; None without AVX512-BF16 or a C compiler."""
     if "avx512_bf16" not in cpu_description()[1].split():
         return None
-    kernel = compiled_library("geglu", GEGLU_SOURCE.read_text())
+    kernel = compiled_library("geglu", kernel_source("geglu"))
     if kernel is not None:
         pointer, index, count = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         kernel.pack_weight.argtypes = [pointer, index, index, index, pointer, count]
@@ -66,8 +64,9 @@ def geglu_kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """Whether `geglu_rows(x, weight, bias)` runs (bf16 CPU tensors assumed): at least GEGLU_MIN_ROWS rows of an
     even width, a weight with contiguous rows whose halves are multiples of GEGLU_PANEL, a bf16 bias or none, and the
     kernel built and measured faster here."""
-    return (x.shape[0] >= GEGLU_MIN_ROWS and (bias is None or bias.dtype == torch.bfloat16) and x.shape[1] % 2 == 0 and x.stride(1) == weight.stride(1) == 1
-            and weight.shape[0] % (2 * GEGLU_PANEL) == 0 and _geglu_kernel() is not None and geglu_kernel_pays())
+    return (x.shape[0] >= GEGLU_MIN_ROWS and x.shape[1] % 2 == 0 and x.stride(1) == weight.stride(1) == 1
+            and (bias is None or bias.dtype == torch.bfloat16) and weight.shape[0] % (2 * GEGLU_PANEL) == 0
+            and _geglu_kernel() is not None and geglu_kernel_pays())
 
 
 @functools.cache

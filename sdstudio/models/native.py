@@ -29,6 +29,15 @@ from sdstudio.models.tuning import cpu_description, kernel_cache_dir
 log = logging.getLogger(__name__)
 
 COMPILER_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+KERNELS = Path(__file__).parent / "kernels"
+
+
+def kernel_source(name: str) -> str:
+    """The text of kernels/<name>.c with each `#include "x.h"` of a header there replaced by that header's text: one
+    source for `compiled_library`, so a changed header changes the build's cache key too."""
+    lines = (KERNELS / f"{name}.c").read_text().splitlines()
+    return "\n".join((KERNELS / line.split('"')[1]).read_text() if line.startswith('#include "') else line
+                     for line in lines) + "\n"
 
 
 def compiled_library(name: str, source: str) -> ctypes.CDLL | None:

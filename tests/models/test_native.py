@@ -43,3 +43,18 @@ def test_scratch_buffers_are_reused_grown_and_released():
     assert set(native._buffers()) == {"test"}
     release_kernel_buffers()
     assert not native._buffers()
+
+
+def test_a_kernel_source_carries_its_headers_text(tmp_path, monkeypatch):
+    (tmp_path / "shared.h").write_text("static int twice(int x) { return 2 * x; }\n")
+    (tmp_path / "user.c").write_text('#include <stdint.h>\n#include "shared.h"\nint four(void) { return twice(2); }\n')
+    monkeypatch.setattr(native, "KERNELS", tmp_path)
+    source = native.kernel_source("user")
+    assert source == ("#include <stdint.h>\nstatic int twice(int x) { return 2 * x; }\n\n"
+                      "int four(void) { return twice(2); }\n")
+    (tmp_path / "shared.h").write_text("static int twice(int x) { return x + x; }\n")
+    assert native.kernel_source("user") != source     # a changed header: another build (the cache key is the text)
+    monkeypatch.undo()
+    for name in ("flash_attention", "geglu"):           # the real kernels: one text, no include of ours left
+        text = native.kernel_source(name)
+        assert '#include "' not in text and text.count("static inline __m512 exp2_ps") == 1

@@ -12,21 +12,11 @@
      3. o += p·v (ROWS × up to 3 width blocks in registers, over the chunk's pairs of keys).
    At the end each output row is o / sum, rounded to bf16. Keys are padded to a multiple of 32 with zeros, masked
    out of the maximum and of p. */
-#include <immintrin.h>
-#include <stdint.h>
-#include <string.h>
+#include "bf16_vector.h"
 
 #define ROWS 8          /* query rows per register tile */
 #define CHUNK 512       /* keys per online-softmax step: ROWS × CHUNK scores (16 KiB) stay in L1 */
 #define MAX_BLOCKS 16   /* widths up to 256 */
-
-typedef uint16_t bf16;
-
-static inline uint32_t pair_at(const bf16 *x) {
-  uint32_t pair;
-  memcpy(&pair, x, sizeof pair);
-  return pair;
-}
 
 /* keys and values of every (image, head): (images, tokens, heads · width) rows `stride` elements apart, padded to
    `padded` keys; kp and vp hold each (image, head) in turn */
@@ -51,17 +41,6 @@ void pack(const bf16 *k, const bf16 *v, long images, long heads, long stride, lo
       memset(value + width, 0, (blocks * 16 - width) * sizeof *value);
     }
   }
-}
-
-/* 2^x: 2^round(x) · 2^f with f in [−1/2, 1/2] by a cubic (relative error 7.5e-5, below bf16's rounding) */
-static inline __m512 exp2_ps(__m512 x) {
-  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(0.055171628f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24261117f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69326103f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992806f));
-  return _mm512_scalef_ps(p, n);   /* scalef(p, −1e30) = 0: masked scores vanish */
 }
 
 static inline __mmask16 first_lanes(long n) {

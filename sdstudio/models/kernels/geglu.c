@@ -1,8 +1,8 @@
 /* GEGLU of the bf16 CPU fast path on AVX512-BF16, one pass: y = (x·vᵀ + bv) · GELU(x·gᵀ + bg) for a feed-forward
    projection w = [v; g] (2 × out rows of `in`; diffusers' GEGLU splits proj(x) into value and gate), fp32 sums of bf16
    dot products (vdpbf16ps), the GELU and the product on the sums, rounded to bf16 once. oneDNN computes the two halves
-   as two products (the gate's written out and read back: SD1.5's 8192 × 320 → 2 × 1280 at ~60 % of these cores'
-   peak); this runs at ~90 %, the product's output half the width.
+   as two products, the gate's written out and read back (SD1.5's 8192 × 320 → 2 × 1280 at ~70 % of these cores'
+   bf16 peak); this runs it at ~87 % and writes only the result.
 
    `pack_weight` lays w out (once per call: a small pass next to the product) as wp[out / 16][in / 2][32]: per panel
    16 value columns then the same 16 gate columns, two bf16 of a column (inputs 2p, 2p + 1) per 32-bit lane. `geglu`
@@ -10,22 +10,13 @@
    32-bit broadcast of a row's pair of inputs (read straight from x) against the panel's two vectors. A thread goes
    through its tiles one block of panels (WEIGHT_BLOCK bytes, kept in its L2) at a time. The input width must be even
    and `out` a multiple of 16. */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "bf16_vector.h"
 
 #define ROWS 14         /* rows of x per register tile: 14 × 2 accumulators + 2 weight vectors + 1 broadcast */
 #define PANEL 16        /* output columns per packed panel (and as many gate columns) */
 #define WEIGHT_BLOCK (1 << 20)   /* bytes of packed weight a thread's tiles go through in turn */
-
-typedef uint16_t bf16;
-
-static inline uint32_t pair_at(const bf16 *x) {
-  uint32_t pair;
-  memcpy(&pair, x, sizeof pair);
-  return pair;
-}
 
 /* w: 2 × out rows of `in` bf16, `stride` apart (value rows, then gate rows) → wp[out / PANEL][in / 2][2 · PANEL] */
 void pack_weight(const bf16 *w, long stride, long out, long in, uint32_t *wp, int threads) {
@@ -65,18 +56,7 @@ static inline void store(bf16 *y, __m512 v) {
   _mm256_storeu_si256((__m256i *)y, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-/* 2^x: 2^round(x) · 2^f, f in [−1/2, 1/2], by a cubic (relative error 7.5e-5, below bf16's rounding) */
-static inline __m512 exp2_ps(__m512 x) {
-  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(0.055171628f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24261117f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69326103f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992806f));
-  return _mm512_scalef_ps(p, n);
-}
-
-/* GELU(g) = g · (1 + erf(g / √2)) / 2, erf by Abramowitz & Stegun 7.1.26 (error 1.5e-7, with the exp above ~1e-4) */
+/* GELU(g) = g · (1 + erf(g / √2)) / 2, erf by Abramowitz & Stegun 7.1.26 (error 1.5e-7; ~1e-4 with exp2_ps) */
 static inline __m512 gelu_ps(__m512 g) {
   __m512 z = _mm512_mul_ps(g, _mm512_set1_ps(0.70710678f));
   __m512 a = _mm512_abs_ps(z);
