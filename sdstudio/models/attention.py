@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from sdstudio.models.native import compiled_library, kernel_source, release_kernel_buffers, scratch
-from sdstudio.models.tuning import candidate_pays, cpu_description
+from sdstudio.models.native import avx512_bf16_library, release_kernel_buffers, scratch
+from sdstudio.models.tuning import candidate_pays
 
 LONG_ATTENTION = 1024   # keys from this many tokens on go through OpenVINO (measured crossover: 77 no, 1024 yes)
 FLASH_MAX_WIDTH = 256   # head widths the flash kernel takes (even ones up to this)
@@ -89,9 +89,7 @@ def openvino_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
 @functools.cache
 def _flash_kernels() -> ctypes.CDLL | None:
     """The flash-attention kernel built for this machine; None without AVX512-BF16 or a C compiler."""
-    if "avx512_bf16" not in cpu_description()[1].split():
-        return None
-    kernels = compiled_library("flash_attention", kernel_source("flash_attention"))
+    kernels = avx512_bf16_library("flash_attention")
     if kernels is not None:
         pointer, index = ctypes.c_void_p, ctypes.c_long
         kernels.pack.argtypes = [pointer, pointer, *[index] * 6, pointer, pointer, ctypes.c_int]

@@ -21,8 +21,8 @@ import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from sdstudio.models.native import compiled_library, kernel_source, scratch
-from sdstudio.models.tuning import candidate_pays, cpu_description
+from sdstudio.models.native import avx512_bf16_library, scratch
+from sdstudio.models.tuning import candidate_pays
 
 GEGLU_PANEL = 16       # the kernel's PANEL: the inner width must be a multiple of it
 GEGLU_MIN_ROWS = 1024  # fewer tokens stay with oneDNN: packing the weight is a bigger part there (SD1.5's 16² level,
@@ -36,9 +36,7 @@ def fast_cpu_tensor(x: torch.Tensor) -> bool:
 @functools.cache
 def _geglu_kernel() -> ctypes.CDLL | None:
     """The GEGLU kernel built for this machine; None without AVX512-BF16 or a C compiler."""
-    if "avx512_bf16" not in cpu_description()[1].split():
-        return None
-    kernel = compiled_library("geglu", kernel_source("geglu"))
+    kernel = avx512_bf16_library("geglu")
     if kernel is not None:
         pointer, index, count = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         kernel.pack_weight.argtypes = [pointer, index, index, index, pointer, count]

@@ -62,6 +62,14 @@ def compiled_library(name: str, source: str) -> ctypes.CDLL | None:
         return None
 
 
+def avx512_bf16_library(name: str) -> ctypes.CDLL | None:
+    """kernels/<name>.c built for this machine (`compiled_library` of `kernel_source`) where the CPU has
+    AVX512-BF16 (its vdpbf16ps products); None elsewhere, or without a C compiler."""
+    if "avx512_bf16" not in cpu_description()[1].split():
+        return None
+    return compiled_library(name, kernel_source(name))
+
+
 _local = threading.local()
 
 
