@@ -24,6 +24,7 @@ SD15_STEPS = 20     # the end-to-end image; per-step time is the median of the i
 SDXL_STEPS = 3      # a 1024² SDXL step is a minute or more here: the first step plus two measured ones
 SDCPP_STEPS = 4     # stable-diffusion.cpp: ~45 s a step here; its 20-step time is extended from 4 measured steps
 OUTLIERS_ROW = "sdstudio --precision int8, the file with outlier channels"   # same function (synthetic.py)
+NOTES = Path(__file__).with_name("generate_notes.md")   # hand-kept notes on the rows, put in with every run
 
 
 def selected(name: str) -> bool:
@@ -184,10 +185,11 @@ def main() -> None:
         rows(images, results[key])
         store.write_text(json.dumps(results, indent=1))   # kept after each model: a later crash loses nothing
     sd15, sdxl = results["sd15"], results["sdxl"]
+    notes = f"{NOTES.read_text().strip()}\n\n" if NOTES.exists() else ""
     body = (f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/generate.py` (runners: "
             "`bench/runners.py`). Same full-size random-weight fp16 file for every engine; Euler, CFG 7, batch 1, "
             "seed 1; per-step = median of the step intervals after the first; each engine in a fresh process, one "
-            "after another on an otherwise idle machine. Ratios > 1 = faster.\n\n"
+            f"after another on an otherwise idle machine. Ratios > 1 = faster.\n\n{notes}"
             f"### SD1.5, 512×512\n\n{sd15_table(sd15)}\n\n### SDXL, 1024×1024\n\n{sdxl_table(sdxl)}\n\n"
             f"### Quality guard\n\n{quality(images)}")
     print(body)
