@@ -16,16 +16,14 @@ import ctypes
 import functools
 import math
 import os
-from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from sdstudio.errors import ModelFileError
 from sdstudio.files.readers import MappedFile, copy_converting, file_region, open_mapped_file, release_file_pages
-from sdstudio.models.native import compiled_library
+from sdstudio.models.native import compiled_library, kernel_source
 
-KERNEL_SOURCE = Path(__file__).parent / "kernels" / "read_weights.c"
 # (file dtype, copy dtype) -> the kernel's conversion code (kernels/read_weights.c)
 CONVERSIONS = {(torch.float16, torch.float16): 0, (torch.bfloat16, torch.bfloat16): 0,
                (torch.float16, torch.bfloat16): 1, (torch.float32, torch.bfloat16): 2}
@@ -106,7 +104,7 @@ def _rows_channels_taps(copy: torch.Tensor) -> tuple[int, int, int]:
 
 @functools.cache
 def _kernels() -> ctypes.CDLL | None:
-    kernels = compiled_library("read_weights", KERNEL_SOURCE.read_text())
+    kernels = compiled_library("read_weights", kernel_source("read_weights"))
     if kernels is not None:
         long_pointer = ctypes.POINTER(ctypes.c_long)
         kernels.read_weights.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, long_pointer, ctypes.c_void_p,
