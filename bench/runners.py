@@ -76,11 +76,11 @@ def sdstudio_session(path: str, precision: str, device: str = "cpu"):
     """sdstudio loaded (`load_checkpoint(dtype=…, device=…)`, what the CLI and server run): (load seconds, model,
     generate) where generate(steps, size, clock) runs `txt2img` and returns (seconds, result)."""
     from sdstudio.files.hashing import sha256_file
-    from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
+    from sdstudio.models.checkpoint import load_checkpoint, precision_options
     from sdstudio.pipeline import txt2img
 
-    load_s, model = timed(load_on, device, load_checkpoint, path, dtype=resolve_precision(precision, device),
-                          device=device, int8_linears=precision == "int8")
+    load_s, model = timed(load_on, device, load_checkpoint, path, device=device,
+                          **precision_options(precision, device))
     model_hash = sha256_file(path)   # the infotext's model hash: the server and CLI keep it in their hash cache
 
     def generate(steps: int, size: int, clock: StepClock):
@@ -118,10 +118,10 @@ def sdstudio_options(path: str, precision: str, steps: int, size: int, options: 
     its image against the plain one; then 2 steps at `step_size`² for the names in `step_options` (per-step only)."""
     from common import psnr
 
-    from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
+    from sdstudio.models.checkpoint import load_checkpoint, precision_options
     from sdstudio.pipeline import txt2img
 
-    model = load_checkpoint(path, dtype=resolve_precision(precision))
+    model = load_checkpoint(path, **precision_options(precision))
 
     def run(side: int, count: int, fields: dict):
         clock = StepClock()
@@ -377,10 +377,10 @@ def sdstudio_lora(path: str, precision: str, lora_a: str, lora_b: str) -> dict:
     """sdstudio's in-place LoRA patching (what `<lora:…>` in a prompt does): apply, same set again, switch, remove;
     and a small UNet call (8×8 latent, CFG batch) right after the switch and again: what follows a patch before the
     next step (the int8 path packs the changed weights there)."""
-    from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
+    from sdstudio.models.checkpoint import load_checkpoint, precision_options
     from sdstudio.models.lora import AppliedLora, LoraSet
 
-    model = load_checkpoint(path, dtype=resolve_precision(precision), int8_linears=precision == "int8")
+    model = load_checkpoint(path, **precision_options(precision))
     unet = model.unet
     sample = torch.zeros(2, 4, 8, 8, dtype=unet.dtype)
     context = torch.zeros(2, 77, unet.config.cross_attention_dim, dtype=unet.dtype)

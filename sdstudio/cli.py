@@ -99,7 +99,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def _load_model(args: argparse.Namespace, catalog, infotext_params: dict[str, str] | None = None):
     """The checkpoint named by --ckpt (a path or a catalog name/hash), else the infotext's model, else the first
     checkpoint in `catalog`; with --vae (Automatic / None / a VAE name or path) applied."""
-    from sdstudio.models.checkpoint import load_checkpoint, resolve_precision
+    from sdstudio.models.checkpoint import load_checkpoint, precision_options
     from sdstudio.models.converted import converted_weights
     from sdstudio.models.device import resolve_device
     from sdstudio.models.vae import resolve_vae
@@ -119,8 +119,8 @@ def _load_model(args: argparse.Namespace, catalog, infotext_params: dict[str, st
     if converted:
         atexit.register(converted.wait)  # a one-shot command still leaves the converted weights for the next run
     device = resolve_device(args.device)
-    return load_checkpoint(path, vae=vae, use_ema=args.ema, dtype=resolve_precision(args.precision, device),
-                           converted=converted, device=device, int8_linears=args.precision == "int8")
+    return load_checkpoint(path, vae=vae, use_ema=args.ema, converted=converted, device=device,
+                           **precision_options(args.precision, device))
 
 
 def _gib(size: float) -> int:

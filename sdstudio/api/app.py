@@ -20,7 +20,7 @@ from sdstudio import __version__, pipeline
 from sdstudio.api.schemas import Img2ImgRequest, PngInfoRequest, TokensRequest, Txt2ImgRequest
 from sdstudio.errors import InvalidRequestError, SDStudioError
 from sdstudio.images.infotext import encode_image, parse_infotext, read_infotext
-from sdstudio.models.checkpoint import resolve_precision
+from sdstudio.models.checkpoint import precision_options
 from sdstudio.models.converted import DEFAULT_BUDGET as CONVERTED_DEFAULT_BUDGET
 from sdstudio.models.device import device_memory, resolve_device
 from sdstudio.sampling import registry
@@ -441,7 +441,7 @@ def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: boo
           converted_cache_bytes: int = CONVERTED_DEFAULT_BUDGET, device: str = "auto") -> None:
     """Run the server (blocking). `--listen` binds every interface and needs `--api-auth` unless `--insecure`;
     `device` names where models run (models/device.py) and `precision` the dtype they load in
-    (models.checkpoint.resolve_precision; `int8`: with int8 linears); `converted_cache_bytes` bounds the
+    (models.checkpoint.precision_options; `int8`: with int8 linears); `converted_cache_bytes` bounds the
     converted weights kept on disk (models/converted.py; 0 = none)."""
     import uvicorn
 
@@ -455,8 +455,8 @@ def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 7860, listen: boo
         if made:
             print(f"models/Stable-diffusion was empty: wrote a DEMO checkpoint with random weights: {made}")
     where = resolve_device(device)
-    engine = Engine(data_dir, dtype=resolve_precision(precision, where), converted_cache_bytes=converted_cache_bytes,
-                    device=where, int8_linears=precision == "int8")
+    engine = Engine(data_dir, converted_cache_bytes=converted_cache_bytes, device=where,
+                    **precision_options(precision, where))
     flags = {"data_dir": str(data_dir), "host": host, "port": port, "listen": listen, "api_auth": bool(api_auth),
              "precision": precision, "device": str(where)}
 

@@ -141,11 +141,12 @@ def text_config(weights: Mapping[str, Any], kind: str, where: str = "<text encod
 
 
 def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
-                   where: str, convolutional: bool = False,
+                   where: str, convolutional: bool = False, fast_fp32: bool = False,
                    keep_mapped: Collection[str] = ()) -> torch.nn.Module:
     """Load `weights` into a meta-device `module` by assignment (no copy when dtypes already match). A
-    `convolutional` CPU model in half precision (the fast path) gets its 4-D weights channels-last, the layout oneDNN
-    runs fastest, in the same copy as the dtype conversion; fp32 keeps the default layout (the exact reference).
+    `convolutional` CPU model in half precision, or in fp32 for the `fast_fp32` path, gets its 4-D weights
+    channels-last, the layout oneDNN and the Winograd kernels run fastest, in the same copy as the dtype conversion;
+    fp32 otherwise keeps the default layout (the exact reference).
     The weights named in `keep_mapped` stay the file's own tensors, in its dtype, where they are views of a mapped
     file (the int8 path packs its copies from them, then lets their pages go: models/int8.py)."""
     expected = module.state_dict()
@@ -162,7 +163,7 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
     half = (dtype or weights_dtype(weights)) in (torch.bfloat16, torch.float16)
     kept = {k: v for k, v in weights.items() if k in keep_mapped and is_file_mapped(v)}
     weights = kept | converted_weights({k: v for k, v in weights.items() if k not in kept}, dtype,
-                                       channels_last=convolutional and half)
+                                       channels_last=convolutional and (half or fast_fp32))
     module.load_state_dict(weights, strict=True, assign=True)
     _materialise_meta_buffers(module)
     return module.eval().requires_grad_(False)
@@ -188,21 +189,24 @@ def _materialise_meta_buffers(module: torch.nn.Module) -> None:
 
 def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int | None = None,
                dtype: torch.dtype | None = None, where: str = "<unet>",
-               device: torch.device | str = "cpu", int8_linears: bool = False) -> UNet2DConditionModel:
+               device: torch.device | str = "cpu", int8_linears: bool = False,
+               fast_fp32: bool = False) -> UNet2DConditionModel:
     """UNet2DConditionModel from diffusers-named weights, built on the CPU to run on `device` (the caller moves it);
     a bf16 UNet for the CPU (the CPU fast path) gets the fast CPU attention (models/attention.py), fused layers
     (models/fused.py) and Winograd convolutions (models/winograd.py), and with `int8_linears` int8 linears in its
     transformers (models/int8.py), whose weights stay the file's (not converted: only their packed copies stay in
-    memory)."""
+    memory); an fp32 one with `fast_fp32` (`--precision auto` where the CPU has no native bf16 math) gets
+    channels-last weights, the fused layers and the near-exact fp32 Winograd convolutions."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     on_cpu = _runs_on_cpu(device)
     packed_int8 = int8_linears and on_cpu and dtype == torch.bfloat16 and int8_available()
-    unet = assign_weights(unet, weights, dtype, where, convolutional=on_cpu,
+    unet = assign_weights(unet, weights, dtype, where, convolutional=on_cpu, fast_fp32=fast_fp32,
                           keep_mapped=int8_weight_names(unet) if packed_int8 else ())
-    if unet.dtype == torch.bfloat16 and on_cpu:
-        use_fast_cpu_attention(unet)
+    if on_cpu and _fast_path(unet, fast_fp32):
+        if unet.dtype == torch.bfloat16:
+            use_fast_cpu_attention(unet)
         use_fused_layers(unet)
         use_winograd_convolutions(unet)
         if int8_linears:
@@ -213,24 +217,32 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
 
 
 def build_vae(weights: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype | None = None,
-              where: str = "<vae>", device: torch.device | str = "cpu") -> AutoencoderKL:
+              where: str = "<vae>", device: torch.device | str = "cpu", fast_fp32: bool = False) -> AutoencoderKL:
     """AutoencoderKL from diffusers-named weights, built on the CPU to run on `device`; a bf16 one for the CPU (the
     CPU fast path) gets the fast CPU attention (models/attention.py: its attention block by blocks of rows) and
-    Winograd convolutions (models/winograd.py; vae.decode and vae.encode release their buffers)."""
-    return vae_from_config(vae_config(weights, family, where), weights, dtype, where, device)
+    Winograd convolutions (models/winograd.py; vae.decode and vae.encode release their buffers), an fp32 one with
+    `fast_fp32` channels-last weights and the fp32 Winograd convolutions."""
+    return vae_from_config(vae_config(weights, family, where), weights, dtype, where, device, fast_fp32)
 
 
 def vae_from_config(config: Mapping[str, Any], weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
-                    where: str, device: torch.device | str) -> AutoencoderKL:
+                    where: str, device: torch.device | str, fast_fp32: bool = False) -> AutoencoderKL:
     """build_vae's module from its diffusers config (a copy of a loaded VAE in another dtype is built the same way)."""
     with torch.device("meta"):
         vae = AutoencoderKL(**config)
     on_cpu = _runs_on_cpu(device)
-    vae = assign_weights(vae, weights, dtype, where, convolutional=on_cpu)
-    if vae.dtype == torch.bfloat16 and on_cpu:
-        use_fast_cpu_attention(vae)
+    vae = assign_weights(vae, weights, dtype, where, convolutional=on_cpu, fast_fp32=fast_fp32)
+    if on_cpu and _fast_path(vae, fast_fp32):
+        if vae.dtype == torch.bfloat16:
+            use_fast_cpu_attention(vae)
         use_winograd_convolutions(vae)
     return vae
+
+
+def _fast_path(model: torch.nn.Module, fast_fp32: bool) -> bool:
+    """Whether a CPU model gets a fast path's kernels: bf16 always, fp32 with `fast_fp32` (the exact reference
+    without)."""
+    return model.dtype == torch.bfloat16 or (fast_fp32 and model.dtype == torch.float32)
 
 
 def _runs_on_cpu(device: torch.device | str) -> bool:

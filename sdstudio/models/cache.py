@@ -28,10 +28,11 @@ class CheckpointCache:
     """`get()` returns a cached model or loads it; the current model changes only after a successful load."""
 
     def __init__(self, budget_bytes: int = DEFAULT_BUDGET, converted: ConvertedWeights | None = None,
-                 int8_linears: bool = False):
+                 int8_linears: bool = False, fast_fp32: bool = False):
         self.budget = budget_bytes
         self.converted = converted    # converted weights kept on disk between processes (models/converted.py)
         self.int8_linears = int8_linears   # every model's UNet transformer linears in int8 (`--precision int8`)
+        self.fast_fp32 = fast_fp32         # every fp32 model with the fast kernels (`--precision auto`, no bf16)
         self._models: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
         self.current: LoadedCheckpoint | None = None
 
@@ -45,7 +46,7 @@ class CheckpointCache:
         model = self._models.get(key)
         if model is None:   # raises: nothing changes
             model = load_checkpoint(path, use_ema=use_ema, dtype=dtype, converted=self.converted, device=device,
-                                    int8_linears=self.int8_linears)
+                                    int8_linears=self.int8_linears, fast_fp32=self.fast_fp32)
             self._models[key] = model
             self._evict(keep=key)
         self._models.move_to_end(key)

@@ -40,13 +40,22 @@ def fast_cpu_dtype() -> torch.dtype:
 def resolve_precision(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     """torch dtype for a `--precision` name; `auto` is the fast path of the device: fp16 on a CUDA GPU (as A1111
     runs), on the CPU fast_cpu_dtype; `int8` (the CPU only) is the CPU's fast path whose UNet transformers' linears
-    then run in int8 (load_checkpoint's `int8_linears`)."""
+    then run in int8 (load_checkpoint's `int8_linears`). `precision_options` gives all of a name's load options."""
     on_gpu = torch.device(device).type == "cuda"
     if name == "int8" and on_gpu:
         raise SDStudioError("--precision int8 is for the CPU; on a GPU use auto, fp16 or bf16")
     if name not in ("auto", "int8"):
         return DTYPES[name]
     return torch.float16 if on_gpu else fast_cpu_dtype()
+
+
+def precision_options(name: str, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """load_checkpoint's arguments for a `--precision` name on `device`: `dtype` (resolve_precision), `int8_linears`
+    (`int8`) and `fast_fp32` (`auto` where the CPU has no native bf16 math: fp32 with the near-exact fast kernels;
+    `fp32` stays the exact reference)."""
+    dtype = resolve_precision(name, device)
+    return {"dtype": dtype, "int8_linears": name == "int8",
+            "fast_fp32": name == "auto" and dtype == torch.float32 and torch.device(device).type == "cpu"}
 
 
 @dataclass
@@ -73,6 +82,7 @@ class LoadedCheckpoint:
     load_seconds: float = 0.0
     metadata: dict[str, str] = field(default_factory=dict)
     patcher: Any = None                   # the one WeightPatcher of this model's weights (models/patcher.py)
+    fast_fp32: bool = False               # an fp32 model with the fast kernels (`--precision auto`, no bf16 CPU)
 
     @property
     def family(self) -> str:
@@ -87,11 +97,12 @@ class LoadedCheckpoint:
 def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bool = False,
                     dtype: torch.dtype | str = torch.float32,
                     converted: ConvertedWeights | None = None, device: torch.device | str = "cpu",
-                    int8_linears: bool = False) -> LoadedCheckpoint:
+                    int8_linears: bool = False, fast_fp32: bool = False) -> LoadedCheckpoint:
     """Load a checkpoint file (.safetensors/.ckpt) as modules on `device`; `vae` = a standalone VAE file to use
     instead of the baked-in one; `use_ema` selects the EMA UNet weights when the file has them (A1111 uses the main
     ones); `converted` = the on-disk cache of converted weights to read from and fill (models/converted.py);
-    `int8_linears` = a bf16 CPU UNet's transformer linears run in int8 (`--precision int8`, models/int8.py)."""
+    `int8_linears` = a bf16 CPU UNet's transformer linears run in int8 (`--precision int8`, models/int8.py);
+    `fast_fp32` = an fp32 CPU model runs the near-exact fast kernels (models/build.py; `precision_options`)."""
     from sdstudio.models.vae import load_vae_module  # vae.py imports this module's types
 
     start = time.perf_counter()
@@ -111,16 +122,18 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
                                    "UNet-only files are not supported")
     file_weights = {"unet": parts.unet, **({"vae": parts.vae} if parts.vae else {}),
                     **{f"text{i}": p.weights for i, p in enumerate(parts.text_encoders)}}
-    stored = converted.read(path, dtype, use_ema) if converted else None
+    stored = converted.read(path, dtype, use_ema, fast_fp32) if converted else None
     weights = stored if stored is not None and stored.keys() == file_weights.keys() else file_weights
     encoders = [TextEncoder(TEXT_KIND_OF_PREFIX[p.prefix], build_text_encoder(
                     weights[f"text{i}"], TEXT_KIND_OF_PREFIX[p.prefix], dtype, f"{where} ({p.prefix})"))
                 for i, p in enumerate(parts.text_encoders)]
     pooled_dim = getattr(encoders[-1].model.config, "projection_dim", None)
-    unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)", device, int8_linears)
-    own_vae = build_vae(weights["vae"], info.family, dtype, f"{where} (VAE)", device) if "vae" in weights else None
-    if converted and weights is file_weights and worth_storing(weights_dtype(parts.unet), dtype, device):
-        converted.write(path, dtype, use_ema, {"unet": unet.state_dict()}
+    unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)", device, int8_linears,
+                      fast_fp32)
+    own_vae = (build_vae(weights["vae"], info.family, dtype, f"{where} (VAE)", device, fast_fp32)
+               if "vae" in weights else None)
+    if converted and weights is file_weights and worth_storing(weights_dtype(parts.unet), dtype, device, fast_fp32):
+        converted.write(path, dtype, use_ema, fast_fp32, {"unet": unet.state_dict()}
                         | ({"vae": own_vae.state_dict()} if own_vae else {})
                         | {f"text{i}": text_encoder_keys_as_ours(e.model.state_dict()) for i, e in enumerate(encoders)})
     for module in [unet, own_vae] + [e.model for e in encoders]:
@@ -131,9 +144,9 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     alphas = parts.extras.get("alphas_cumprod")
     loaded = LoadedCheckpoint(path=path, info=info, unet=unet, vae=own_vae, text_encoders=encoders,
                               alphas_cumprod=alphas.float() if alphas is not None else None, dtype=dtype,
-                              own_vae=own_vae)
+                              own_vae=own_vae, fast_fp32=fast_fp32)
     if vae is not None:
-        loaded.vae = load_vae_module(vae, info.family, dtype, device)
+        loaded.vae = load_vae_module(vae, info.family, dtype, device, fast_fp32)
         loaded.vae_path = Path(vae)
     elif own_vae is None:
         raise ModelFileError(path, "has no VAE weights (first_stage_model.*); choose an external VAE")

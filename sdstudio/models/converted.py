@@ -36,11 +36,12 @@ HALF_TYPES = (torch.float16, torch.bfloat16)
 STALE_PARTIAL_SECONDS = 3600  # a write this old without finishing belongs to a process that is gone
 
 
-def worth_storing(file_dtype: torch.dtype | None, dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+def worth_storing(file_dtype: torch.dtype | None, dtype: torch.dtype, device: torch.device | str = "cpu",
+                  fast_fp32: bool = False) -> bool:
     """Whether loading a file of `file_dtype` as `dtype` for `device` copies weights (a dtype change, or the
-    channels-last relayout of the CPU's half-precision path); a load in the file's dtype otherwise maps the file
-    (a GPU's then copies it to the device) and needs no cache."""
-    return file_dtype != dtype or (dtype in HALF_TYPES and torch.device(device).type == "cpu")
+    channels-last relayout of the CPU's half-precision and fast fp32 paths); a load in the file's dtype otherwise
+    maps the file (a GPU's then copies it to the device) and needs no cache."""
+    return file_dtype != dtype or ((dtype in HALF_TYPES or fast_fp32) and torch.device(device).type == "cpu")
 
 
 def converted_weights(data_dir: Path, budget_bytes: int = DEFAULT_BUDGET) -> ConvertedWeights | None:
@@ -57,17 +58,20 @@ class ConvertedWeights:
         self._writers: list[threading.Thread] = []
         self._lock = threading.Lock()     # one write (and trim) at a time
 
-    def path_for(self, source: Path, dtype: torch.dtype, use_ema: bool) -> Path:
-        """The cache file of one file version loaded one way by these library versions (their module key names)."""
+    def path_for(self, source: Path, dtype: torch.dtype, use_ema: bool, fast_fp32: bool = False) -> Path:
+        """The cache file of one file version loaded one way (dtype, EMA, the fast fp32 path's layout) by these
+        library versions (their module key names)."""
         stat = source.stat()
         key = json.dumps([FORMAT, sdstudio.__version__, diffusers.__version__, transformers.__version__,
-                          str(source.resolve()), stat.st_size, stat.st_mtime_ns, str(dtype), use_ema])
+                          str(source.resolve()), stat.st_size, stat.st_mtime_ns, str(dtype), use_ema]
+                         + (["fast fp32"] if fast_fp32 else []))   # (the other loads' keys as before)
         return self.folder / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
-    def read(self, source: Path, dtype: torch.dtype, use_ema: bool) -> dict[str, dict[str, torch.Tensor]] | None:
-        """{part: {key: tensor}} as written by `write` for this file version and dtype, or None (not cached,
-        damaged or unreadable: the caller loads from the source)."""
-        path = self.path_for(source, dtype, use_ema)
+    def read(self, source: Path, dtype: torch.dtype, use_ema: bool,
+             fast_fp32: bool = False) -> dict[str, dict[str, torch.Tensor]] | None:
+        """{part: {key: tensor}} as written by `write` for this file version and way of loading, or None (not
+        cached, damaged or unreadable: the caller loads from the source)."""
+        path = self.path_for(source, dtype, use_ema, fast_fp32)
         if not path.is_file():
             return None
         try:
@@ -86,7 +90,7 @@ class ConvertedWeights:
             parts.setdefault(part, {})[key] = tensor
         return parts
 
-    def write(self, source: Path, dtype: torch.dtype, use_ema: bool,
+    def write(self, source: Path, dtype: torch.dtype, use_ema: bool, fast_fp32: bool,
               parts: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Store the converted parts ({part: state dict}) of `source` in a background thread (writing GBs takes
         seconds; the weights are never written in place, so generating meanwhile is safe), then trim the folder to
@@ -103,7 +107,7 @@ class ConvertedWeights:
         for name, order in permuted.items():
             tensors[name] = tensors[name].permute(order)
         metadata = {"format": FORMAT, "source": str(source), "permuted": json.dumps(permuted)}
-        path = self.path_for(source, dtype, use_ema)
+        path = self.path_for(source, dtype, use_ema, fast_fp32)
         writer = threading.Thread(target=self._store, args=(path, tensors, metadata, size), daemon=True,
                                   name=f"sdstudio-convert-cache-{source.name}")
         self._writers = [w for w in self._writers if w.is_alive()] + [writer]

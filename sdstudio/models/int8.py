@@ -253,7 +253,8 @@ def int8_available() -> bool:
 def int8_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this call of a linear runs in int8: a bf16 CPU input without gradients, a CPU weight, int8 available
     here."""
-    return (fast_cpu_tensor(x) and weight.device.type == "cpu" and weight.is_floating_point()
+    return (fast_cpu_tensor(x) and x.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and weight.is_floating_point()
             and x.shape[-1] == weight.shape[1] and int8_available())
 
 

@@ -66,9 +66,10 @@ def vae_family(path: str | Path, latent_channels: int, metadata: dict[str, str])
     return "sdxl" if XL_NAME.search(Path(path).stem) else None
 
 
-def load_vae_module(path: str | Path, family: str, dtype: torch.dtype,
-                    device: torch.device | str = "cpu") -> AutoencoderKL:
-    """Build an AutoencoderKL on `device` from a standalone VAE file after checking it fits `family`."""
+def load_vae_module(path: str | Path, family: str, dtype: torch.dtype, device: torch.device | str = "cpu",
+                    fast_fp32: bool = False) -> AutoencoderKL:
+    """Build an AutoencoderKL on `device` from a standalone VAE file after checking it fits `family` (`fast_fp32`:
+    models/build.build_vae)."""
     path = Path(path)
     infos, metadata = read_tensor_infos(path)
     latent = next((int(t.shape[0]) for k, t in infos.items() if k.endswith("post_quant_conv.weight")), None)
@@ -82,7 +83,7 @@ def load_vae_module(path: str | Path, family: str, dtype: torch.dtype,
         raise ModelFileError(path, f"this is an SDXL VAE; the loaded model is {family}: pick an SD1/SD2 VAE")
     if kind == "sd" and wants_xl:
         raise ModelFileError(path, f"this is an SD1/SD2 VAE; the loaded model is {family}: pick an SDXL VAE")
-    return build_vae(vae_weights(path), family, dtype, str(path), device).to(device)
+    return build_vae(vae_weights(path), family, dtype, str(path), device, fast_fp32).to(device)
 
 
 def find_automatic_vae(checkpoint: Path, candidates: Iterable[Path]) -> Path | None:
@@ -115,7 +116,8 @@ def swap_vae(model: LoadedCheckpoint, path: str | Path | None) -> None:
         return
     if model.vae_path is not None and Path(path) == model.vae_path:
         return
-    new_vae = load_vae_module(path, model.family, model.dtype, model.device)  # raises before anything changes
+    # raises before anything changes
+    new_vae = load_vae_module(path, model.family, model.dtype, model.device, model.fast_fp32)
     model.vae, model.vae_path = new_vae, Path(path)
 
 

@@ -1,22 +1,28 @@
-"""3×3 convolutions of the bf16 CPU fast path by Winograd's minimal filtering F(m×m, 3×3).
+"""3×3 convolutions of the CPU fast paths by Winograd's minimal filtering F(m×m, 3×3): bf16 (AMX / AVX512-BF16) and
+fp32 (`--precision auto` on CPUs without native bf16 math).
 
-A UNet step (and a VAE decode) is mostly 3×3 convolutions, and oneDNN already runs them near these cores' bf16
-peak, so only less arithmetic makes them faster. Winograd computes each m×m output tile from an (m+2)² input tile
-as (m+2)² independent products over channels: 4 products per output instead of 9 for F(2×2, 3×3). In steps:
+A UNet step (and a VAE decode) is mostly 3×3 convolutions, and oneDNN already runs them near these cores' peak, so
+only less arithmetic makes them faster. Winograd computes each m×m output tile from an (m+2)² input tile as (m+2)²
+independent products over channels: 4 products per output instead of 9 for F(2×2, 3×3), 2.25 for F(4×4, 3×3).
+The tile follows the dtype (TILINGS): bf16 takes F(2×2) (per-layer error 1.9× the direct bf16 convolution's: its
+8 bits of mantissa leave no room for F(4×4)'s larger transforms, 7×); fp32 takes F(4×4), whose error stays at
+2–3e-6 (the direct fp32 convolution's: 1e-6), so the fp32 fast path is near-exact. In steps:
 
-1. input transform: every (m+2)² tile of the zero-padded input, d → Bᵀ·d·B, in fp32, stored bf16 as
+1. input transform: every (m+2)² tile of the zero-padded input, d → Bᵀ·d·B, in fp32, stored in the dtype as
    V[(m+2)², tiles, channels in];
-2. weight transform: every 3×3 filter g → G·g·Gᵀ, stored bf16 as U[(m+2)², channels out, channels in] (done per
-   call from the layer's current weight, so a LoRA patch needs nothing and no second copy of the weights stays);
-3. (m+2)² matrix products V[i]·U[i]ᵀ by oneDNN (torch.bmm), the bulk of the time: 4/9 of the direct arithmetic;
-4. output transform: Aᵀ·M·A per tile in fp32, plus the bias, written bf16 into the channels-last output.
+2. weight transform: every 3×3 filter g → G·g·Gᵀ, stored in the dtype as U[(m+2)², channels out, channels in] (done
+   per call from the layer's current weight, so a LoRA patch needs nothing and no second copy of the weights stays);
+3. (m+2)² matrix products V[i]·U[i]ᵀ by oneDNN (torch.bmm), the bulk of the time;
+4. output transform: Aᵀ·M·A per tile in fp32, plus the bias, written into the channels-last output.
 
 The transforms are C loops over channels (vectorised by the compiler), generated from the matrices below and
-compiled once per machine (models/native.py). Where there is no compiler, and for any convolution outside the narrow
-case (another dtype or device, gradients, channels not a multiple of 16, too few channels or tiles to pay for the
-transforms), and on a machine where Winograd does not beat the direct convolution (`winograd_pays`, measured once
-per machine: models/tuning.py), the layer runs oneDNN's direct convolution as before — except small images (too few
-tiles) of shapes where one matrix product over the unfolded neighbourhoods was measured faster (`unfolded_pays`).
+compiled once per machine and dtype (models/native.py). Where there is no compiler, and for any convolution outside
+the narrow case (another dtype or device, gradients, channels not a multiple of 16, too few channels or tiles to pay
+for the transforms), and on a machine where Winograd does not beat the direct convolution (`winograd_pays`, measured
+once per machine and dtype: models/tuning.py), the layer runs oneDNN's direct convolution as before — except small
+bf16 images (too few tiles) of shapes where one matrix product over the unfolded neighbourhoods was measured faster
+(`unfolded_pays`). Only models built for a fast path get these layers (models/build.py): the fp32 reference stays
+torch's own.
 """
 from __future__ import annotations
 
@@ -29,16 +35,22 @@ import torch.nn.functional as F
 from sdstudio.models.native import compiled_library, release_kernel_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 
-OUTPUT_TILE = 2        # F(2×2, 3×3): per-layer error 1.9× the direct bf16 convolution's (F(4×4) was 7×)
-POINTS = (0.0, 1.0, -1.0)   # Toom-Cook interpolation points (and ∞) for F(2, 3)
+# per dtype: the output tile m and the Toom-Cook interpolation points (and ∞) of F(m×m, 3×3)
+TILINGS = {torch.bfloat16: (2, (0.0, 1.0, -1.0)),
+           torch.float32: (4, (0.0, 1.0, -1.0, 0.5, -2.0))}   # error 1.7e-6 (±2: 2.6e-6, ±½: 2.6e-6)
+C_TYPES = {torch.bfloat16: "uint16_t", torch.float32: "float"}
 CHANNEL_BLOCK = 16     # channels per vector loop in the C transforms; channel counts must be multiples of it
-MIN_CHANNELS = 256     # narrower layers (the VAE's 128-channel ones at 512²: 198 vs 188 ms direct) do not pay
-MIN_TILES = 128        # fewer output tiles (SD1.5's 8×8 level: 32 with CFG) do not pay for the weight transform
+# narrower layers do not pay: bf16's the VAE's 128-channel ones at 512² (198 vs 188 ms direct); fp32 F(4×4)'s are
+# 1.3–1.9× faster there, 64 channels at 256² 1.1×
+MIN_CHANNELS = {torch.bfloat16: 256, torch.float32: 128}
+# fewer output tiles do not pay for the weight transform: bf16's SD1.5 8×8 level (32 with CFG); fp32 F(4×4), 4 times
+# the arithmetic saved per tile, is 1.9× faster there with 4 tiles (1280 → 1280, batch 1)
+MIN_TILES = {torch.bfloat16: 128, torch.float32: 4}
 CHUNK_BYTES = 16 << 20  # at most this much transformed input (a part of the tiles) and transformed weight (a part of
                         # the output channels) at once: bounds the buffers (the transformed input is 4× the input)
 
 
-def winograd_matrices(m: int = OUTPUT_TILE, points: tuple[float, ...] = POINTS) -> tuple[torch.Tensor, ...]:
+def winograd_matrices(m: int, points: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
     """Aᵀ (m × n), G (n × 3), Bᵀ (n × n), n = m + 2, float64, for F(m, 3) with the given finite points and ∞:
     Aᵀ·[(G·g) ⊙ (Bᵀ·d)] is the correlation of d (n values) with g (3 values). Aᵀ and G follow from the points
     (Lagrange interpolation); Bᵀ is solved from that identity."""
@@ -65,11 +77,12 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """conv2d(x, weight, bias, padding=(row_padding, 1)) for bf16 CPU tensors (3×3 weight), channels-last output, by
     F(m×m, 3×3); row_padding 0 = x brings the rows above and below the output (a strip with its halo). The caller
     checks `winograd_applies` first."""
-    kernels = _kernels()
+    kernels = _kernels(x.dtype)
     batch, channels, rows_in, width = x.shape
     height = rows_in - 2 + 2 * row_padding   # output rows
     out_channels = weight.shape[0]
-    n, m = OUTPUT_TILE + 2, OUTPUT_TILE
+    m = TILINGS[x.dtype][0]
+    n = m + 2
     rows, cols = -(-height // m), -(-width // m)
     tiles = batch * rows * cols
     x = x.contiguous(memory_format=torch.channels_last)
@@ -82,15 +95,15 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     block = min(out_channels, max(CHANNEL_BLOCK, CHUNK_BYTES // per_channel // CHANNEL_BLOCK * CHANNEL_BLOCK))
     for low in range(0, out_channels, block):                 # output channels per pass
         high = min(low + block, out_channels)
-        u = scratch("weight", (n * n, high - low, channels))
+        u = scratch("weight", (n * n, high - low, channels), x.dtype)
         kernels.weight_transform(weight[low:].data_ptr(), u.data_ptr(), high - low, channels, threads)
         for first in range(0, tiles, span):
             count = min(span, tiles - first)
-            v = scratch("input", (n * n, count, channels))
+            v = scratch("input", (n * n, count, channels), x.dtype)
             if low == 0 or span < tiles:                      # one pass over all tiles keeps its input
                 kernels.input_transform(x.data_ptr(), v.data_ptr(), batch, rows_in, width, channels, row_padding,
                                         rows, cols, first, count, threads)
-            products = scratch("products", (n * n, count, high - low))
+            products = scratch("products", (n * n, count, high - low), x.dtype)
             torch.bmm(v, u.transpose(1, 2), out=products)
             kernels.output_transform(products.data_ptr(),
                                      None if bias is None else bias.data_ptr() + low * x.element_size(),
@@ -100,26 +113,28 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def _plain_3x3(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
-    """A plain 3×3 convolution (stride 1, padding 1, no dilation or groups) of a 4-D bf16 CPU tensor without
+    """A plain 3×3 convolution (stride 1, padding 1, no dilation or groups) of a 4-D bf16 or fp32 CPU tensor without
     gradients."""
-    return (x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.bfloat16 and x.dim() == 4
-            and (conv.bias is None or conv.bias.dtype == torch.bfloat16) and not torch.is_grad_enabled()
+    return (x.device.type == "cpu" and x.dtype == conv.weight.dtype and x.dtype in TILINGS and x.dim() == 4
+            and (conv.bias is None or conv.bias.dtype == x.dtype) and not torch.is_grad_enabled()
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
 def _tiles(x: torch.Tensor) -> int:
-    return x.shape[0] * -(-x.shape[2] // OUTPUT_TILE) * -(-x.shape[3] // OUTPUT_TILE)
+    m = TILINGS[x.dtype][0]
+    return x.shape[0] * -(-x.shape[2] // m) * -(-x.shape[3] // m)
 
 
 def winograd_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv(x)` takes the Winograd path: a plain 3×3 convolution of a bf16 CPU tensor without gradients,
-    channels in multiples of CHANNEL_BLOCK and at least MIN_CHANNELS in, enough tiles, and the transforms compiled on
-    this machine."""
+    """Whether `conv(x)` takes the Winograd path: a plain 3×3 convolution of a bf16 or fp32 CPU tensor without
+    gradients, channels in multiples of CHANNEL_BLOCK and at least MIN_CHANNELS in, enough tiles, and the dtype's
+    transforms compiled and measured faster on this machine."""
     if not _plain_3x3(conv, x) or conv.in_channels % CHANNEL_BLOCK or conv.out_channels % CHANNEL_BLOCK:
         return False
-    return (conv.in_channels >= MIN_CHANNELS and _tiles(x) >= MIN_TILES and _kernels() is not None
-            and winograd_pays())
+    return (conv.in_channels >= MIN_CHANNELS[x.dtype] and _tiles(x) >= MIN_TILES[x.dtype]
+            and _kernels(x.dtype) is not None
+            and winograd_pays(x.dtype))
 
 
 def unfolded_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -138,7 +153,8 @@ def unfolded_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv(x)` takes `unfolded_conv2d`: a plain 3×3 convolution of a small bf16 CPU image (too few tiles
     for Winograd) with at least MIN_CHANNELS in, of a shape where it was measured faster than the direct convolution
     on this machine."""
-    return (_plain_3x3(conv, x) and conv.in_channels >= MIN_CHANNELS and _tiles(x) < MIN_TILES
+    return (_plain_3x3(conv, x) and x.dtype == torch.bfloat16 and conv.in_channels >= MIN_CHANNELS[x.dtype]
+            and _tiles(x) < MIN_TILES[x.dtype]
             and unfolded_pays(x.shape[0], conv.in_channels, conv.out_channels, x.shape[2], x.shape[3]))
 
 
@@ -153,30 +169,33 @@ def unfolded_pays(batch: int, channels: int, out_channels: int, height: int, wid
     return candidate_pays(f"unfolded-conv-{batch}x{channels}x{height}x{width}-{out_channels}", ways)
 
 
-def _conv_inputs(batch: int, channels: int, out_channels: int, height: int,
-                 width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A channels-last bf16 input, 3×3 weight and bias of one convolution shape, random, for timing."""
+def _conv_inputs(batch: int, channels: int, out_channels: int, height: int, width: int,
+                 dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A channels-last input, 3×3 weight and bias of one convolution shape in `dtype`, random, for timing."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, height, width, generator=generator).bfloat16()
-    weight = (torch.randn(out_channels, channels, 3, 3, generator=generator) * 0.02).bfloat16()
+    x = torch.randn(batch, channels, height, width, generator=generator).to(dtype)
+    weight = (torch.randn(out_channels, channels, 3, 3, generator=generator) * 0.02).to(dtype)
     return (x.contiguous(memory_format=torch.channels_last), weight.contiguous(memory_format=torch.channels_last),
-            torch.zeros(out_channels, dtype=torch.bfloat16))
+            torch.zeros(out_channels, dtype=dtype))
 
 
 @functools.cache
-def winograd_pays() -> bool:
-    """Whether Winograd beats oneDNN's direct convolution on this machine (models/tuning.py), timed on SD1.5's most
-    frequent 3×3 convolution at 512²: 320 → 320 channels, 64², CFG batch (1.41–1.47× faster on AVX512-BF16 without
-    AMX)."""
-    if _kernels() is None:
+def winograd_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether Winograd in `dtype` beats oneDNN's direct convolution on this machine (models/tuning.py), timed on
+    SD1.5's most frequent 3×3 convolution at 512²: 320 → 320 channels, 64², CFG batch (bf16: 1.41–1.47× faster on
+    AVX512-BF16 without AMX; fp32 F(4×4): 2.3× against the exact path's direct convolution, AVX-512 or AVX2 alone)."""
+    if _kernels(dtype) is None:
         return False
 
     def ways():
-        x, weight, bias = _conv_inputs(2, 320, 320, 64, 64)
+        x, weight, bias = _conv_inputs(2, 320, 320, 64, 64, dtype)
+        if dtype == torch.float32:   # the exact fp32 path's layout
+            return (lambda: winograd_conv2d(x, weight, bias),
+                    lambda: F.conv2d(x.contiguous(), weight.contiguous(), bias, padding=1))
         return lambda: winograd_conv2d(x, weight, bias), lambda: F.conv2d(x, weight, bias, padding=1)
 
     try:
-        return candidate_pays("winograd", ways)
+        return candidate_pays("winograd" if dtype == torch.bfloat16 else "winograd-fp32", ways)
     finally:
         release_kernel_buffers()
 
@@ -221,22 +240,30 @@ def _sandwich(matrix: list[list[float]], source: str, columns: int, indent: str,
                     for i in range(rows) for j in range(rows)]
 
 
-def kernel_source(m: int = OUTPUT_TILE, points: tuple[float, ...] = POINTS) -> str:
-    """C source of the three transforms for F(m, 3), with the matrices written into the expressions."""
+def kernel_source(dtype: torch.dtype) -> str:
+    """C source of the three transforms of `dtype`'s F(m, 3) (TILINGS), with the matrices written into the
+    expressions."""
+    m, points = TILINGS[dtype]
     a_t, g, b_t = (t.tolist() for t in winograd_matrices(m, points))
     n = m + 2
+    bf16 = dtype == torch.bfloat16
     lines = [f"""typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
 typedef unsigned int uint32_t;
 #define N {n}
 #define M {m}
 #define CH {CHANNEL_BLOCK}
+typedef {C_TYPES[dtype]} elem;
 typedef union {{ uint32_t u; float f; }} bits;
-static inline float load(uint16_t h) {{ bits v; v.u = (uint32_t)h << 16; return v.f; }}
-static inline uint16_t store(float f) {{ bits v; v.f = f; return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16); }}
-
+""" + ("""static inline float load(uint16_t h) { bits v; v.u = (uint32_t)h << 16; return v.f; }
+static inline uint16_t store(float f) {
+  bits v; v.f = f; return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+""" if bf16 else """static inline float load(float f) { return f; }
+static inline float store(float f) { return f; }
+""") + f"""
 /* x: NHWC bf16 → v[N*N][count][c] for the tiles [first, first + count) of the rows×cols grids of the images,
    with `pad` zero rows above the image (1, or 0 where x holds the rows around the output) */
-void input_transform(const uint16_t *x, uint16_t *v, int batch, int h, int w, int c, int pad, int rows, int cols,
+void input_transform(const elem *x, elem *v, int batch, int h, int w, int c, int pad, int rows, int cols,
                      long first, long count, int threads) {{
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long t = first; t < first + count; t++) {{
@@ -245,35 +272,35 @@ void input_transform(const uint16_t *x, uint16_t *v, int batch, int h, int w, in
       float d[N][N][CH], e[N][N][CH];
       for (int i = 0; i < N; i++) for (int j = 0; j < N; j++) {{
         int y = r * M - pad + i, z = q * M - 1 + j;
-        const uint16_t *s = x + (((long)b * h + y) * w + z) * c + c0;
+        const elem *s = x + (((long)b * h + y) * w + z) * c + c0;
         int inside = y >= 0 && y < h && z >= 0 && z < w;
         for (int k = 0; k < CH; k++) d[i][j][k] = inside ? load(s[k]) : 0.f;
       }}"""]
     lines += _sandwich(b_t, "d", n, "      ", lambda i, j, value: (
-        f"{{ uint16_t *o = v + ({i * n + j} * count + t - first) * c + c0;"
+        f"{{ elem *o = v + ({i * n + j} * count + t - first) * c + c0;"
         f" for (int k = 0; k < CH; k++) o[k] = store({value}); }}"))
     lines.append("""    }
   }
 }
 
 /* w: [co][3][3][ci] bf16 (channels-last weight) → u[N*N][co][ci] */
-void weight_transform(const uint16_t *w, uint16_t *u, int co, int ci, int threads) {
+void weight_transform(const elem *w, elem *u, int co, int ci, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long o = 0; o < co; o++) for (int c0 = 0; c0 < ci; c0 += CH) {
     float g[3][3][CH], e[N][3][CH];
     for (int i = 0; i < 3; i++) for (int j = 0; j < 3; j++) {
-      const uint16_t *s = w + ((o * 3 + i) * 3 + j) * ci + c0;
+      const elem *s = w + ((o * 3 + i) * 3 + j) * ci + c0;
       for (int k = 0; k < CH; k++) g[i][j][k] = load(s[k]);
     }""")
     lines += _sandwich(g, "g", 3, "    ", lambda i, j, value: (
-        f"{{ uint16_t *dst = u + ({i * n + j} * (long)co + o) * ci + c0;"
+        f"{{ elem *dst = u + ({i * n + j} * (long)co + o) * ci + c0;"
         f" for (int k = 0; k < CH; k++) dst[k] = store({value}); }}"))
     lines.append("""  }
 }
 
 /* p[N*N][count][c] (the tiles [first, first + count)) → c channels of y: NHWC bf16 with `stride` channels
    (+ bias) */
-void output_transform(const uint16_t *p, const uint16_t *bias, uint16_t *y, int batch, int h, int w, int c,
+void output_transform(const elem *p, const elem *bias, elem *y, int batch, int h, int w, int c,
                       int stride, int rows, int cols, long first, long count, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long t = first; t < first + count; t++) {
@@ -282,12 +309,12 @@ void output_transform(const uint16_t *p, const uint16_t *bias, uint16_t *y, int 
       float d[N][N][CH], e[M][N][CH], beta[CH];
       for (int k = 0; k < CH; k++) beta[k] = bias ? load(bias[c0 + k]) : 0.f;
       for (int i = 0; i < N * N; i++) {
-        const uint16_t *s = p + (i * count + t - first) * c + c0;
+        const elem *s = p + (i * count + t - first) * c + c0;
         for (int k = 0; k < CH; k++) d[i / N][i % N][k] = load(s[k]);
       }""")
     lines += _sandwich(a_t, "d", n, "      ", lambda i, j, value: (
         f"if (r * M + {i} < h && q * M + {j} < w) {{"
-        f" uint16_t *o = y + (((long)b * h + r * M + {i}) * w + q * M + {j}) * stride + c0;"
+        f" elem *o = y + (((long)b * h + r * M + {i}) * w + q * M + {j}) * stride + c0;"
         f" for (int k = 0; k < CH; k++) o[k] = store(beta[k] {value}); }}"))
     lines.append("""    }
   }
@@ -296,9 +323,10 @@ void output_transform(const uint16_t *p, const uint16_t *bias, uint16_t *y, int 
 
 
 @functools.cache
-def _kernels() -> ctypes.CDLL | None:
-    """The compiled transforms (built once per source and machine); None, logged once, where they cannot be."""
-    kernels = compiled_library("winograd", kernel_source())
+def _kernels(dtype: torch.dtype = torch.bfloat16) -> ctypes.CDLL | None:
+    """The compiled transforms of `dtype` (built once per source and machine); None, logged once, where they cannot
+    be."""
+    kernels = compiled_library("winograd" if dtype == torch.bfloat16 else "winograd-fp32", kernel_source(dtype))
     if kernels is None:
         return None
     pointer, size, index = ctypes.c_void_p, ctypes.c_int, ctypes.c_long

@@ -109,7 +109,7 @@ class Engine:
 
     def __init__(self, data_dir: str | Path, dtype: torch.dtype = torch.float32,
                  converted_cache_bytes: int = CONVERTED_DEFAULT_BUDGET, device: torch.device | str = "cpu",
-                 int8_linears: bool = False):
+                 int8_linears: bool = False, fast_fp32: bool = False):
         self.data_dir = Path(data_dir)
         self.dtype = dtype          # every checkpoint loads in this dtype (`--precision`)
         self.device = torch.device(device)   # and runs there (`--device`)
@@ -117,7 +117,7 @@ class Engine:
         self.catalog = Catalog(self.data_dir, hash_on_scan=False)
         self.embeddings = EmbeddingDB.for_data_dir(self.data_dir)
         self.models = CheckpointCache(converted=converted_weights(self.data_dir, converted_cache_bytes),
-                                      int8_linears=int8_linears)
+                                      int8_linears=int8_linears, fast_fp32=fast_fp32)
         self.history = History(self.data_dir / "history.sqlite")
         self._networks: dict[int, LoraNetworks] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue()

@@ -295,13 +295,13 @@ def test_sigterm_interrupts_the_running_job_fails_queued_ones_and_exits(tmp_path
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_engine_loads_models_in_the_precision_the_server_was_started_with(tmp_path, sd1_file, precision):
-    from sdstudio.models.checkpoint import resolve_precision
+    from sdstudio.models.checkpoint import precision_options, resolve_precision
     from sdstudio.models.int8 import Int8Linear
 
     models = tmp_path / "models" / "Stable-diffusion"
     models.mkdir(parents=True)
     os.link(sd1_file, models / "tiny.safetensors")
-    engine = Engine(tmp_path, dtype=resolve_precision(precision), int8_linears=precision == "int8")
+    engine = Engine(tmp_path, **precision_options(precision))
     try:
         assert engine.model().dtype == torch.bfloat16 and engine.model().unet.dtype == torch.bfloat16
         int8 = any(isinstance(m, Int8Linear) for m in engine.model().unet.modules())

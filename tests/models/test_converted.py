@@ -52,6 +52,28 @@ def test_a_converted_load_is_kept_and_the_next_load_maps_it_bit_exact(synth_file
     assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_the_fast_fp32_and_exact_fp32_loads_keep_their_own_layouts(synth_file, tmp_path):
+    """An fp32 load of an fp16 file converts either way; the fast path's channels-last weights never reach the
+    exact path through the cache, nor the other way round."""
+    source = synth_file("sd1", "fp16")
+    cache = ConvertedWeights(tmp_path / "converted")
+
+    def load(fast: bool):
+        model = load_checkpoint(source, dtype=torch.float32, converted=cache, fast_fp32=fast)
+        cache.wait()
+        return model
+
+    exact, fast = load(False), load(True)
+    assert len(list((tmp_path / "converted").glob("*.safetensors"))) == 2
+    for first, fast_path in ((exact, False), (fast, True)):
+        again = load(fast_path)
+        assert_same_weights(again, first)
+        conv = again.unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) != conv.is_contiguous() == (not fast_path)
+    assert worth_storing(torch.float32, torch.float32, "cpu", fast_fp32=True)
+    assert not worth_storing(torch.float32, torch.float32, "cpu")
+
+
 def test_the_next_load_really_reads_the_cache_and_a_changed_source_does_not(synth_file, tmp_path):
     source = tmp_path / "model.safetensors"
     shutil.copy(synth_file("sd1", "fp16"), source)

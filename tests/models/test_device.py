@@ -7,7 +7,8 @@ import torch
 
 from sdstudio import pipeline
 from sdstudio.errors import SDStudioError
-from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, resolve_precision
+from sdstudio.models import checkpoint
+from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, precision_options, resolve_precision
 from sdstudio.models.device import device_memory, resolve_device
 from tests.helpers import psnr
 
@@ -38,6 +39,18 @@ def test_auto_precision_is_fp16_on_a_gpu_and_the_cpu_fast_path_on_the_cpu():
     assert resolve_precision("auto", "cuda") == torch.float16
     assert resolve_precision("auto", "cpu") == fast_cpu_dtype()
     assert resolve_precision("bf16", "cuda") == torch.bfloat16 and resolve_precision("fp32", "cuda") == torch.float32
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_precision_options_give_the_fast_fp32_path_to_auto_on_a_cpu_without_bf16(monkeypatch, native_bf16):
+    """What each --precision name loads as; a CPU without native bf16 math (AVX2-only) is this CPU with the
+    detection's answer replaced."""
+    monkeypatch.setattr(checkpoint, "fast_cpu_dtype", lambda: torch.bfloat16 if native_bf16 else torch.float32)
+    cpu_auto = torch.bfloat16 if native_bf16 else torch.float32
+    assert precision_options("auto") == {"dtype": cpu_auto, "int8_linears": False, "fast_fp32": not native_bf16}
+    assert precision_options("fp32") == {"dtype": torch.float32, "int8_linears": False, "fast_fp32": False}
+    assert precision_options("int8")["int8_linears"] and not precision_options("int8")["fast_fp32"]
+    assert precision_options("auto", "cuda") == {"dtype": torch.float16, "int8_linears": False, "fast_fp32": False}
 
 
 def test_models_load_onto_the_device_asked_for(sd1_file):

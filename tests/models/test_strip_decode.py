@@ -23,8 +23,8 @@ def vae(request, sd1_file):
 def test_the_up_path_in_strips_is_diffusers_decoder(vae, monkeypatch, strip_elements, narrow_winograd):
     monkeypatch.setattr(strip_decode, "STRIP_ELEMENTS", strip_elements)
     if narrow_winograd:   # the tiny VAE's layers are too narrow and small for Winograd to pay: let them qualify
-        monkeypatch.setattr(winograd, "MIN_CHANNELS", winograd.CHANNEL_BLOCK)
-        monkeypatch.setattr(winograd, "MIN_TILES", 1)
+        monkeypatch.setitem(winograd.MIN_CHANNELS, torch.bfloat16, winograd.CHANNEL_BLOCK)
+        monkeypatch.setitem(winograd.MIN_TILES, torch.bfloat16, 1)
     by_winograd = []
     real = strip_decode.winograd_conv2d
     monkeypatch.setattr(strip_decode, "winograd_conv2d", lambda *a, **k: by_winograd.append(1) or real(*a, **k))
