@@ -6,9 +6,10 @@ pages of the mapped file fault in, its converted copy's fresh pages fault in, an
 these faults, one thread after another, were most of the load. So the copies of a mapped file's weights are
 made by one C call (kernels/read_weights.c) that reads the file with pread (no file page is mapped into the
 process) and shares blocks of every tensor out to torch's threads (the fresh pages fault in on both cores),
-converting fp16 / fp32 to bf16 with torch's rounding bit for bit and laying convolution weights channels-last in the
-same pass (also for a 2-byte file kept in its dtype: fp16, or a bf16 file). Other copies (other dtypes, a tensor not
-read from a mapped safetensors or torch-zip file, no C compiler) go through `copy_converting`.
+converting fp16 / fp32 to bf16 with torch's rounding bit for bit (fp16 to fp32 exactly: an fp32 load of an fp16
+file) and laying convolution weights channels-last in the same pass (also for a file kept in its dtype: fp16, bf16,
+or fp32 for the fast fp32 path's layout). Other copies (other dtypes, a tensor not read from a mapped safetensors or
+torch-zip file, no C compiler) go through `copy_converting`.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from sdstudio.models.native import compiled_library, kernel_source
 
 # (file dtype, copy dtype) -> the kernel's conversion code (kernels/read_weights.c)
 CONVERSIONS = {(torch.float16, torch.float16): 0, (torch.bfloat16, torch.bfloat16): 0,
-               (torch.float16, torch.bfloat16): 1, (torch.float32, torch.bfloat16): 2}
+               (torch.float16, torch.bfloat16): 1, (torch.float32, torch.bfloat16): 2,
+               (torch.float16, torch.float32): 3, (torch.float32, torch.float32): 4}
 
 
 def converted_weights(weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None,

@@ -46,8 +46,11 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("file_dtype, dtype", [(torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16),
-                                               (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)])
-def test_kernel_copies_have_the_bits_of_torchs_conversion(tmp_path, file_dtype, dtype):
+                                               (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float32), (torch.float32, torch.float32)])
+def test_kernel_copies_have_the_bits_of_torchs_conversion(tmp_path, file_dtype, dtype, monkeypatch):
+    copied_by_torch = []
+    monkeypatch.setattr(conversion, "copy_converting", lambda *pair: copied_by_torch.append(pair))
     path = tmp_path / "weights.safetensors"
     save_file(weights_of(file_dtype), str(path))
     mapped = read_state_dict(path)
@@ -60,6 +63,7 @@ def test_kernel_copies_have_the_bits_of_torchs_conversion(tmp_path, file_dtype, 
             assert copies[name] is source          # already right (a 1×1 convolution is channels-last too): no copy
         else:
             assert copies[name].data_ptr() != source.data_ptr()
+    assert not copied_by_torch or conversion._kernels() is None   # every copy by the kernel, where it is built
 
 
 def test_without_a_compiler_the_copies_are_the_same(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-/* Copies of a file's weights, read with pread across OpenMP threads: fp16 / fp32 → bf16, or 2-byte values as they
-   are, convolution weights laid channels-last on the way (models/conversion.py). */
+/* Copies of a file's weights, read with pread across OpenMP threads: fp16 / fp32 → bf16, fp16 → fp32, or 2- and
+   4-byte values as they are, convolution weights laid channels-last on the way (models/conversion.py). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,13 +24,26 @@ static inline uint16_t bf16_from_bits(uint32_t bits) {
     return (bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : rounded;                  /* any NaN: torch's NaN */
 }
 
-enum conversion { AS_IS = 0, HALF_TO_BF16 = 1, FLOAT_TO_BF16 = 2 };
+enum conversion { AS_IS = 0, HALF_TO_BF16 = 1, FLOAT_TO_BF16 = 2, HALF_TO_FLOAT = 3, AS_IS_4 = 4 };
 
-/* out[i] = in[i] for `count` values, converted: fp16 or fp32 to bf16 with torch's rounding bit for bit, or
-   2-byte values as they are */
-static void convert(const void *in, int conversion, uint16_t *out, long count) {
+static int source_size(int conversion) { return conversion == FLOAT_TO_BF16 || conversion == AS_IS_4 ? 4 : 2; }
+static int copy_size(int conversion) { return conversion == HALF_TO_FLOAT || conversion == AS_IS_4 ? 4 : 2; }
+
+/* out[i] = in[i] for `count` values, converted: fp16 or fp32 to bf16 with torch's rounding bit for bit, fp16 to fp32
+   (exact), or 2- and 4-byte values as they are */
+static void convert(const void *in, int conversion, void *copy, long count) {
     long i = 0;
-    if (conversion == AS_IS) { memcpy(out, in, 2 * count); return; }
+    if (conversion == AS_IS || conversion == AS_IS_4) { memcpy(copy, in, copy_size(conversion) * count); return; }
+    if (conversion == HALF_TO_FLOAT) {
+        uint32_t *out = copy;
+#if defined(__AVX512F__)
+        for (; i + 16 <= count; i += 16)
+            _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)in + i))));
+#endif
+        for (; i < count; i++) out[i] = float_bits_from_half(((const uint16_t *)in)[i]);
+        return;
+    }
+    uint16_t *out = copy;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
     const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), infinity = _mm512_set1_epi32(0x7f800000);
@@ -50,33 +63,32 @@ static void convert(const void *in, int conversion, uint16_t *out, long count) {
                                                  : ((const uint32_t *)in)[i]);
 }
 
-/* For each of `count` tensors k: rows[k] × channels[k] × taps[k] values (fp16, fp32 or any 2-byte type, per
-   `conversion`) read from `fd` at offsets[k], written to dsts[k] (bf16, or the same 2-byte type) with the taps moved
+/* For each of `count` tensors k: rows[k] × channels[k] × taps[k] values (fp16, fp32 or any 2- or 4-byte type, per
+   `conversion`) read from `fd` at offsets[k], written to dsts[k] (bf16, fp32, or the same type) with the taps moved
    outside the channels (dst[r][t][c] = src[r][c][t]: a convolution weight's channels-last layout; taps 1 = the same
    layout). Blocks of rows of every tensor are shared out to `threads` threads, so the destination's first-touch
    page faults run in parallel too. Returns 0, -1 when a read came up short (the file changed), or -2 when a block's
    buffer could not be allocated. */
-int read_weights(int fd, int conversion, long count, const long *offsets, uint16_t *const *dsts, const long *rows,
+int read_weights(int fd, int conversion, long count, const long *offsets, char *const *dsts, const long *rows,
                  const long *channels, const long *taps, int threads) {
-    int source_size = conversion == FLOAT_TO_BF16 ? 4 : 2;
+    int in_size = source_size(conversion), out_size = copy_size(conversion);
     long *first_block = malloc((count + 1) * sizeof(long)), *block_rows = malloc((count + 1) * sizeof(long));
     if (!first_block || !block_rows) { free(first_block); free(block_rows); return -2; }
     first_block[0] = 0;
     for (long k = 0; k < count; k++) {
-        long row_bytes = channels[k] * taps[k] * source_size;
+        long row_bytes = channels[k] * taps[k] * in_size;
         block_rows[k] = BLOCK_BYTES / row_bytes > 0 ? BLOCK_BYTES / row_bytes : 1;
         first_block[k + 1] = first_block[k] + (rows[k] + block_rows[k] - 1) / block_rows[k];
     }
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        char *source = NULL;
-        uint16_t *converted = NULL;
+        char *source = NULL, *converted = NULL;
         long source_bytes = 0, converted_count = 0, k = 0;
 #pragma omp for schedule(dynamic, 1)
         for (long block = 0; block < first_block[count]; block++) {
             while (first_block[k + 1] <= block) k++;
-            long per_row = channels[k] * taps[k], row_bytes = per_row * source_size;
+            long per_row = channels[k] * taps[k], row_bytes = per_row * in_size;
             long first = (block - first_block[k]) * block_rows[k];
             long n = rows[k] - first < block_rows[k] ? rows[k] - first : block_rows[k];
             long want = n * row_bytes, got = 0;
@@ -88,18 +100,21 @@ int read_weights(int fd, int conversion, long count, const long *offsets, uint16
                 got += read;
             }
             if (got < want) { failed = failed ? failed : 1; continue; }
-            uint16_t *out = dsts[k] + first * per_row;
+            char *out = dsts[k] + first * per_row * out_size;
             if (taps[k] == 1) { convert(source, conversion, out, n * per_row); continue; }
             if (n * per_row > converted_count) {
                 free(converted);
-                converted = malloc(2 * (converted_count = n * per_row));
+                converted = malloc(out_size * (converted_count = n * per_row));
             }
             if (!converted) { converted_count = 0; failed = 2; continue; }
             convert(source, conversion, converted, n * per_row);
             for (long r = 0; r < n; r++)
                 for (long c = 0; c < channels[k]; c++)
-                    for (long t = 0; t < taps[k]; t++)
-                        out[r * per_row + t * channels[k] + c] = converted[r * per_row + c * taps[k] + t];
+                    for (long t = 0; t < taps[k]; t++) {
+                        long to = r * per_row + t * channels[k] + c, from = r * per_row + c * taps[k] + t;
+                        if (out_size == 2) ((uint16_t *)out)[to] = ((const uint16_t *)converted)[from];
+                        else ((uint32_t *)out)[to] = ((const uint32_t *)converted)[from];
+                    }
         }
         free(source);
         free(converted);
