@@ -52,6 +52,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/attention.py
 	$(PY) bench/roofline.py
 	$(PY) bench/compile.py
+	$(PY) bench/fast_fp32.py
 	$(PY) bench/gpu.py
 	$(PY) bench/gpu_unet.py
 

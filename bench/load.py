@@ -23,10 +23,14 @@ def main() -> None:
             "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(dir=BENCH_DIR) as converted:
         for variant, dtype, suffix in (("pruned", "float32", ".safetensors"), ("fp16", "float16", ".safetensors"),
-                                       ("fp16", "bfloat16", ".safetensors"), ("fp16", "bfloat16", ".ckpt")):
+                                       ("fp16", "float32", ".safetensors"), ("fp16", "bfloat16", ".safetensors"),
+                                       ("fp16", "bfloat16", ".ckpt")):
             path = full_checkpoint("sd1", variant, suffix=suffix)
             config = diffusers_config_dir(full_checkpoint("sd1", "fp16"))
             loaders = {"sdstudio": ("sdstudio_load", dict(path=str(path), dtype=dtype))}
+            if variant == "fp16" and dtype == "float32":   # `auto` on a CPU without bf16: channels-last weights
+                loaders["sdstudio fast fp32 (`auto` without native bf16)"] = (
+                    "sdstudio_load", dict(path=str(path), dtype=dtype, fast_fp32=True))
             if suffix == ".safetensors" and variant == "fp16" and dtype == "bfloat16":   # auto's load: converted
                 run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=converted)   # converts, keeps
                 loaders["sdstudio, converted weights kept by an earlier load"] = (
@@ -54,7 +58,9 @@ def main() -> None:
                   "peak RSS = the child's VmHWM. \"Converted weights kept\": a second process loading the same file "
                   "through the `cache/converted/` folder that a first one filled (models/converted.py; that file is in "
                   "the page cache like the source). \"--precision int8\": the UNet's transformer linears stay the "
-                  f"file's fp16 weights, packed to int8 at the first step (models/int8.py).\n\n{table}")
+                  "file's fp16 weights, packed to int8 at the first step (models/int8.py). \"Fast fp32\": what "
+                  "`--precision auto` loads on a CPU without native bf16 math (convolution weights channels-last in "
+                  f"the same copy).\n\n{table}")
 
 
 def _alternating(path: Path, loaders: dict[str, tuple[str, dict]]) -> dict[str, dict]:

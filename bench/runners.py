@@ -344,15 +344,17 @@ def sdcpp(path: str, steps: int, size: int, wtype: str, e2e_steps: int) -> dict:
 
 # --- checkpoint load --------------------------------------------------------------------------------------------
 
-def sdstudio_load(path: str, dtype: str, converted: str | None = None, int8_linears: bool = False) -> dict:
+def sdstudio_load(path: str, dtype: str, converted: str | None = None, int8_linears: bool = False,
+                  fast_fp32: bool = False) -> dict:
     """`load_checkpoint(path, dtype)` (through the converted-weights folder `converted` when given: the first load
-    fills it, later ones map it; with `int8_linears` as `--precision int8` loads), then every weight touched once."""
+    fills it, later ones map it; with `int8_linears` as `--precision int8` loads, with `fast_fp32` as `auto` does on
+    a CPU without native bf16 math), then every weight touched once."""
     from sdstudio.models.checkpoint import load_checkpoint
     from sdstudio.models.converted import ConvertedWeights
 
     cache = ConvertedWeights(converted) if converted else None
     start = time.perf_counter()
-    model = load_checkpoint(path, dtype=dtype, converted=cache, int8_linears=int8_linears)
+    model = load_checkpoint(path, dtype=dtype, converted=cache, int8_linears=int8_linears, fast_fp32=fast_fp32)
     loaded = time.perf_counter() - start
     touch([model.unet, model.vae] + [e.model for e in model.text_encoders])
     touched = time.perf_counter() - start
@@ -452,10 +454,47 @@ def sdstudio_compiled(path: str, calls: int) -> dict:
             "max_difference": (compiled_out.float() - eager_out.float()).abs().max().item()}
 
 
+def sdstudio_fast_fp32(path: str, calls: int, steps: int) -> dict:
+    """The fast fp32 path (`--precision auto` on a CPU without native bf16 math) beside the exact fp32 one, both
+    loaded in this process (their loads: bench/load.py): `calls` CFG UNet calls (512², batch 2) and 2 decodes of a
+    512² image each way, alternating (medians); the UNet output's relative difference and the decode's PSNR; with
+    `steps`, a `steps`-step 512² image each way (Euler, CFG 7, seed 1) and their PSNR (the quality guard)."""
+    from common import psnr
+
+    from sdstudio.models import vae as vae_ops
+    from sdstudio.models.checkpoint import load_checkpoint
+    from sdstudio.pipeline import txt2img
+
+    models = {name: load_checkpoint(path, dtype=torch.float32, fast_fp32=fast)
+              for name, fast in (("exact", False), ("fast", True))}
+    generator = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(2, 4, 64, 64, generator=generator), torch.randn(2, 77, 768, generator=generator)
+    image_latents = torch.randn(1, 4, 64, 64, generator=generator)
+    seconds: dict[str, dict[str, list[float]]] = {work: {"exact": [], "fast": []} for work in ("unet", "decode")}
+    outputs: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "decode": {}}
+    for work, count in (("unet", calls), ("decode", 2)):
+        for _ in range(count):
+            for name, model in models.items():
+                with torch.inference_mode():
+                    run = (lambda: model.unet(latents, 500, encoder_hidden_states=context).sample) if work == "unet" \
+                        else (lambda: vae_ops.decode(model.vae, image_latents))
+                    took, outputs[work][name] = timed(run)
+                seconds[work][name].append(took)
+    exact_unet = outputs["unet"]["exact"].double()
+    out = {f"{name}_{work}_s": statistics.median(seconds[work][name]) for work in seconds for name in models}
+    out["unet_difference"] = ((outputs["unet"]["fast"].double() - exact_unet).norm() / exact_unet.norm()).item()
+    out["decode_psnr"] = psnr(outputs["decode"]["fast"][0], outputs["decode"]["exact"][0])
+    if steps:
+        images = [txt2img(model, prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, width=512, height=512,
+                          sampler_name="Euler", cfg_scale=7, seed=1, save=False).images[0] for model in models.values()]
+        out["image_psnr"] = psnr(images[1], images[0])
+    return out
+
+
 RUNNERS = {"sdstudio": sdstudio, "diffusers": diffusers, "openvino": openvino, "sdcpp": sdcpp,
            "sdstudio_load": sdstudio_load, "diffusers_load": diffusers_load, "sdstudio_lora": sdstudio_lora,
            "diffusers_lora": diffusers_lora, "sdstudio_options": sdstudio_options,
-           "sdstudio_compiled": sdstudio_compiled}
+           "sdstudio_compiled": sdstudio_compiled, "sdstudio_fast_fp32": sdstudio_fast_fp32}
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
