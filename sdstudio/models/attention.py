@@ -1,5 +1,6 @@
 """Attention for the bf16 CPU fast path: multi-head attention by our flash-attention kernel (or OpenVINO's), one
-wide head by blocks.
+wide head by blocks. (The fast fp32 path's models get the same processor: of it only the CFG saving applies to fp32,
+a self-attention over a batch of two equal halves computed once; the rest goes to diffusers' processor.)
 
 On CPUs without AMX, PyTorch's flash-attention kernel runs the UNet's long self-attention (4096 tokens at 512², head
 width 40 or 64) at a fraction of the speed of its matrix products: it was 29 % of an SD1.5 step. On CPUs with

@@ -196,7 +196,8 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
     (models/fused.py) and Winograd convolutions (models/winograd.py), and with `int8_linears` int8 linears in its
     transformers (models/int8.py), whose weights stay the file's (not converted: only their packed copies stay in
     memory); an fp32 one with `fast_fp32` (`--precision auto` where the CPU has no native bf16 math) gets
-    channels-last weights, the fused layers and the near-exact fp32 Winograd convolutions."""
+    channels-last weights, the fused layers, the near-exact fp32 Winograd convolutions and the attention processor
+    (of which only its CFG saving applies to fp32: a batch of two equal halves attends once)."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
@@ -205,8 +206,7 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
     unet = assign_weights(unet, weights, dtype, where, convolutional=on_cpu, fast_fp32=fast_fp32,
                           keep_mapped=int8_weight_names(unet) if packed_int8 else ())
     if on_cpu and _fast_path(unet, fast_fp32):
-        if unet.dtype == torch.bfloat16:
-            use_fast_cpu_attention(unet)
+        use_fast_cpu_attention(unet)
         use_fused_layers(unet)
         use_winograd_convolutions(unet)
         if int8_linears:
@@ -233,8 +233,7 @@ def vae_from_config(config: Mapping[str, Any], weights: Mapping[str, torch.Tenso
     on_cpu = _runs_on_cpu(device)
     vae = assign_weights(vae, weights, dtype, where, convolutional=on_cpu, fast_fp32=fast_fp32)
     if on_cpu and _fast_path(vae, fast_fp32):
-        if vae.dtype == torch.bfloat16:
-            use_fast_cpu_attention(vae)
+        use_fast_cpu_attention(vae)
         use_winograd_convolutions(vae)
     return vae
 

@@ -242,6 +242,7 @@ def test_the_fast_fp32_path_runs_winograd_and_fused_layers_near_the_exact_fp32_p
     fused layers; UNet and decode within fp32 rounding of the exact path, which keeps torch's own layers."""
     from sdstudio import synthetic
     from sdstudio.models import vae as vae_ops
+    from sdstudio.models.attention import FastCPUAttention
     from sdstudio.models.fused import FusedGEGLU
     from tests.helpers import psnr
 
@@ -252,6 +253,8 @@ def test_the_fast_fp32_path_runs_winograd_and_fused_layers_near_the_exact_fp32_p
         assert any(type(m) is kind for m in fast.unet.modules())
         assert not any(type(m) is kind for m in exact.unet.modules())
     assert any(type(m) is WinogradConv2d for m in fast.vae.modules())
+    processors = [{type(p) for p in m.unet.attn_processors.values()} for m in (exact, fast)]
+    assert FastCPUAttention not in processors[0] and processors[1] == {FastCPUAttention}   # its CFG saving
     convs = [m for m in fast.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     used = []
