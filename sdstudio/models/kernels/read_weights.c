@@ -63,6 +63,14 @@ static void convert(const void *in, int conversion, void *copy, long count) {
                                                  : ((const uint32_t *)in)[i]);
 }
 
+/* dst[r][t][c] = src[r][c][t] for rows × channels × taps values of `type` */
+#define LAY_TAPS_OUTSIDE(type, dst, src, rows, channels, taps)                                     \
+    for (long r = 0; r < (rows); r++)                                                              \
+        for (long c = 0; c < (channels); c++)                                                      \
+            for (long t = 0; t < (taps); t++)                                                      \
+                ((type *)(dst))[(r * (taps) + t) * (channels) + c] =                               \
+                    ((const type *)(src))[(r * (channels) + c) * (taps) + t]
+
 /* For each of `count` tensors k: rows[k] × channels[k] × taps[k] values (fp16, fp32 or any 2- or 4-byte type, per
    `conversion`) read from `fd` at offsets[k], written to dsts[k] (bf16, fp32, or the same type) with the taps moved
    outside the channels (dst[r][t][c] = src[r][c][t]: a convolution weight's channels-last layout; taps 1 = the same
@@ -108,13 +116,8 @@ int read_weights(int fd, int conversion, long count, const long *offsets, char *
             }
             if (!converted) { converted_count = 0; failed = 2; continue; }
             convert(source, conversion, converted, n * per_row);
-            for (long r = 0; r < n; r++)
-                for (long c = 0; c < channels[k]; c++)
-                    for (long t = 0; t < taps[k]; t++) {
-                        long to = r * per_row + t * channels[k] + c, from = r * per_row + c * taps[k] + t;
-                        if (out_size == 2) ((uint16_t *)out)[to] = ((const uint16_t *)converted)[from];
-                        else ((uint32_t *)out)[to] = ((const uint32_t *)converted)[from];
-                    }
+            if (out_size == 2) LAY_TAPS_OUTSIDE(uint16_t, out, converted, n, channels[k], taps[k]);
+            else LAY_TAPS_OUTSIDE(uint32_t, out, converted, n, channels[k], taps[k]);
         }
         free(source);
         free(converted);
