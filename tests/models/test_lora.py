@@ -334,3 +334,27 @@ def test_unchanged_lora_set_is_not_repatched(sd1_file, data_dir):
     networks.apply(tags)
     assert networks.loras.apply([AppliedLora(Catalog(data_dir).find_lora("inkstyle").path, 0.5, 0.5)]
                                 ).patched_parameters == 0
+
+
+def test_the_fast_fp32_path_patches_its_channels_last_weights_like_the_exact_path(sd1_file, data_dir, monkeypatch):
+    """`<lora:…>` on the fast fp32 path (channels-last weights run by Winograd, which reads them on every call): the
+    image stays within fp32 rounding of the exact path's, and the weights come back bit for bit."""
+    from sdstudio.models import winograd
+    from sdstudio.models.winograd import WinogradConv2d
+    from tests.helpers import psnr
+
+    monkeypatch.setitem(winograd.MIN_CHANNELS, torch.float32, winograd.CHANNEL_BLOCK)   # the tiny model's widths
+    monkeypatch.setattr(winograd, "winograd_pays", lambda dtype: True)
+    catalog = Catalog(data_dir)
+    images = {}
+    for fast in (False, True):
+        model = load_checkpoint(sd1_file, fast_fp32=fast)
+        assert any(type(m) is WinogradConv2d for m in model.unet.modules()) == fast
+        base = state(model)
+        kwargs = dict(seed=3, width=64, height=64, steps=3, save=False, networks=LoraNetworks(model, catalog))
+        images[fast] = [pipeline.txt2img(model, prompt=prompt, **kwargs).images[0]
+                        for prompt in ("a cat <lora:inkstyle:0.8>", "a cat")]
+        assert all(torch.equal(v, base[k]) for k, v in state(model).items())
+    styled, plain = images[True]
+    assert styled.tobytes() != plain.tobytes()
+    assert psnr(styled, images[False][0]) >= 50 and psnr(plain, images[False][1]) >= 50
