@@ -183,15 +183,12 @@ def _conv_inputs(batch: int, channels: int, out_channels: int, height: int, widt
 def winograd_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether Winograd in `dtype` beats oneDNN's direct convolution on this machine (models/tuning.py), timed on
     SD1.5's most frequent 3×3 convolution at 512²: 320 → 320 channels, 64², CFG batch (bf16: 1.41–1.47× faster on
-    AVX512-BF16 without AMX; fp32 F(4×4): 2.3× against the exact path's direct convolution, AVX-512 or AVX2 alone)."""
+    AVX512-BF16 without AMX; fp32 F(4×4): 2.3×, on AVX-512 or AVX2 alone)."""
     if _kernels(dtype) is None:
         return False
 
     def ways():
         x, weight, bias = _conv_inputs(2, 320, 320, 64, 64, dtype)
-        if dtype == torch.float32:   # the exact fp32 path's layout
-            return (lambda: winograd_conv2d(x, weight, bias),
-                    lambda: F.conv2d(x.contiguous(), weight.contiguous(), bias, padding=1))
         return lambda: winograd_conv2d(x, weight, bias), lambda: F.conv2d(x, weight, bias, padding=1)
 
     try:
