@@ -53,7 +53,8 @@ def main() -> None:
                 continue
             image = f"{r['image_psnr']:.1f}" if "image_psnr" in r else "–"
             rows.append(f"| {name} | {r['exact_unet_s']:.2f} / {r['fast_unet_s']:.2f} | "
-                        f"{r['exact_unet_s'] / r['fast_unet_s']:.2f}× | {r['exact_decode_s']:.2f} / {r['fast_decode_s']:.2f} | "
+                        f"{r['exact_unet_s'] / r['fast_unet_s']:.2f}× | "
+                        f"{r['exact_decode_s']:.2f} / {r['fast_decode_s']:.2f} | "
                         f"{r['exact_decode_s'] / r['fast_decode_s']:.2f}× | {r['unet_difference']:.1e} | "
                         f"{r['decode_psnr']:.1f} | {image} |")
             print(rows[-1], flush=True)
@@ -63,8 +64,8 @@ def main() -> None:
                   f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/fast_fp32.py`. Full-size SD1.5 "
                   "fp16 file loaded in fp32 twice in one process: the exact path (`--precision fp32`, torch's own "
                   "layers) and the fast one (`--precision auto` where the CPU has no native bf16 math: channels-last "
-                  "weights, F(4×4, 3×3) Winograd in fp32, fused GEGLU); one CFG UNet call (batch 2, 64×64 latents) "
-                  f"and one 512² decode each way, alternating, medians of {CALLS} and 2; the UNet output's relative "
+                  "weights, F(4×4, 3×3) Winograd in fp32, fused GEGLU, the attention processor's CFG saving); one "
+                  f"CFG UNet call (batch 2, 64×64 latents) and one 512² decode each way, alternating, medians of {CALLS} and 2; the UNet output's relative "
                   f"difference, the decode's PSNR and, on this CPU's own instructions, a {STEPS}-step 512² image's "
                   "(Euler, CFG 7, seed 1) PSNR fast vs exact. \"AVX2 only\": oneDNN, MKL and ATen limited to AVX2 and "
                   "sdstudio's kernels built for Haswell — these cores with an AVX2 CPU's instructions, not such a "
