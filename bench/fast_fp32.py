@@ -65,11 +65,12 @@ def main() -> None:
                   "fp16 file loaded in fp32 twice in one process: the exact path (`--precision fp32`, torch's own "
                   "layers) and the fast one (`--precision auto` where the CPU has no native bf16 math: channels-last "
                   "weights, F(4×4, 3×3) Winograd in fp32, fused GEGLU, the attention processor's CFG saving); one "
-                  f"CFG UNet call (batch 2, 64×64 latents) and one 512² decode each way, alternating, medians of {CALLS} and 2; the UNet output's relative "
-                  f"difference, the decode's PSNR and, on this CPU's own instructions, a {STEPS}-step 512² image's "
-                  "(Euler, CFG 7, seed 1) PSNR fast vs exact. \"AVX2 only\": oneDNN, MKL and ATen limited to AVX2 and "
-                  "sdstudio's kernels built for Haswell — these cores with an AVX2 CPU's instructions, not such a "
-                  f"CPU. Their loads: bench/load.py.\n\n{table}")
+                  "CFG UNet call (batch 2, 64×64 latents) and one 512² decode each way, alternating, medians of "
+                  f"{CALLS} and 2; the UNet output's relative difference, the decode's PSNR and, on this CPU's own "
+                  f"instructions, a {STEPS}-step 512² image's (Euler, CFG 7, seed 1) PSNR fast vs exact. \"AVX2 "
+                  "only\": oneDNN, MKL and ATen limited to AVX2 and sdstudio's kernels built for Haswell — these "
+                  "cores with an AVX2 CPU's instructions, not such a CPU. Their loads: bench/load.py."
+                  f"\n\n{table}")
 
 
 if __name__ == "__main__":
