@@ -1,6 +1,8 @@
-"""Winograd F(2×2, 3×3) against oneDNN's direct convolution on the bf16 fast path, in one process: each 3×3
+"""Winograd against oneDNN's direct convolution, in one process: on the bf16 fast path (F(2×2, 3×3)) each 3×3
 convolution shape of an SD1.5 CFG step at 512² (batch 2) timed both ways with its error against a float64
-convolution, then whole UNet calls (full-size random-weight SD1.5, CFG batch, 64×64 latents) alternating the two."""
+convolution, then whole UNet calls (full-size random-weight SD1.5, CFG batch, 64×64 latents) alternating the two;
+on the fast fp32 path (F(4×4, 3×3): `auto` on CPUs without native bf16 math) the same UNet shapes and the 512²
+decode's VAE shapes."""
 from __future__ import annotations
 
 import statistics
@@ -17,6 +19,10 @@ from common import full_checkpoint, machine, native_bf16, warm_page_cache, write
 # (channels in, channels out, latent side, times per CFG step) for SD1.5 at 512²
 SD15_SHAPES = [(320, 320, 64, 7), (640, 320, 64, 2), (960, 320, 64, 1), (640, 640, 32, 6), (1280, 640, 32, 1),
                (1920, 640, 32, 1), (1280, 1280, 16, 7), (2560, 1280, 16, 2), (1280, 1280, 8, 11)]
+# (channels in, channels out, side, times per decode) of the VAE decoder's 3×3 convolutions of 128 channels and more
+# at 512² (batch 1): the fast fp32 path's Winograd takes them too
+VAE_SHAPES = [(512, 512, 64, 10), (512, 512, 128, 7), (512, 512, 256, 1), (512, 256, 256, 1), (256, 256, 256, 5),
+              (256, 256, 512, 1), (256, 128, 512, 1), (128, 128, 512, 5)]
 ROUNDS = 3
 
 
@@ -34,15 +40,15 @@ def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
     return ((value.double() - exact).norm() / exact.norm()).item()
 
 
-def layer_rows() -> list[str]:
+def layer_rows(dtype: torch.dtype, shapes: list[tuple[int, int, int, int]], batch: int, what: str) -> list[str]:
     from sdstudio.models.winograd import winograd_applies, winograd_conv2d
 
-    rows = ["| conv (in → out @ side², batch 2) | per step | direct ms | Winograd ms | speed-up | direct error | "
-            "Winograd error |", "|---|---|---|---|---|---|---|"]
-    for channels, out_channels, side, count in SD15_SHAPES:
+    rows = [f"| {what} conv (in → out @ side², batch {batch}) | per {'step' if batch == 2 else 'decode'} | direct ms | "
+            "Winograd ms | speed-up | direct error | Winograd error |", "|---|---|---|---|---|---|---|"]
+    for channels, out_channels, side, count in shapes:
         torch.manual_seed(0)
-        x = torch.randn(2, channels, side, side).bfloat16().contiguous(memory_format=torch.channels_last)
-        conv = torch.nn.Conv2d(channels, out_channels, 3, padding=1).bfloat16().to(memory_format=torch.channels_last)
+        x = torch.randn(batch, channels, side, side).to(dtype).contiguous(memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(channels, out_channels, 3, padding=1).to(dtype).to(memory_format=torch.channels_last)
         with torch.inference_mode():
             exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
             direct_s = median_time(lambda: F.conv2d(x, conv.weight, conv.bias, padding=1))
@@ -91,14 +97,18 @@ def unet_rows() -> list[str]:
 
 
 def main() -> None:
-    if not native_bf16():
-        print("no native bf16 on this CPU: the fast path runs fp32 and Winograd does not apply")
-        return
-    table = "\n".join(layer_rows()) + "\n\n" + "\n".join(unet_rows())
+    tables = []
+    if native_bf16():
+        tables += [layer_rows(torch.bfloat16, SD15_SHAPES, 2, "bf16 UNet"), unet_rows()]
+    tables += [layer_rows(torch.float32, SD15_SHAPES, 2, "fp32 UNet"),
+               layer_rows(torch.float32, VAE_SHAPES, 1, "fp32 VAE")]
+    table = "\n\n".join("\n".join(rows) for rows in tables)
     print(table)
     write_section("Winograd convolutions (bench/winograd.py)",
                   f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/winograd.py`. One process; "
-                  f"errors are relative (L2) to a float64 convolution of the same bf16 inputs.\n\n{table}")
+                  "errors are relative (L2) to a float64 convolution of the same inputs; bf16 (where the CPU has "
+                  "native bf16 math) takes F(2×2, 3×3), fp32 (the fast fp32 path) F(4×4, 3×3); \"runs direct\": "
+                  f"too few tiles for the layer to take Winograd.\n\n{table}")
 
 
 if __name__ == "__main__":

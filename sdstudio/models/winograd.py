@@ -43,11 +43,15 @@ CHANNEL_BLOCK = 16     # channels per vector loop in the C transforms; channel c
 # narrower layers do not pay: bf16's the VAE's 128-channel ones at 512² (198 vs 188 ms direct); fp32 F(4×4)'s are
 # 1.3–1.9× faster there, 64 channels at 256² 1.1×
 MIN_CHANNELS = {torch.bfloat16: 256, torch.float32: 128}
-# fewer output tiles do not pay for the weight transform: bf16's SD1.5 8×8 level (32 with CFG); fp32 F(4×4), 4 times
-# the arithmetic saved per tile, is 1.9× faster there with 4 tiles (1280 → 1280, batch 1)
-MIN_TILES = {torch.bfloat16: 128, torch.float32: 4}
-CHUNK_BYTES = 16 << 20  # at most this much transformed input (a part of the tiles) and transformed weight (a part of
-                        # the output channels) at once: bounds the buffers (the transformed input is 4× the input)
+# fewer output tiles do not pay for the weight transform (per call, 16/9 of the weight in bf16, 4× in fp32): SD1.5's
+# 8×8 level, 32 bf16 tiles with CFG, 8 fp32 ones (1280 → 1280 fp32: 0.56–1.5× the direct convolution's speed from
+# one process to the next; its 16×16 level, 32 fp32 tiles: 1.25–2.2×)
+MIN_TILES = {torch.bfloat16: 128, torch.float32: 16}
+# at most this much transformed input (a part of the tiles) and transformed weight (a part of the output channels) at
+# once: bounds the buffers (the transformed input is 4× the input in bf16, 2.25× in fp32). fp32's (36 values per
+# tile and channel, 4 bytes each) needs more to keep a layer's tiles in one pass: 1920 → 640 at 32², fp32, 198 ms
+# with 16 MiB, 86 with 64
+CHUNK_BYTES = {torch.bfloat16: 16 << 20, torch.float32: 64 << 20}
 
 
 def winograd_matrices(m: int, points: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
@@ -91,8 +95,9 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     y = torch.empty(batch, out_channels, height, width, dtype=x.dtype, memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     per_channel = n * n * channels * x.element_size()
-    span = max(1, min(tiles, CHUNK_BYTES // per_channel))     # tiles per pass
-    block = min(out_channels, max(CHANNEL_BLOCK, CHUNK_BYTES // per_channel // CHANNEL_BLOCK * CHANNEL_BLOCK))
+    chunk = CHUNK_BYTES[x.dtype]
+    span = max(1, min(tiles, chunk // per_channel))     # tiles per pass
+    block = min(out_channels, max(CHANNEL_BLOCK, chunk // per_channel // CHANNEL_BLOCK * CHANNEL_BLOCK))
     for low in range(0, out_channels, block):                 # output channels per pass
         high = min(low + block, out_channels)
         u = scratch("weight", (n * n, high - low, channels), x.dtype)

@@ -344,6 +344,7 @@ def test_the_fast_fp32_path_patches_its_channels_last_weights_like_the_exact_pat
     from tests.helpers import psnr
 
     monkeypatch.setitem(winograd.MIN_CHANNELS, torch.float32, winograd.CHANNEL_BLOCK)   # the tiny model's widths
+    monkeypatch.setitem(winograd.MIN_TILES, torch.float32, 1)                            # and its 8×8 latents
     monkeypatch.setattr(winograd, "winograd_pays", lambda dtype: True)
     catalog = Catalog(data_dir)
     images = {}

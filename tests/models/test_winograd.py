@@ -85,7 +85,7 @@ def test_passes_over_parts_of_the_tiles_and_channels_give_the_same_bits(monkeypa
     with torch.inference_mode():
         whole = winograd_conv2d(x, conv.weight, conv.bias)
         # 40 tiles and 32 channels per pass
-        monkeypatch.setattr(winograd, "CHUNK_BYTES", points * 64 * dtype.itemsize * 40)
+        monkeypatch.setitem(winograd.CHUNK_BYTES, dtype, points * 64 * dtype.itemsize * 40)
         parts = winograd_conv2d(x, conv.weight, conv.bias)
     assert torch.equal(parts, whole)
 
@@ -95,7 +95,10 @@ def test_only_plain_bf16_and_fp32_inference_convolutions_with_enough_tiles_apply
     with torch.inference_mode():
         assert winograd_applies(conv, x)
         assert not winograd_applies(conv, x[:, :, :8, :8])             # 32 tiles < MIN_TILES
-        assert winograd_applies(conv.float(), x.float()) and winograd_applies(conv, x.float()[:, :, :8, :8])
+        assert not winograd_applies(conv, x[:, :, :12, :12])           # 72 bf16 tiles (2×2 outputs each)
+        assert winograd_applies(conv.float(), x.float())
+        assert winograd_applies(conv, x.float()[:, :, :12, :12])       # 18 fp32 tiles (4×4 outputs each)
+        assert not winograd_applies(conv, x.float()[:, :, :8, :8])     # 8
         assert not winograd_applies(conv.half(), x.half())
         conv.bfloat16()
         strided = torch.nn.Conv2d(32, 32, 3, stride=2, padding=1).bfloat16()
