@@ -13,9 +13,9 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 @pytest.fixture
 def fast_kernels(monkeypatch):
-    """The bf16 CPU fast path's kernels (Winograd and unfolded convolutions, the flash, OpenVINO's and the blocked
-    attention, int8 linears, the GEGLU kernel) in use whatever this machine measured for them (models/tuning.py): for
-    the tests of those kernels."""
+    """The CPU fast paths' kernels (bf16 and fp32 Winograd and the unfolded convolutions, the flash, OpenVINO's and
+    the blocked attention, int8 linears, the GEGLU kernel) in use whatever this machine measured for them
+    (models/tuning.py): for the tests of those kernels."""
     from sdstudio.models import attention, fused, int8, winograd
 
     for module, choice in ((winograd, "winograd_pays"), (winograd, "unfolded_pays"), (attention, "flash_pays"),
