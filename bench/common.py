@@ -104,10 +104,11 @@ def _write_diffusers_config(checkpoint: Path, folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index))
 
 
-def run_runner(name: str, **kwargs) -> dict:
-    """One engine in a fresh process; a failure becomes {"error": last line of its stderr} (the row says why)."""
+def run_runner(name: str, env: dict[str, str] | None = None, **kwargs) -> dict:
+    """One engine in a fresh process (with `env` added to its environment); a failure becomes {"error": last line of
+    its stderr} (the row says why)."""
     out = subprocess.run([sys.executable, str(RUNNERS), name, json.dumps(kwargs)], capture_output=True, text=True,
-                         check=False)
+                         check=False, env=os.environ | (env or {}))
     if out.returncode != 0:
         lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
         return {"error": lines[-1][:200] if lines else f"exit status {out.returncode}"}

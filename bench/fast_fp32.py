@@ -41,13 +41,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=BENCH_DIR) as folder:
         for name, environment, steps in (("this CPU's own (AVX-512)", {}, STEPS),
                                          ("AVX2 only", avx2_environment(Path(folder)), 0)):
-            saved = {key: os.environ.get(key) for key in environment}
-            os.environ.update(environment)
-            try:
-                r = run_runner("sdstudio_fast_fp32", path=str(path), calls=CALLS, steps=steps)
-            finally:
-                for key, value in saved.items():
-                    os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+            r = run_runner("sdstudio_fast_fp32", env=environment, path=str(path), calls=CALLS, steps=steps)
             if "error" in r:
                 rows.append(failed_row([name], r["error"], 8))
                 continue

@@ -470,15 +470,15 @@ def sdstudio_fast_fp32(path: str, calls: int, steps: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     latents, context = torch.randn(2, 4, 64, 64, generator=generator), torch.randn(2, 77, 768, generator=generator)
     image_latents = torch.randn(1, 4, 64, 64, generator=generator)
-    seconds: dict[str, dict[str, list[float]]] = {work: {"exact": [], "fast": []} for work in ("unet", "decode")}
-    outputs: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "decode": {}}
-    for work, count in (("unet", calls), ("decode", 2)):
+    works = {"unet": (calls, lambda model: model.unet(latents, 500, encoder_hidden_states=context).sample),
+             "decode": (2, lambda model: vae_ops.decode(model.vae, image_latents))}
+    seconds: dict[str, dict[str, list[float]]] = {work: {name: [] for name in models} for work in works}
+    outputs: dict[str, dict[str, torch.Tensor]] = {work: {} for work in works}
+    for work, (count, run) in works.items():
         for _ in range(count):
             for name, model in models.items():
                 with torch.inference_mode():
-                    run = (lambda: model.unet(latents, 500, encoder_hidden_states=context).sample) if work == "unet" \
-                        else (lambda: vae_ops.decode(model.vae, image_latents))
-                    took, outputs[work][name] = timed(run)
+                    took, outputs[work][name] = timed(run, model)
                 seconds[work][name].append(took)
     exact_unet = outputs["unet"]["exact"].double()
     out = {f"{name}_{work}_s": statistics.median(seconds[work][name]) for work in seconds for name in models}

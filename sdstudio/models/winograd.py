@@ -39,6 +39,7 @@ from sdstudio.models.tuning import candidate_pays
 TILINGS = {torch.bfloat16: (2, (0.0, 1.0, -1.0)),
            torch.float32: (4, (0.0, 1.0, -1.0, 0.5, -2.0))}   # error 1.7e-6 (±2: 2.6e-6, ±½: 2.6e-6)
 C_TYPES = {torch.bfloat16: "uint16_t", torch.float32: "float"}
+NAMES = {torch.bfloat16: "winograd", torch.float32: "winograd-fp32"}   # of each dtype's kernels and tuning choice
 CHANNEL_BLOCK = 16     # channels per vector loop in the C transforms; channel counts must be multiples of it
 # narrower layers do not pay: bf16's the VAE's 128-channel ones at 512² (198 vs 188 ms direct); fp32 F(4×4)'s are
 # 1.3–1.9× faster there, 64 channels at 256² 1.1×
@@ -197,7 +198,7 @@ def winograd_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
         return lambda: winograd_conv2d(x, weight, bias), lambda: F.conv2d(x, weight, bias, padding=1)
 
     try:
-        return candidate_pays("winograd" if dtype == torch.bfloat16 else "winograd-fp32", ways)
+        return candidate_pays(NAMES[dtype], ways)
     finally:
         release_kernel_buffers()
 
@@ -328,7 +329,7 @@ void output_transform(const elem *p, const elem *bias, elem *y, int batch, int h
 def _kernels(dtype: torch.dtype = torch.bfloat16) -> ctypes.CDLL | None:
     """The compiled transforms of `dtype` (built once per source and machine); None, logged once, where they cannot
     be."""
-    kernels = compiled_library("winograd" if dtype == torch.bfloat16 else "winograd-fp32", kernel_source(dtype))
+    kernels = compiled_library(NAMES[dtype], kernel_source(dtype))
     if kernels is None:
         return None
     pointer, size, index = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
