@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, native_bf16, write_section  # noqa: E402
+from common import machine, write_section  # noqa: E402
 
 ROUNDS = 5   # each kernel in turn, best of ROUNDS after one untimed call
 SHAPES = [   # (model, queries, keys, heads, width, calls per step)
@@ -33,6 +33,7 @@ def best_ms(kernel, *args) -> float:
 
 def main() -> None:
     from sdstudio.models.attention import _flash_kernels, _sdpa, flash_attention, openvino_attention
+    from sdstudio.models.tuning import native_bf16
 
     if not native_bf16() or _flash_kernels() is None:
         print("no AVX512-BF16 (or no C compiler) here: the flash kernel does not apply")

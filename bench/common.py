@@ -125,13 +125,6 @@ def cpuinfo() -> str:
     return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
 
 
-def native_bf16() -> bool:
-    """True when `--precision auto` picks bf16 here (native bf16 math), so a bf16 run is worth timing."""
-    from sdstudio.models.checkpoint import fast_cpu_dtype
-
-    return fast_cpu_dtype() == torch.bfloat16
-
-
 def machine() -> str:
     """One line: CPU model, native bf16 support, cores, torch version, date, commit."""
     cpuinfo_text = cpuinfo()
@@ -148,8 +141,18 @@ def machine() -> str:
             f"{date.today().isoformat()}, commit {commit}")
 
 
-def write_section(title: str, body: str) -> None:
-    """Replace the `## title` section of bench/RESULTS.md where it stands, or append it."""
+def cpu_kind() -> str:
+    """The kind of CPU whose fast path a benchmark measures: AMX, AVX512-BF16 (native bf16 math), AVX-512 or AVX2
+    (the fast fp32 path)."""
+    flags = cpuinfo().split()
+    kinds = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+    return next((kind for flag, kind in kinds if flag in flags), "older")
+
+
+def write_section(title: str, body: str, per_cpu: bool = True) -> None:
+    """Replace the `## title` section of bench/RESULTS.md where it stands, or append it; `per_cpu`: one such section
+    per kind of CPU (title " — <cpu_kind> CPU"), so a run on another kind of machine keeps the others' figures."""
+    title += f" — {cpu_kind()} CPU" if per_cpu else ""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     head, *sections = text.split("\n## ")
     section = f"{title}\n\n{body.strip()}\n"

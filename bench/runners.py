@@ -184,42 +184,53 @@ def _diffusers_embeddings(pipe, xl: bool) -> dict:
     return out
 
 
-def diffusers(path: str, config: str, mode: str, steps: int, size: int, decode_sizes: list[int], xl: bool,
-              image: str | None, device: str = "cpu") -> dict:
-    """diffusers' pipeline from the same single file. `mode`: fp32 (its default), bf16 (+ channels_last, its
-    best eager CPU settings), compile (bf16 + channels_last + torch.compile(inductor) with freezing), fp16 (on a
-    GPU: its documented CUDA setting, SDPA attention by default)."""
+def diffusers_session(path: str, config: str, mode: str, xl: bool = False, device: str = "cpu"):
+    """diffusers' pipeline from the same single file: (load seconds, pipeline, generate) where generate(steps, size,
+    clock, output_type="pil") runs it and returns (seconds, result). `mode`: fp32 (its default), bf16 (+
+    channels_last, its best eager CPU settings), compile (bf16 + channels_last + torch.compile(inductor) with
+    freezing: it compiles on its first call), fp16 (on a GPU: its documented CUDA setting, SDPA attention by
+    default)."""
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(mode, torch.bfloat16)
     _import_diffusers()
     load_s, pipe = timed(load_on, device, lambda: _diffusers_pipeline(path, config, xl, dtype).to(device))
     if mode in ("bf16", "compile"):
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    out: dict = {"load_s": load_s}
-    clock = StepClock()
+    if mode == "compile":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        pipe.unet = torch.compile(pipe.unet)
     generator = torch.Generator().manual_seed(1)
 
-    def run(n: int, output_type: str):
+    @torch.no_grad()
+    def generate(steps: int, size: int, clock: StepClock, output_type: str = "pil"):
         clock.start()
-        return pipe(num_inference_steps=n, guidance_scale=7, height=size, width=size, output_type=output_type,
-                    callback_on_step_end=lambda p, i, t, kw: (clock.mark(), kw)[1], generator=generator,
-                    **_diffusers_embeddings(pipe, xl))
+        return timed(pipe, num_inference_steps=steps, guidance_scale=7, height=size, width=size,
+                     output_type=output_type, callback_on_step_end=lambda p, i, t, kw: (clock.mark(), kw)[1],
+                     generator=generator, **_diffusers_embeddings(pipe, xl))
 
+    return load_s, pipe, generate
+
+
+def diffusers(path: str, config: str, mode: str, steps: int, size: int, decode_sizes: list[int], xl: bool,
+              image: str | None, device: str = "cpu") -> dict:
+    """diffusers' pipeline (diffusers_session): a `steps` image (after a 1-step call that compiles, for `compile`),
+    then VAE decodes."""
+    load_s, pipe, generate = diffusers_session(path, config, mode, xl, device)
+    out: dict = {"load_s": load_s}
+    clock = StepClock()
+    if mode == "compile":
+        out["compile_s"], _ = generate(1, size, clock, "latent")    # compiles for these shapes
+    e2e_s, result = generate(steps, size, clock)
+    out.update({"e2e_s": e2e_s, **clock.figures(), "rss_gib": peak_rss_gib()})
     with torch.no_grad():
-        if mode == "compile":
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True
-            pipe.unet = torch.compile(pipe.unet)
-            out["compile_s"], _ = timed(run, 1, "latent")    # compiles for these shapes
-        e2e_s, result = timed(run, steps, "pil")
-        out.update({"e2e_s": e2e_s, **clock.figures(), "rss_gib": peak_rss_gib()})
         if image:
             result.images[0].save(image)
         for side in decode_sizes:
             latent = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(2))
             out[f"decode_{side}_s"], _ = timed(pipe.vae.decode,
-                                               latent.to(device, dtype) / pipe.vae.config.scaling_factor)
+                                               latent.to(device, pipe.vae.dtype) / pipe.vae.config.scaling_factor)
     out["rss_all_gib"] = peak_rss_gib()
     return out
 
@@ -305,11 +316,13 @@ def openvino(path: str, config: str, steps: int, size: int, decode_sizes: list[i
 # --- step duels: engines loaded once, taking turns ----------------------------------------------------------------
 
 def step_worker(engine: str, size: int, **kwargs) -> None:
-    """Loads `engine` ("sdstudio": path, precision; "openvino": path, config, precision) once, prints {"ready": load
-    seconds}, then for each line N on stdin runs an N-step image at `size` and prints its step figures and seconds
-    end to end (one JSON line each) until stdin closes."""
+    """Loads `engine` ("sdstudio": path, precision; "openvino": path, config, precision; "diffusers": path, config,
+    mode) once, prints {"ready": load seconds}, then for each line N on stdin runs an N-step image at `size` and
+    prints its step figures and seconds end to end (one JSON line each) until stdin closes."""
     if engine == "sdstudio":
         load_s, _, generate = sdstudio_session(kwargs["path"], kwargs["precision"])
+    elif engine == "diffusers":
+        load_s, _, generate = diffusers_session(kwargs["path"], kwargs["config"], kwargs["mode"])
     else:
         load_s, _, generate = openvino_session(kwargs["path"], kwargs["config"], size, kwargs["precision"])
     print(json.dumps({"ready": load_s, "rss_gib": peak_rss_gib()}), flush=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import full_checkpoint, machine, native_bf16, psnr, warm_page_cache, write_section  # noqa: E402
+from common import full_checkpoint, machine, psnr, warm_page_cache, write_section  # noqa: E402
 
 DECODES = (512, 1024)   # whole decodes
 TRUNK_ONLY = (2048,)    # the trunk alone: the whole decode takes minutes, the rest of it runs the same either way
@@ -39,6 +39,7 @@ def main() -> None:
     from sdstudio.models import vae as vae_ops
     from sdstudio.models.attention import FastCPUAttention
     from sdstudio.models.checkpoint import load_checkpoint
+    from sdstudio.models.tuning import native_bf16
 
     if not native_bf16():
         print("this CPU has no native bf16: the fast path (and this comparison) does not apply")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import full_checkpoint, machine, native_bf16, warm_page_cache, write_section  # noqa: E402
+from common import full_checkpoint, machine, warm_page_cache, write_section  # noqa: E402
 
 # (channels in, channels out, latent side, times per CFG step) for SD1.5 at 512²
 SD15_SHAPES = [(320, 320, 64, 7), (640, 320, 64, 2), (960, 320, 64, 1), (640, 640, 32, 6), (1280, 640, 32, 1),
@@ -97,6 +97,8 @@ def unet_rows() -> list[str]:
 
 
 def main() -> None:
+    from sdstudio.models.tuning import native_bf16
+
     tables = []
     if native_bf16():
         tables += [layer_rows(torch.bfloat16, SD15_SHAPES, 2, "bf16 UNet"), unet_rows()]

@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+
+from sdstudio.models.tuning import native_bf16
+
+needs_native_bf16 = pytest.mark.skipif(not native_bf16(), reason="the bf16 fast path (and int8 on it) is built only "
+                                       "where the CPU has native bf16 math (AMX or AVX512-BF16)")
 
 
 def psnr(a, b, peak: float = 255.0) -> float:

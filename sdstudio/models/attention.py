@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from sdstudio.models.native import avx512_bf16_library, release_kernel_buffers, scratch
+from sdstudio.models.native import cpu_library, release_kernel_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 
 LONG_ATTENTION = 1024   # keys from this many tokens on go through OpenVINO (measured crossover: 77 no, 1024 yes)
@@ -87,10 +87,15 @@ def openvino_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     return out
 
 
+FLASH_KERNELS = {torch.bfloat16: ("flash_attention", "avx512_bf16"),     # source, CPU flags it needs
+                 torch.float32: ("flash_attention_fp32", "avx2", "fma")}
+
+
 @functools.cache
-def _flash_kernels() -> ctypes.CDLL | None:
-    """The flash-attention kernel built for this machine; None without AVX512-BF16 or a C compiler."""
-    kernels = avx512_bf16_library("flash_attention")
+def _flash_kernels(dtype: torch.dtype = torch.bfloat16) -> ctypes.CDLL | None:
+    """The flash-attention kernel for `dtype` built for this machine; None without the CPU instructions it needs
+    (AVX512-BF16 for bf16, AVX2 and FMA for fp32) or a C compiler."""
+    kernels = cpu_library(*FLASH_KERNELS[dtype])
     if kernels is not None:
         pointer, index = ctypes.c_void_p, ctypes.c_long
         kernels.pack.argtypes = [pointer, pointer, *[index] * 6, pointer, pointer, ctypes.c_int]
@@ -100,15 +105,16 @@ def _flash_kernels() -> ctypes.CDLL | None:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q·kᵀ/√width)·v per head for bf16 (batch, tokens, heads·width) tensors (k and v: the same number of
-    tokens, any), computed by the flash-attention kernel; width even and at most FLASH_MAX_WIDTH."""
-    kernels = _flash_kernels()
+    """softmax(q·kᵀ/√width)·v per head for bf16 or fp32 (batch, tokens, heads·width) tensors (k and v: the same
+    number of tokens, any), computed by the flash-attention kernel of their dtype; width even and at most
+    FLASH_MAX_WIDTH."""
+    kernels = _flash_kernels(q.dtype)
     q, k, v = (x.contiguous() for x in (q, k, v))
     batch, tokens_q, channels = q.shape
     tokens_k, width = k.shape[1], channels // heads
-    padded, blocks = -(-tokens_k // 32) * 32, -(-width // 16)
-    keys = scratch("flash keys", (batch * heads * padded * width // 2,), torch.int32)
-    values = scratch("flash values", (batch * heads * padded // 2 * blocks * 16,), torch.int32)
+    padded, blocks, size = -(-tokens_k // 32) * 32, -(-width // 16), q.dtype.itemsize
+    keys = scratch("flash keys", (batch * heads * padded * width * size // 4,), torch.int32)
+    values = scratch("flash values", (batch * heads * padded * blocks * 16 * size // 4,), torch.int32)
     kernels.pack(k.data_ptr(), v.data_ptr(), batch, heads, channels, tokens_k, padded, width, keys.data_ptr(),
                  values.data_ptr(), torch.get_num_threads())
     out = torch.empty_like(q)
@@ -137,16 +143,18 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torc
     return F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(q.shape)
 
 
-def _pays(name: str, heads: int, width: int, kernel, baseline=_sdpa) -> bool:
+def _pays(name: str, heads: int, width: int, kernel, baseline=_sdpa, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether `kernel(q, k, v, heads)` beats `baseline` (PyTorch's SDPA) on this machine for 4096 tokens of
-    `heads` × `width` (SD1.5's largest attention at 512²), measured once per machine."""
+    `heads` × `width` (SD1.5's largest attention at 512²) in `dtype`, measured once per machine (choice `name`,
+    "-fp32" added for fp32)."""
+    name += "" if dtype == torch.bfloat16 else "-fp32"
     def ways():
         generator = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, 4096, heads * width, generator=generator).bfloat16() for _ in range(3))
+        q, k, v = (torch.randn(1, 4096, heads * width, generator=generator).to(dtype) for _ in range(3))
         return lambda: kernel(q, k, v, heads), lambda: baseline(q, k, v, heads)
 
     try:
-        return candidate_pays(name, ways)
+        return candidate_pays(name, ways, dtype)
     finally:
         release_kernel_buffers()
 
@@ -158,10 +166,13 @@ def _replaced_by_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
 
 
 @functools.cache
-def flash_pays() -> bool:
-    """Whether the flash kernel beats the one it replaces on this machine (OpenVINO's where that beats PyTorch's):
-    the UNet's self-attention (8 heads of 40)."""
-    return _flash_kernels() is not None and _pays("flash-attention", 8, 40, flash_attention, _replaced_by_flash)
+def flash_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the flash kernel for `dtype` beats the one it replaces on this machine (bf16: OpenVINO's where that
+    beats PyTorch's; fp32: PyTorch's): the UNet's self-attention (8 heads of 40)."""
+    if _flash_kernels(dtype) is None:
+        return False
+    return _pays("flash-attention", 8, 40, flash_attention,
+                 _replaced_by_flash if dtype == torch.bfloat16 else _sdpa, dtype)
 
 
 @functools.cache
@@ -171,10 +182,10 @@ def openvino_pays() -> bool:
 
 
 @functools.cache
-def blocked_pays() -> bool:
-    """Whether `blocked_attention` beats PyTorch's kernel on this machine: the VAE's attention block (one head of
-    512)."""
-    return _pays("blocked-attention", 1, 512, blocked_attention)
+def blocked_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether `blocked_attention` in `dtype` beats PyTorch's kernel on this machine: the VAE's attention block (one
+    head of 512)."""
+    return _pays("blocked-attention", 1, 512, blocked_attention, dtype=dtype)
 
 
 def _repeated_halves(x: torch.Tensor) -> bool:
@@ -229,16 +240,17 @@ class FastCPUAttention:
             keys = encoder_hidden_states.shape[1]
         else:
             return None
+        dtype = hidden_states.dtype
         if (torch.is_grad_enabled() or attention_mask is not None or hidden_states.ndim not in (3, 4)
-                or hidden_states.device.type != "cpu" or hidden_states.dtype != torch.bfloat16
+                or hidden_states.device.type != "cpu" or dtype not in FLASH_KERNELS
                 or attn.spatial_norm is not None or attn.norm_q is not None or attn.norm_k is not None
                 or attn.norm_cross or abs(attn.scale - width ** -0.5) >= 1e-9 or attn.inner_dim != attn.inner_kv_dim):
             return None
         if attn.heads == 1:
-            return blocked_attention if keys >= LONG_ATTENTION and blocked_pays() else None
-        if queries * keys >= FLASH_MIN_SCORES and width % 2 == 0 and width <= FLASH_MAX_WIDTH and flash_pays():
+            return blocked_attention if keys >= LONG_ATTENTION and blocked_pays(dtype) else None
+        if queries * keys >= FLASH_MIN_SCORES and width % 2 == 0 and width <= FLASH_MAX_WIDTH and flash_pays(dtype):
             return flash_attention
-        return openvino_attention if keys >= LONG_ATTENTION and openvino_pays() else None
+        return openvino_attention if dtype == torch.bfloat16 and keys >= LONG_ATTENTION and openvino_pays() else None
 
 
 def use_fast_cpu_attention(model: torch.nn.Module) -> None:

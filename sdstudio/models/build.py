@@ -25,6 +25,7 @@ from sdstudio.models.fused import use_fused_layers
 from sdstudio.models.int8 import calibrate_int8, int8_available, int8_weight_names, use_int8_linears
 from sdstudio.models.native import release_kernel_buffers
 from sdstudio.models.winograd import use_winograd_convolutions
+from sdstudio.models.tuning import native_bf16
 
 CONFIG_FILE = Path(__file__).parent / "configs" / "families.json"
 GROUP_NORM_GROUPS = 32  # every SD UNet/VAE uses GroupNorm(32)
@@ -239,9 +240,10 @@ def vae_from_config(config: Mapping[str, Any], weights: Mapping[str, torch.Tenso
 
 
 def _fast_path(model: torch.nn.Module, fast_fp32: bool) -> bool:
-    """Whether a CPU model gets a fast path's kernels: bf16 always, fp32 with `fast_fp32` (the exact reference
+    """Whether a CPU model gets a fast path's kernels: bf16 where the CPU has native bf16 math (elsewhere oneDNN has
+    no bf16 products to fuse: torch's own layers emulate them), fp32 with `fast_fp32` (the exact reference
     without)."""
-    return model.dtype == torch.bfloat16 or (fast_fp32 and model.dtype == torch.float32)
+    return (model.dtype == torch.bfloat16 and native_bf16()) or (fast_fp32 and model.dtype == torch.float32)
 
 
 def _runs_on_cpu(device: torch.device | str) -> bool:

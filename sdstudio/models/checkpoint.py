@@ -16,7 +16,7 @@ from sdstudio.files.keymaps import KeyMapError, split_checkpoint, swap_in_ema, t
 from sdstudio.files.readers import read_state_dict
 from sdstudio.models.build import build_text_encoder, build_unet, build_vae, gpu_unet_layout, weights_dtype
 from sdstudio.models.converted import ConvertedWeights, worth_storing
-from sdstudio.models.tuning import cpu_description
+from sdstudio.models.tuning import native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 def fast_cpu_dtype() -> torch.dtype:
     """bf16 where the CPU has native bf16 math (AMX or AVX512-BF16), else fp32 (`--precision auto` on a CPU)."""
-    flags = cpu_description()[1]
-    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def resolve_precision(name: str, device: torch.device | str = "cpu") -> torch.dtype:
@@ -51,11 +50,16 @@ def resolve_precision(name: str, device: torch.device | str = "cpu") -> torch.dt
 
 def precision_options(name: str, device: torch.device | str = "cpu") -> dict[str, Any]:
     """load_checkpoint's arguments for a `--precision` name on `device`: `dtype` (resolve_precision), `int8_linears`
-    (`int8`) and `fast_fp32` (`auto` where the CPU has no native bf16 math: fp32 with the near-exact fast kernels;
+    (`int8`: its products build on the bf16 model, so only where the CPU has native bf16 math; elsewhere `int8` runs
+    as `auto`) and `fast_fp32` (`auto` where the CPU has no native bf16 math: fp32 with the near-exact fast kernels;
     `fp32` stays the exact reference)."""
     dtype = resolve_precision(name, device)
-    return {"dtype": dtype, "int8_linears": name == "int8",
-            "fast_fp32": name == "auto" and dtype == torch.float32 and torch.device(device).type == "cpu"}
+    int8 = name == "int8" and dtype == torch.bfloat16
+    if name == "int8" and not int8:
+        log.warning("--precision int8 needs a CPU with native bf16 math (AMX or AVX512-BF16); this one runs as "
+                    "--precision auto (the fast fp32 path)")
+    return {"dtype": dtype, "int8_linears": int8,
+            "fast_fp32": name in ("auto", "int8") and dtype == torch.float32 and torch.device(device).type == "cpu"}
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from sdstudio.models.native import avx512_bf16_library, scratch
+from sdstudio.models.native import cpu_library, scratch
 from sdstudio.models.tuning import candidate_pays
 
 GEGLU_PANEL = 16       # the kernel's PANEL: the inner width must be a multiple of it
@@ -38,7 +38,7 @@ def fast_cpu_tensor(x: torch.Tensor) -> bool:
 @functools.cache
 def _geglu_kernel() -> ctypes.CDLL | None:
     """The GEGLU kernel built for this machine; None without AVX512-BF16 or a C compiler."""
-    kernel = avx512_bf16_library("geglu")
+    kernel = cpu_library("geglu", "avx512_bf16")
     if kernel is not None:
         pointer, index, count = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         kernel.pack_weight.argtypes = [pointer, index, index, index, pointer, count]
@@ -79,7 +79,7 @@ def geglu_kernel_pays() -> bool:
         weight = (torch.randn(2560, 320, generator=generator) * 0.05).bfloat16()
         return lambda: geglu_rows(x, weight, None), lambda: _onednn_geglu(x, weight, None)
 
-    return candidate_pays("geglu-kernel", ways)
+    return candidate_pays("geglu-kernel", ways, torch.bfloat16)
 
 
 def _onednn_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

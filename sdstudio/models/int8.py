@@ -234,7 +234,8 @@ def int8_linear(x: QuantizedRows, weight: PackedWeight, activation: str = "none"
 @functools.cache
 def int8_pays() -> bool:
     """Whether int8 products (their activations' quantization included) beat bf16 ones on this machine, measured
-    once on SD1.5's feed-forward output at 512² (8192 × 1280 → 320) and kept (models/tuning.py)."""
+    once on SD1.5's feed-forward output at 512² (8192 × 1280 → 320) and kept (models/tuning.py); never without native
+    bf16 math (their bf16 output runs oneDNN's reference code there: minutes for that one product)."""
     def ways():
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(8192, 1280, generator=generator).bfloat16()
@@ -242,7 +243,7 @@ def int8_pays() -> bool:
         packed = pack_weight(weight, None, smoothing_factors(_column_maxima(x).float(), weight))
         return lambda: int8_linear(quantize_rows(x, packed.inverse_smoothing), packed), lambda: F.linear(x, weight)
 
-    return candidate_pays("int8-linear", ways)
+    return candidate_pays("int8-linear", ways, torch.bfloat16)
 
 
 def int8_available() -> bool:

@@ -1,4 +1,4 @@
-"""Small C kernels of the bf16 CPU fast path: built once per machine with the system C compiler, run through ctypes.
+"""Small C kernels of the CPU fast paths: built once per machine with the system C compiler, run through ctypes.
 
 Each kernel library is compiled from its source (generated or fixed) into the kernel cache folder
 (models/tuning.py), keyed by the source, the compiler flags and the CPU's flags, so a machine builds it once and a
@@ -62,10 +62,11 @@ def compiled_library(name: str, source: str) -> ctypes.CDLL | None:
         return None
 
 
-def avx512_bf16_library(name: str) -> ctypes.CDLL | None:
-    """kernels/<name>.c built for this machine (`compiled_library` of `kernel_source`) where the CPU has
-    AVX512-BF16 (its vdpbf16ps products); None elsewhere, or without a C compiler."""
-    if "avx512_bf16" not in cpu_description()[1].split():
+def cpu_library(name: str, *required_flags: str) -> ctypes.CDLL | None:
+    """kernels/<name>.c built for this machine (`compiled_library` of `kernel_source`) where the CPU has every one of
+    `required_flags` (/proc/cpuinfo's names: "avx512_bf16" for vdpbf16ps products, "avx2" and "fma" for 256-bit
+    fp32 ones); None elsewhere, or without a C compiler."""
+    if not set(required_flags) <= set(cpu_description()[1].split()):
         return None
     return compiled_library(name, kernel_source(name))
 

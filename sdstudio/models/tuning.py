@@ -47,6 +47,14 @@ def cpu_description() -> tuple[str, str]:
     return tuple(next((line for line in lines if line.startswith(field)), "") for field in ("model name", "flags"))
 
 
+def native_bf16() -> bool:
+    """Whether the CPU has native bf16 math (AMX or AVX512-BF16): where it has not, torch and oneDNN emulate bf16
+    products (6× slower than fp32 ones on an AVX2 CPU) and their int8 products with bf16 output run oneDNN's reference
+    code (350× slower than bf16)."""
+    flags = cpu_description()[1].split()
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def machine_key() -> str:
     """What a choice depends on: CPU model and flags, torch version, thread count."""
     key = "\n".join([*cpu_description(), torch.__version__, str(torch.get_num_threads())])
@@ -61,12 +69,16 @@ def choice_path(name: str) -> Path:
 Ways = Callable[[], tuple[Callable[[], object], Callable[[], object]]]
 
 
-def candidate_pays(name: str, ways: Ways) -> bool:
+def candidate_pays(name: str, ways: Ways, dtype: torch.dtype) -> bool:
     """Whether the candidate runs at least MARGIN times faster than the baseline on this machine: read from the kept
     choice `name`, else measured now and kept (an unreadable file is measured again; an unwritable folder only
     means measuring again in the next process). `ways()` gives (candidate, baseline) on their representative
-    inputs: called only to measure, so a kept choice costs a file read, not the inputs (a first UNet call built
-    ~0.5 s of random weights and imported OpenVINO before reading its choices)."""
+    inputs in `dtype`: called only to measure, so a kept choice costs a file read, not the inputs (a first UNet call
+    built ~0.5 s of random weights and imported OpenVINO before reading its choices). A bf16 candidate never pays
+    where the CPU lacks native bf16 math: the bf16 fast path's kernels are for such CPUs, and the emulated
+    measurement alone would take minutes there (the VAE's blocked attention: 141 s on an AVX2 CPU)."""
+    if dtype == torch.bfloat16 and not native_bf16():
+        return False
     path = choice_path(name)
     try:
         return bool(json.loads(path.read_text())["candidate_pays"])

@@ -172,7 +172,8 @@ def unfolded_pays(batch: int, channels: int, out_channels: int, height: int, wid
         x, weight, bias = _conv_inputs(batch, channels, out_channels, height, width)
         return lambda: unfolded_conv2d(x, weight, bias), lambda: F.conv2d(x, weight, bias, padding=1)
 
-    return candidate_pays(f"unfolded-conv-{batch}x{channels}x{height}x{width}-{out_channels}", ways)
+    return candidate_pays(f"unfolded-conv-{batch}x{channels}x{height}x{width}-{out_channels}", ways,
+                          torch.bfloat16)
 
 
 def _conv_inputs(batch: int, channels: int, out_channels: int, height: int, width: int,
@@ -198,7 +199,7 @@ def winograd_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
         return lambda: winograd_conv2d(x, weight, bias), lambda: F.conv2d(x, weight, bias, padding=1)
 
     try:
-        return candidate_pays(NAMES[dtype], ways)
+        return candidate_pays(NAMES[dtype], ways, dtype)
     finally:
         release_kernel_buffers()
 

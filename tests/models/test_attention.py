@@ -1,5 +1,5 @@
-"""The bf16 CPU fast path's attention: the flash kernel (OpenVINO's where it is off), blocks for one wide head,
-diffusers' processor for everything else."""
+"""The CPU fast paths' attention: the flash kernels (bf16; fp32 for the fast fp32 path; OpenVINO's where the bf16
+one is off), blocks for one wide head, diffusers' processor for everything else."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +10,7 @@ from sdstudio.models import attention
 from sdstudio.models.attention import (FLASH_MIN_SCORES, LONG_ATTENTION, FastCPUAttention, _compiled_attention,
                                        _flash_kernels, _sdpa, blocked_attention, flash_attention)
 from sdstudio.models.checkpoint import load_checkpoint
+from tests.helpers import needs_native_bf16
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # whatever this machine chose (models/tuning.py)
 
@@ -27,13 +28,17 @@ def run(module: Attention, processor, hidden: torch.Tensor, context: torch.Tenso
 
 
 needs_flash = pytest.mark.skipif(_flash_kernels() is None, reason="the flash kernel needs AVX512-BF16 and a C compiler")
+FLASH_DTYPES = [pytest.param(torch.bfloat16, marks=needs_flash, id="bf16"),
+                pytest.param(torch.float32, id="fp32",
+                             marks=pytest.mark.skipif(_flash_kernels(torch.float32) is None,
+                                                      reason="the fp32 flash kernel needs AVX2, FMA and a C compiler"))]
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return ((out.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
-@needs_flash
+@pytest.mark.parametrize("dtype", FLASH_DTYPES)
 @pytest.mark.parametrize("batch,queries,keys,heads,width,spread", [
     (2, 1024, 1024, 8, 40, 1.0),    # SD1.5's first level, smaller (two blocks of 16 widths and a half)
     (2, 300, 77, 5, 64, 2.0),       # cross-attention: keys padded to 96, queries not a multiple of the tiles
@@ -41,47 +46,48 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     (2, 64, 700, 2, 160, 4.0),      # SD1.5's deepest width: ten blocks of 16 in three groups and one
     (1, 70, 100, 4, 8, 2.0),        # a width of 8: a half block only
 ])
-def test_flash_attention_is_the_softmax_attention_of_each_head(batch, queries, keys, heads, width, spread):
+def test_flash_attention_is_the_softmax_attention_of_each_head(batch, queries, keys, heads, width, spread, dtype):
     generator = torch.Generator().manual_seed(0)
-    q = (torch.randn(batch, queries, heads * width, generator=generator) * spread).bfloat16()
-    k, v = (torch.randn(batch, keys, heads * width, generator=generator).bfloat16() for _ in range(2))
+    q = (torch.randn(batch, queries, heads * width, generator=generator) * spread).to(dtype)
+    k, v = (torch.randn(batch, keys, heads * width, generator=generator).to(dtype) for _ in range(2))
     reference = _sdpa(q.double(), k.double(), v.double(), heads)
     out = flash_attention(q, k, v, heads)
-    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    assert out.dtype == dtype and out.shape == q.shape
     error, torch_error = relative_error(out, reference), relative_error(_sdpa(q, k, v, heads), reference)
     assert error <= 1.5 * torch_error, (error, torch_error)   # fp32 scores and sums, like PyTorch's kernel
 
 
-@needs_flash
-def test_flash_attention_of_very_negative_scores_is_not_swamped_by_the_padded_keys():
-    k = torch.full((1, 33, 64), 10.0).bfloat16()   # 33 keys, padded to 64 with zeros (score 0)
-    q = -k[:, :8]                                  # every real score −800: e^−800 underflows unless the maximum
-    v = torch.randn(1, 33, 64).bfloat16()          # is the real scores' (not the padding's 0)
+@pytest.mark.parametrize("dtype", FLASH_DTYPES)
+def test_flash_attention_of_very_negative_scores_is_not_swamped_by_the_padded_keys(dtype):
+    k = torch.full((1, 33, 64), 10.0).to(dtype)   # 33 keys, padded to 64 with zeros (score 0)
+    q = -k[:, :8]                                 # every real score −800: e^−800 underflows unless the maximum
+    v = torch.randn(1, 33, 64).to(dtype)          # is the real scores' (not the padding's 0)
     out = flash_attention(q, k, v, 1)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0].float(), v[0].float().mean(0).expand(8, -1), atol=1e-2, rtol=1e-2)
 
 
-@needs_flash
+@pytest.mark.parametrize("dtype", FLASH_DTYPES)
 @pytest.mark.parametrize("queries,context", [(LONG_ATTENTION, None), (256, 77), (16, 77)])
-def test_the_processor_takes_the_flash_kernel_for_all_but_the_smallest_attention(monkeypatch, queries, context):
+def test_the_processor_takes_the_flash_kernel_for_all_but_the_smallest_attention(monkeypatch, queries, context,
+                                                                                 dtype):
     module = attention_module(8, 40, context_dim=None if context is None else 32)
     hidden = torch.randn(2, queries, 320)
     encoder = None if context is None else torch.randn(2, context, 32)
     reference = run(module, AttnProcessor2_0(), hidden, encoder)
-    torch_bf16 = run(module.to(torch.bfloat16), AttnProcessor2_0(), hidden.bfloat16(),
-                     None if encoder is None else encoder.bfloat16())
+    encoder = None if encoder is None else encoder.to(dtype)
+    torch_same = run(module.to(dtype), AttnProcessor2_0(), hidden.to(dtype), encoder)
     used = []
     monkeypatch.setattr(attention, "flash_attention", lambda *a: used.append(1) or flash_attention(*a))
-    fast = run(module, FastCPUAttention(), hidden.bfloat16(), None if encoder is None else encoder.bfloat16())
+    fast = run(module, FastCPUAttention(), hidden.to(dtype), encoder)
     assert bool(used) == (queries * (context or queries) >= FLASH_MIN_SCORES)
-    assert relative_error(fast, reference) <= 1.5 * relative_error(torch_bf16, reference) + 1e-4
+    assert relative_error(fast, reference) <= 1.5 * relative_error(torch_same, reference) + 1e-4
 
 
 @pytest.mark.parametrize("heads,width", [(8, 40), (5, 64), (2, 32)])
 def test_long_self_attention_without_the_flash_kernel_goes_through_openvino_and_matches_the_fp32_reference(
         monkeypatch, heads, width):
-    monkeypatch.setattr(attention, "flash_pays", lambda: False)
+    monkeypatch.setattr(attention, "flash_pays", lambda *dtype: False)
     module = attention_module(heads, width)
     hidden = torch.randn(2, LONG_ATTENTION, heads * width)
     reference = run(module, AttnProcessor2_0(), hidden)
@@ -98,7 +104,7 @@ def test_long_self_attention_without_the_flash_kernel_goes_through_openvino_and_
 
 
 def test_short_cross_attention_without_the_flash_kernel_stays_with_pytorch_bit_for_bit(monkeypatch):
-    monkeypatch.setattr(attention, "flash_pays", lambda: False)
+    monkeypatch.setattr(attention, "flash_pays", lambda *dtype: False)
     module = attention_module(4, 16, context_dim=32).to(torch.bfloat16)
     hidden = torch.randn(1, LONG_ATTENTION, 64, dtype=torch.bfloat16)
     context = torch.randn(1, 77, 32, dtype=torch.bfloat16)
@@ -167,7 +173,8 @@ def test_a_vae_attention_block_runs_by_blocks_and_matches_the_fp32_reference(mon
     assert blocked == [1]
 
 
-def test_fp32_and_gradients_stay_with_pytorch():
+def test_fp32_without_its_flash_kernel_and_gradients_stay_with_pytorch(monkeypatch):
+    monkeypatch.setattr(attention, "flash_pays", lambda dtype: dtype != torch.float32)
     module = attention_module(2, 32)
     hidden = torch.randn(1, LONG_ATTENTION, 64)
     assert torch.equal(run(module, FastCPUAttention(), hidden), run(module, AttnProcessor2_0(), hidden))
@@ -178,6 +185,7 @@ def test_fp32_and_gradients_stay_with_pytorch():
     assert module.to_q.weight.grad is not None and module.to_q.weight.grad.abs().sum() > 0
 
 
+@needs_native_bf16
 def test_a_bf16_unet_gets_the_fast_attention_and_the_fp32_reference_keeps_diffusers(sd1_file):
     fast_model = load_checkpoint(sd1_file, dtype=torch.bfloat16)
     exact_model = load_checkpoint(sd1_file, dtype=torch.float32)

@@ -49,7 +49,8 @@ def test_precision_options_give_the_fast_fp32_path_to_auto_on_a_cpu_without_bf16
     cpu_auto = torch.bfloat16 if native_bf16 else torch.float32
     assert precision_options("auto") == {"dtype": cpu_auto, "int8_linears": False, "fast_fp32": not native_bf16}
     assert precision_options("fp32") == {"dtype": torch.float32, "int8_linears": False, "fast_fp32": False}
-    assert precision_options("int8")["int8_linears"] and not precision_options("int8")["fast_fp32"]
+    int8 = {"dtype": torch.bfloat16, "int8_linears": True, "fast_fp32": False}
+    assert precision_options("int8") == (int8 if native_bf16 else precision_options("auto"))
     assert precision_options("auto", "cuda") == {"dtype": torch.float16, "int8_linears": False, "fast_fp32": False}
 
 
@@ -129,3 +130,23 @@ def test_gpu_unet_layout_is_the_measured_one(synth_file):
     xl = load_checkpoint(synth_file("sdxl"), dtype="fp16", device="cuda").unet
     assert sd1.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert xl.conv_in.weight.is_contiguous() and not xl.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_bf16_model_on_a_cpu_without_native_bf16_math_is_torchs_own(monkeypatch, sd1_file):
+    """There the bf16 fast path's fused oneDNN products do not exist (bf16 is emulated): an explicit bf16 load keeps
+    torch's own layers, and runs."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from sdstudio.models import build
+    from sdstudio.models.fused import FusedGEGLU
+    from sdstudio.models.winograd import WinogradConv2d
+
+    monkeypatch.setattr(build, "native_bf16", lambda: False)
+    model = load_checkpoint(sd1_file, dtype=torch.bfloat16)
+    for part in (model.unet, model.vae):
+        assert {type(p) for p in part.attn_processors.values()} == {AttnProcessor2_0}
+        assert not any(isinstance(m, (FusedGEGLU, WinogradConv2d)) for m in part.modules())
+    with torch.inference_mode():
+        out = model.unet(torch.randn(1, 4, 8, 8).bfloat16(), 500,
+                         encoder_hidden_states=torch.randn(1, 77, model.unet.config.cross_attention_dim).bfloat16())
+    assert out.sample.dtype == torch.bfloat16 and torch.isfinite(out.sample).all()

@@ -10,6 +10,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from sdstudio.models import fused
 from sdstudio.models.checkpoint import load_checkpoint
 from sdstudio.models.fused import ChannelsLastTransformer2D, FusedGEGLU, geglu_rows, use_fused_layers
+from tests.helpers import needs_native_bf16
 
 needs_kernel = pytest.mark.skipif(fused._geglu_kernel() is None,
                                   reason="the GEGLU kernel needs AVX512-BF16 and a C compiler")
@@ -34,6 +35,7 @@ def run(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x)
 
 
+@needs_native_bf16
 def test_fused_geglu_is_as_close_to_the_fp32_reference_as_diffusers_bf16():
     module = geglu(64, 96)
     x = torch.randn(3, 50, 64)
@@ -47,6 +49,7 @@ def test_fused_geglu_is_as_close_to_the_fp32_reference_as_diffusers_bf16():
     assert fast_error < 0.02 * reference.abs().max().item()
 
 
+@needs_native_bf16
 def test_fused_geglu_sees_a_patched_projection():
     module = fused_copy(geglu(32, 48, bias=False).to(torch.bfloat16))
     x = torch.randn(40, 32, dtype=torch.bfloat16)
@@ -142,6 +145,7 @@ def test_transformer_output_stays_channels_last_with_the_same_bits(linear_projec
     assert torch.equal(out, expected)
 
 
+@needs_native_bf16
 def test_a_bf16_unet_gets_the_fused_layers_and_the_fp32_reference_keeps_diffusers(sd1_file):
     fast = load_checkpoint(sd1_file, dtype=torch.bfloat16).unet
     exact = load_checkpoint(sd1_file, dtype=torch.float32).unet

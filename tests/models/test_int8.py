@@ -19,6 +19,7 @@ from sdstudio.models.converted import ConvertedWeights
 from sdstudio.models.int8 import (Int8GEGLU, Int8Linear, Int8PointwiseConv2d, calibrating, int8_linear,
                                  int8_weight_names, pack_weight, quantize_rows, use_int8_linears)
 from sdstudio.models.patcher import Patch, WeightPatcher
+from tests.helpers import needs_native_bf16
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # int8 in use whatever this machine chose (models/tuning.py)
 
@@ -82,6 +83,7 @@ def test_with_gradients_an_int8_linear_is_the_plain_bf16_linear(weight_dtype):
     assert torch.equal(out, F.linear(x, layer.weight.bfloat16(), layer.bias))
 
 
+@needs_native_bf16
 def test_int8_geglu_matches_the_fp64_geglu():
     torch.manual_seed(0)
     module = GEGLU(96, 128).bfloat16()
@@ -133,6 +135,7 @@ def test_precision_int8_is_the_cpu_fast_path_and_refused_on_a_gpu():
         resolve_precision("int8", "cuda")
 
 
+@needs_native_bf16
 def test_an_int8_unet_swaps_only_its_transformer_linears_and_stays_close(sd1_file):
     plain = load_checkpoint(sd1_file, dtype=torch.bfloat16).unet
     quick = load_checkpoint(sd1_file, dtype=torch.bfloat16, int8_linears=True).unet
@@ -155,6 +158,7 @@ def test_an_int8_unet_swaps_only_its_transformer_linears_and_stays_close(sd1_fil
     assert relative_error(int8, exact) < 0.06 and not torch.equal(int8, fast)   # 0.043 (unsmoothed ~0.048); bf16 0.017
 
 
+@needs_native_bf16
 def test_an_int8_unets_output_does_not_depend_on_what_ran_before(sd1_file):
     first, fresh = (load_checkpoint(sd1_file, dtype=torch.bfloat16, int8_linears=True).unet for _ in range(2))
     sample = torch.randn(2, 4, 32, 32, generator=gen(31)).bfloat16()
@@ -165,6 +169,7 @@ def test_an_int8_unets_output_does_not_depend_on_what_ran_before(sd1_file):
         assert torch.equal(first(sample, 500, context).sample, fresh(sample, 500, context).sample)
 
 
+@needs_native_bf16
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_outlier_channels_cost_an_int8_unet_little(synth_file, family):
     plain, widened = synth_file(family), synth_file(family, outlier_channels=True)   # same function (synthetic.py)
@@ -291,6 +296,7 @@ def test_packing_a_file_mapped_weight_gives_its_pages_back_to_the_page_cache(tmp
         assert torch.equal(layer(x), out)                       # packed once; the file's pages are not needed
 
 
+@needs_native_bf16
 def test_an_int8_load_keeps_the_files_weights_for_its_linears_and_runs_as_from_bf16_ones(synth_file, tmp_path):
     source = synth_file("sd1", "fp16")
     cache = ConvertedWeights(tmp_path / "converted")

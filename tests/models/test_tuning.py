@@ -34,14 +34,14 @@ def sleepers(candidate_s: float, baseline_s: float, calls: list[str]):
                                                              (0.01, 0.0105, False)])   # within the margin: no
 def test_the_faster_way_is_chosen_once_and_kept(cache, candidate_s, baseline_s, expected):
     calls = []
-    assert tuning.candidate_pays("case", sleepers(candidate_s, baseline_s, calls)) == expected
+    assert tuning.candidate_pays("case", sleepers(candidate_s, baseline_s, calls), torch.float32) == expected
     assert calls.count("c") == calls.count("b") == tuning.ROUNDS + 1   # one untimed run each, then alternating
     assert calls.count("built") == 1
     record = json.loads(tuning.choice_path("case").read_text())
     assert record["candidate_pays"] == expected
     assert (record["baseline_ms"] >= tuning.MARGIN * record["candidate_ms"]) == expected
     calls.clear()   # a later process: the kept choice, nothing run or even built
-    assert tuning.candidate_pays("case", sleepers(1, 1, calls)) == expected
+    assert tuning.candidate_pays("case", sleepers(1, 1, calls), torch.float32) == expected
     assert calls == []
 
 
@@ -49,7 +49,7 @@ def test_a_damaged_choice_is_measured_again(cache):
     path = tuning.choice_path("case")
     path.write_text("{not json")
     calls = []
-    assert tuning.candidate_pays("case", sleepers(0.001, 0.02, calls))
+    assert tuning.candidate_pays("case", sleepers(0.001, 0.02, calls), torch.float32)
     assert calls and json.loads(path.read_text())["candidate_pays"] is True
 
 
@@ -64,19 +64,36 @@ def test_choices_are_kept_per_thread_count(cache):
     assert tuning.choice_path("case") == first
 
 
-@pytest.mark.parametrize("choice,name", [(winograd.winograd_pays, "winograd"),
-                                         (attention.openvino_pays, "openvino-attention"),
-                                         (attention.blocked_pays, "blocked-attention"),
-                                         (int8.int8_pays, "int8-linear")])
-def test_the_fast_path_choices_follow_their_measurement_on_this_machine(cache, choice, name):
+@pytest.mark.parametrize("choice,dtype,name", [
+    (winograd.winograd_pays, torch.bfloat16, "winograd"), (winograd.winograd_pays, torch.float32, "winograd-fp32"),
+    (attention.openvino_pays, torch.bfloat16, "openvino-attention"),
+    (attention.blocked_pays, torch.bfloat16, "blocked-attention"),
+    (attention.blocked_pays, torch.float32, "blocked-attention-fp32"),
+    (attention.flash_pays, torch.float32, "flash-attention-fp32"), (int8.int8_pays, torch.bfloat16, "int8-linear")])
+def test_the_fast_path_choices_follow_their_measurement_on_this_machine(cache, choice, dtype, name):
+    if dtype == torch.bfloat16 and not tuning.native_bf16():
+        pytest.skip("bf16 kernels are not measured without native bf16 math (the test below)")
+    if choice is attention.flash_pays and attention._flash_kernels(dtype) is None:
+        pytest.skip("no flash kernel for this CPU")
     choice.cache_clear()
     try:
-        made = choice()
+        made = choice() if choice in (attention.openvino_pays, int8.int8_pays) else choice(dtype)
     finally:
         choice.cache_clear()
     record = json.loads(tuning.choice_path(name).read_text())
     assert made == record["candidate_pays"] == (record["baseline_ms"] >= tuning.MARGIN * record["candidate_ms"])
     assert record["candidate_ms"] > 0 and record["baseline_ms"] > 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bf16_candidate_is_measured_only_on_a_cpu_with_native_bf16(cache, monkeypatch, native):
+    """bf16 is emulated elsewhere: the bf16 fast path's kernels are not for such CPUs, and measuring them there took
+    minutes (int8 products with bf16 output run oneDNN's reference code)."""
+    monkeypatch.setattr(tuning, "native_bf16", lambda: native)
+    calls = []
+    assert tuning.candidate_pays("case", sleepers(0.001, 0.02, calls), torch.bfloat16) is native
+    assert bool(calls) == native == tuning.choice_path("case").exists()
+    assert tuning.candidate_pays("fp32 case", sleepers(0.001, 0.02, calls), torch.float32)
 
 
 @pytest.mark.skipif(attention._flash_kernels() is None, reason="the flash kernel needs AVX512-BF16 and a C compiler")

@@ -10,6 +10,7 @@ from sdstudio.models import native, winograd
 from sdstudio.models.checkpoint import load_checkpoint
 from sdstudio.models.winograd import (WinogradConv2d, unfolded_conv2d, use_winograd_convolutions, winograd_applies,
                                       winograd_conv2d, winograd_matrices)
+from tests.helpers import needs_native_bf16
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # whatever this machine chose (models/tuning.py)
 
@@ -184,6 +185,7 @@ def test_the_transforms_are_built_once_into_the_cache(tmp_path, monkeypatch):
         winograd._kernels.cache_clear()
 
 
+@needs_native_bf16
 def test_a_bf16_unet_uses_winograd_close_to_its_direct_convolutions(sd1_file, monkeypatch):
     unet = load_checkpoint(sd1_file, dtype=torch.bfloat16).unet
     convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -208,6 +210,7 @@ def test_a_bf16_unet_uses_winograd_close_to_its_direct_convolutions(sd1_file, mo
     assert relative_error(fast, direct) < 0.05
 
 
+@needs_native_bf16
 def test_a_bf16_vae_uses_winograd_and_its_decode_and_encode_release_the_buffers(sd1_file, monkeypatch):
     from sdstudio.models import vae as vae_ops
     from tests.helpers import psnr
