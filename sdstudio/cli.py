@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdstudio.errors import SDStudioError
+from sdstudio.models.memory import keep_freed_memory
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")   # names models.checkpoint.resolve_precision takes
 PRECISION_HELP = ("auto (default): bf16 where the CPU computes it natively (AMX / AVX512-BF16), fp16 on a GPU, "
@@ -385,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sdstudio` command."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    keep_freed_memory()   # before the server's threads allocate (models/memory.py)
     try:
         return COMMANDS[args.command](args)
     except SDStudioError as exc:

@@ -1,6 +1,9 @@
-"""Attention for the bf16 CPU fast path: multi-head attention by our flash-attention kernel (or OpenVINO's), one
-wide head by blocks. (The fast fp32 path's models get the same processor: of it only the CFG saving applies to fp32,
-a self-attention over a batch of two equal halves computed once; the rest goes to diffusers' processor.)
+"""Attention for the CPU fast paths: multi-head attention by our flash-attention kernels (or OpenVINO's), one wide
+head by blocks. The fast fp32 path's models get the same processor: its multi-head attention by the fp32 flash
+kernel (kernels/flash_attention_fp32.c: the same online softmax with fp32 FMA products, 256-bit on AVX2, 512-bit on
+AVX-512; SD1.5's 8 heads of 40 over 4096 tokens 1.13–1.17× PyTorch's kernel on AVX2, error 4.9e-7 against its
+3.7e-7), where measured faster, and the CFG saving below (a self-attention over a batch of two equal halves computed
+once); the rest goes to diffusers' processor.
 
 On CPUs without AMX, PyTorch's flash-attention kernel runs the UNet's long self-attention (4096 tokens at 512², head
 width 40 or 64) at a fraction of the speed of its matrix products: it was 29 % of an SD1.5 step. On CPUs with

@@ -16,6 +16,7 @@ from sdstudio.files.keymaps import KeyMapError, split_checkpoint, swap_in_ema, t
 from sdstudio.files.readers import read_state_dict
 from sdstudio.models.build import build_text_encoder, build_unet, build_vae, gpu_unet_layout, weights_dtype
 from sdstudio.models.converted import ConvertedWeights, worth_storing
+from sdstudio.models.memory import keep_freed_memory
 from sdstudio.models.tuning import native_bf16
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     `fast_fp32` = an fp32 CPU model runs the near-exact fast kernels (models/build.py; `precision_options`)."""
     from sdstudio.models.vae import load_vae_module  # vae.py imports this module's types
 
+    keep_freed_memory()
     start = time.perf_counter()
     path = Path(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype

@@ -7,7 +7,11 @@ activations.
   (kernels/geglu.c: each tile's value and gate sums in registers, GELU · product on them, the weight packed for it on
   every call so LoRA patches show through): SD1.5's 8192 × 320 → 2 × 1280 in 34 ms. Elsewhere the two halves of the
   same weight (row views) run as two oneDNN linears, the gate with its GELU fused and the other half with the product
-  fused (42–51 ms; diffusers' own code 72; in fp32 112–120 against 149–186 ms, the same sums to 1e-6).
+  fused (42–51 ms; diffusers' own code 72). In fp32 (the fast fp32 path), where the CPU has AVX2 and FMA and it was
+  measured faster (`gelu_product_pays`), the whole projection runs as one product into a kept buffer and our C kernel
+  (kernels/gelu_product.c) takes GELU · product in one pass: oneDNN's fused GELU ran at a third of the product's speed
+  on AVX2 (Zen 3, SD1.5 CFG, two fused linears / product + kernel: 8192 × 320 → 2 × 1280 148 / 81 ms, 2048 × 640 →
+  2 × 2560 106 / 79, 512 × 1280 → 2 × 5120 110 / 84; error vs float64 3.2–6.7e-7 / 2.4–3.3e-7).
 - Transformer2DModel: diffusers makes its channels-last output NCHW-contiguous (a copy) and the next convolution
   converts it back; here the permuted view, already channels-last, goes on as it is.
 
@@ -22,7 +26,7 @@ import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from sdstudio.models.native import cpu_library, scratch
+from sdstudio.models.native import cpu_library, release_kernel_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 
 GEGLU_PANEL = 16       # the kernel's PANEL: the inner width must be a multiple of it
@@ -82,6 +86,54 @@ def geglu_kernel_pays() -> bool:
     return candidate_pays("geglu-kernel", ways, torch.bfloat16)
 
 
+@functools.cache
+def _gelu_product_kernel() -> ctypes.CDLL | None:
+    """The fp32 GELU · product kernel built for this machine; None without AVX2 and FMA or a C compiler."""
+    kernel = cpu_library("gelu_product", "avx2", "fma")
+    if kernel is not None:
+        pointer, index = ctypes.c_void_p, ctypes.c_long
+        kernel.gelu_product.argtypes = [pointer, index, index, index, pointer, ctypes.c_int]
+    return kernel
+
+
+def product_then_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """geglu_rows for fp32 rows x: x · weightᵀ + bias by one product into a kept buffer, then value · GELU(gate) over
+    it by the gelu_product kernel; the caller checks `gelu_product_applies`."""
+    rows, half = x.shape[0], weight.shape[0] // 2
+    projection = scratch("geglu projection", (rows, weight.shape[0]), x.dtype)
+    if bias is None:
+        torch.mm(x, weight.t(), out=projection)
+    else:
+        torch.addmm(bias, x, weight.t(), out=projection)
+    out = torch.empty(rows, half, dtype=x.dtype)
+    _gelu_product_kernel().gelu_product(projection.data_ptr(), projection.stride(0), rows, half, out.data_ptr(),
+                                        torch.get_num_threads())
+    return out
+
+
+def gelu_product_applies(bias: torch.Tensor | None) -> bool:
+    """Whether `product_then_geglu` runs for fp32 rows (fp32 CPU tensors assumed): an fp32 bias or none, and the
+    kernel built and measured faster here."""
+    return ((bias is None or bias.dtype == torch.float32) and _gelu_product_kernel() is not None
+            and gelu_product_pays())
+
+
+@functools.cache
+def gelu_product_pays() -> bool:
+    """Whether `product_then_geglu` beats the two fused oneDNN linears in fp32 on this machine (models/tuning.py),
+    timed on SD1.5's GEGLU at 512² (CFG batch: 8192 tokens, 320 → 2 × 1280)."""
+    def ways():
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(8192, 320, generator=generator)
+        weight = torch.randn(2560, 320, generator=generator) * 0.05
+        return lambda: product_then_geglu(x, weight, None), lambda: _onednn_geglu(x, weight, None)
+
+    try:
+        return candidate_pays("gelu-product", ways, torch.float32)
+    finally:
+        release_kernel_buffers()
+
+
 def _onednn_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """geglu_rows by two oneDNN linears over the halves of the weight: GELU fused into the gate's, the product into
     the value's."""
@@ -105,8 +157,12 @@ class FusedGEGLU(GEGLU):
                 and weight.dtype == hidden_states.dtype):
             return super().forward(hidden_states, *args, **kwargs)
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        kernel = x.dtype == torch.bfloat16 and geglu_kernel_applies(x, weight, bias)
-        out = geglu_rows(x, weight, bias) if kernel else _onednn_geglu(x, weight, bias)
+        if x.dtype == torch.bfloat16 and geglu_kernel_applies(x, weight, bias):
+            out = geglu_rows(x, weight, bias)
+        elif x.dtype == torch.float32 and gelu_product_applies(bias):
+            out = product_then_geglu(x, weight, bias)
+        else:
+            out = _onednn_geglu(x, weight, bias)
         return out.reshape(*hidden_states.shape[:-1], -1)
 
 

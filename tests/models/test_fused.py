@@ -113,6 +113,45 @@ def test_a_long_geglu_takes_the_kernel_and_sees_a_patched_projection(fast_kernel
     assert not calls
 
 
+needs_gelu_product = pytest.mark.skipif(fused._gelu_product_kernel() is None,
+                                        reason="the fp32 GELU · product kernel needs AVX2, FMA and a C compiler")
+
+
+@needs_gelu_product
+@pytest.mark.parametrize("rows, width, inner, bias", [
+    (40, 64, 96, True),       # whole vectors of 8 and of 16 lanes
+    (7, 32, 21, False),       # a partial last vector, no bias
+])
+def test_the_fp32_geglu_kernel_is_as_close_to_float64_as_two_fused_linears(rows, width, inner, bias):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, width, generator=generator)
+    weight = torch.randn(2 * inner, width, generator=generator) * width ** -0.5
+    weight[inner:] *= 6       # gates from about −20 to 20: GELU's curved part and both tails
+    b = torch.randn(2 * inner, generator=generator) if bias else None
+    out = fused.product_then_geglu(x, weight, b)
+    expected = reference_geglu(x, weight, b)
+    assert out.dtype == torch.float32 and out.shape == (rows, inner)
+    two_products = fused._onednn_geglu(x, weight, b)
+    error = out.double() - expected
+    assert error.norm() <= 1.5 * (two_products.double() - expected).norm()
+    assert error.abs().max() <= 1e-6 * expected.abs().max()
+
+
+@needs_gelu_product
+def test_an_fp32_geglu_takes_the_kernel_where_it_pays(fast_kernels, monkeypatch):
+    module = fused_copy(geglu(64, 96))
+    x = torch.randn(2, 50, 64)
+    calls, kernel = [], fused.product_then_geglu
+    monkeypatch.setattr(fused, "product_then_geglu", lambda *a: calls.append(1) or kernel(*a))
+    out = run(module, x)
+    assert calls and torch.allclose(out.double(), reference_geglu(x, module.proj.weight, module.proj.bias),
+                                    rtol=1e-5, atol=1e-6)
+    calls.clear()
+    monkeypatch.setattr(fused, "gelu_product_pays", lambda: False)   # measured slower on a machine: oneDNN
+    run(module, x)
+    assert not calls
+
+
 def test_fp32_runs_fused_within_its_rounding_and_gradients_and_strided_inputs_keep_diffusers_geglu():
     module = geglu(32, 48)
     x = torch.randn(40, 32)

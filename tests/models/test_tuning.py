@@ -1,13 +1,14 @@
 """Fast-path choices measured once per machine and kept: the faster way wins, later processes read the choice."""
 from __future__ import annotations
 
+import inspect
 import json
 import time
 
 import pytest
 import torch
 
-from sdstudio.models import attention, int8, tuning, winograd
+from sdstudio.models import attention, fused, int8, tuning, winograd
 
 
 @pytest.fixture
@@ -69,15 +70,18 @@ def test_choices_are_kept_per_thread_count(cache):
     (attention.openvino_pays, torch.bfloat16, "openvino-attention"),
     (attention.blocked_pays, torch.bfloat16, "blocked-attention"),
     (attention.blocked_pays, torch.float32, "blocked-attention-fp32"),
-    (attention.flash_pays, torch.float32, "flash-attention-fp32"), (int8.int8_pays, torch.bfloat16, "int8-linear")])
+    (attention.flash_pays, torch.float32, "flash-attention-fp32"), (int8.int8_pays, torch.bfloat16, "int8-linear"),
+    (fused.gelu_product_pays, torch.float32, "gelu-product")])
 def test_the_fast_path_choices_follow_their_measurement_on_this_machine(cache, choice, dtype, name):
     if dtype == torch.bfloat16 and not tuning.native_bf16():
         pytest.skip("bf16 kernels are not measured without native bf16 math (the test below)")
-    if choice is attention.flash_pays and attention._flash_kernels(dtype) is None:
-        pytest.skip("no flash kernel for this CPU")
+    if (choice is attention.flash_pays and attention._flash_kernels(dtype) is None
+            or choice is fused.gelu_product_pays and fused._gelu_product_kernel() is None):
+        pytest.skip("no such kernel for this CPU")
     choice.cache_clear()
     try:
-        made = choice() if choice in (attention.openvino_pays, int8.int8_pays) else choice(dtype)
+        per_dtype = "dtype" in inspect.signature(choice.__wrapped__).parameters
+        made = choice(dtype) if per_dtype else choice()
     finally:
         choice.cache_clear()
     record = json.loads(tuning.choice_path(name).read_text())

@@ -13,62 +13,19 @@
      3. o += p·v (ROWS × up to GROUP vectors of widths in registers, over the chunk's keys).
    At the end each output row is o / sum. Keys are padded to a multiple of KEYS with zeros, masked out of the
    maximum and of p. */
-#include <immintrin.h>
-#include <stdint.h>
-#include <string.h>
+#include "fp32_vector.h"
 
-#ifdef __AVX512F__   /* 32 registers of 16 floats */
-#define LANES 16
+#ifdef __AVX512F__   /* 32 registers */
 #define ROWS 8       /* score tile 8 × 2 vectors, weighted tile 8 × 3: 24 sums + 3 values + 1 broadcast */
 #define GROUP 3
-typedef __m512 vec;
-#define load _mm512_loadu_ps
-#define store _mm512_storeu_ps
-#define set1 _mm512_set1_ps
-#define fmadd _mm512_fmadd_ps
-#define vmax _mm512_max_ps
-#define vadd _mm512_add_ps
-#define vsub _mm512_sub_ps
-#define vmul _mm512_mul_ps
-#define round_nearest(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define power_of_two(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), \
-                                                                               _mm512_set1_epi32(127)), 23))
-#else                /* AVX2: 16 registers of 8 floats */
-#define LANES 8
+#else                /* AVX2: 16 registers */
 #define ROWS 6       /* score tile 6 × 2 vectors, weighted tile 6 × 2: 12 sums + 2 values + 1 broadcast */
 #define GROUP 2
-typedef __m256 vec;
-#define load _mm256_loadu_ps
-#define store _mm256_storeu_ps
-#define set1 _mm256_set1_ps
-#define fmadd _mm256_fmadd_ps
-#define vmax _mm256_max_ps
-#define vadd _mm256_add_ps
-#define vsub _mm256_sub_ps
-#define vmul _mm256_mul_ps
-#define round_nearest(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define power_of_two(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), \
-                                                                               _mm256_set1_epi32(127)), 23))
 #endif
 
 #define KEYS (2 * LANES)     /* keys per score tile */
 #define CHUNK 512            /* keys per online-softmax step: ROWS × CHUNK scores (12–16 KiB) stay in L1 */
 #define MAX_WIDTH 256
-
-/* 2^x for x ≤ 0: 2^round(x) · 2^f with f in [−1/2, 1/2] by a degree-6 polynomial (relative error 2e-9, below
-   fp32's rounding); x below −126 gives 0, so a masked (−1e30) score vanishes */
-static inline vec exp2_ps(vec x) {
-  x = vmax(x, set1(-127.f));
-  vec n = round_nearest(x), f = vsub(x, n);
-  vec p = set1(1.5337577e-4f);
-  p = fmadd(p, f, set1(1.3399860e-3f));
-  p = fmadd(p, f, set1(9.6185198e-3f));
-  p = fmadd(p, f, set1(5.5503290e-2f));
-  p = fmadd(p, f, set1(2.4022646e-1f));
-  p = fmadd(p, f, set1(6.9314718e-1f));
-  p = fmadd(p, f, set1(1.f));
-  return vmul(p, power_of_two(n));   /* n = −127: the exponent field 0, a zero */
-}
 
 static inline float reduce(vec x, int largest) {
   float lanes[LANES];
