@@ -3,7 +3,8 @@ bf16 math), OpenVINO, the fastest peer of bench/generate.py (bf16 where the CPU 
 diffusers fp32 (its default, the baseline of the issue's 3.5× target), each loaded once in its own process, then
 ROUNDS rounds in which each runs a STEPS-step image in turn (the order rotating). bench/generate.py times each engine
 once, minutes apart, and this VM's speed drifts by 5–10 % over that half hour; here the drift falls on every engine
-alike, and the medians over rounds give the ratios. Only one engine computes at a time (the others wait on their pipe)."""
+alike, and the medians over rounds give the ratios. Only one engine computes at a time (the others wait on their
+pipe)."""
 from __future__ import annotations
 
 import json

@@ -62,8 +62,8 @@ def main() -> None:
                   f"{machine()}, GPU {torch.cuda.get_device_name(0)}\n\nCommand: `make bench` or "
                   "`.venv/bin/python bench/gpu.py`. Same full-size random-weight fp16 files as the CPU tables; "
                   f"Euler, CFG 7, batch 1, seed 1, {STEPS} steps; it/s = 1 / median step interval after the first "
-                  "(each step synchronised); load s ends with the model on the GPU; each engine in a fresh process.\n\n" + table,
-                  per_cpu=False)
+                  "(each step synchronised); load s ends with the model on the GPU; each engine in a fresh "
+                  "process.\n\n" + table, per_cpu=False)
 
 
 if __name__ == "__main__":

@@ -200,9 +200,10 @@ def _repeated_halves(x: torch.Tensor) -> bool:
 
 class FastCPUAttention:
     """diffusers attention processor: long plain attention of bf16 or fp32 CPU tensors by the flash kernel of their
-    dtype or (bf16) OpenVINO (a single head by `blocked_attention`), each where measured faster, the rest via diffusers' AttnProcessor2_0 (PyTorch SDPA), with the same
-    steps around it (a VAE block's 4-D input, group norm, residual). A self-attention whose batch is one half
-    repeated (a CFG step's first transformer block: the text condition enters after it) computes the half once."""
+    dtype or (bf16) OpenVINO (a single head by `blocked_attention`), each where measured faster, the rest via
+    diffusers' AttnProcessor2_0 (PyTorch SDPA), with the same steps around it (a VAE block's 4-D input, group norm,
+    residual). A self-attention whose batch is one half repeated (a CFG step's first transformer block: the text
+    condition enters after it) computes the half once."""
 
     def __init__(self):
         self.fallback = AttnProcessor2_0()

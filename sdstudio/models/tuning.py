@@ -1,4 +1,5 @@
-"""Choices of the bf16 CPU fast path that only a measurement on the machine can make, each made once per machine.
+"""Choices of the CPU fast paths (bf16, fast fp32) that only a measurement on the machine can make, each made once
+per machine.
 
 The fast path's kernels were chosen by measurement on CPUs with AVX512-BF16 and no AMX: Winograd 3×3 convolutions
 (1.3–1.6× oneDNN's direct ones there) and OpenVINO's attention kernel (1.6–2× PyTorch's). On a CPU whose matrix
@@ -75,8 +76,8 @@ def candidate_pays(name: str, ways: Ways, dtype: torch.dtype) -> bool:
     means measuring again in the next process). `ways()` gives (candidate, baseline) on their representative
     inputs in `dtype`: called only to measure, so a kept choice costs a file read, not the inputs (a first UNet call
     built ~0.5 s of random weights and imported OpenVINO before reading its choices). A bf16 candidate never pays
-    where the CPU lacks native bf16 math: the bf16 fast path's kernels are for such CPUs, and the emulated
-    measurement alone would take minutes there (the VAE's blocked attention: 141 s on an AVX2 CPU)."""
+    where the CPU lacks native bf16 math: the bf16 fast path's kernels are for CPUs that have it, and the emulated
+    measurement alone would take minutes elsewhere (the VAE's blocked attention: 141 s on an AVX2 CPU)."""
     if dtype == torch.bfloat16 and not native_bf16():
         return False
     path = choice_path(name)

@@ -104,7 +104,8 @@ static inline __attribute__((always_inline)) void weighted(const float *p, const
 
 /* every task, on `threads` threads: task = ((image · heads + head) · row tasks + i), the query rows [i ·
    task_rows, (i + 1) · task_rows) of that image and head (task_rows rounded up to whole tiles of ROWS). q, out:
-   (images, tokens_q, heads · width), rows `stride` / `out_stride` elements apart; kp, vp: `pack`'s output for each (image, head) in that order, keys padded to `padded`. */
+   (images, tokens_q, heads · width), rows `stride` / `out_stride` elements apart; kp, vp: `pack`'s output for each
+   (image, head) in that order, keys padded to `padded`. */
 void attend(const float *q, long stride, const float *kp_all, const float *vp_all, float *out, long out_stride,
             long images, long heads, long tokens_q, long tokens_k, long padded, long width, float scale,
             long task_rows, int threads) {
