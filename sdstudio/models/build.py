@@ -214,6 +214,7 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
             use_int8_linears(unet)
             calibrate_int8(unet, pooled_dim)
         unet.register_forward_hook(release_kernel_buffers)   # kept through a call, nothing between calls
+        unet.fast_cpu_kernels = True
     return unet
 
 
@@ -236,6 +237,7 @@ def vae_from_config(config: Mapping[str, Any], weights: Mapping[str, torch.Tenso
     if on_cpu and _fast_path(vae, fast_fp32):
         use_fast_cpu_attention(vae)
         use_winograd_convolutions(vae)
+        vae.fast_cpu_kernels = True
     return vae
 
 
@@ -244,6 +246,11 @@ def _fast_path(model: torch.nn.Module, fast_fp32: bool) -> bool:
     no bf16 products to fuse: torch's own layers emulate them), fp32 with `fast_fp32` (the exact reference
     without)."""
     return (model.dtype == torch.bfloat16 and native_bf16()) or (fast_fp32 and model.dtype == torch.float32)
+
+
+def has_fast_cpu_kernels(model: torch.nn.Module) -> bool:
+    """Whether `model` was built with a CPU fast path's kernels (bf16 with native bf16 math, or fast fp32)."""
+    return getattr(model, "fast_cpu_kernels", False)
 
 
 def _runs_on_cpu(device: torch.device | str) -> bool:

@@ -273,7 +273,11 @@ def test_the_fast_fp32_path_runs_winograd_and_fused_layers_near_the_exact_fp32_p
         outputs = [m.unet(latents, 10, encoder_hidden_states=context).sample for m in (exact, fast)]
     assert sum(used) >= len(used) // 2 and not native._buffers()
     assert 0 < relative_error(outputs[1], outputs[0]) < 1e-4
+    in_strips = []
+    strips = vae_ops.up_path_in_strips
+    monkeypatch.setattr(vae_ops, "up_path_in_strips", lambda *args: in_strips.append(1) or strips(*args))
     decoded = [vae_ops.decode(m.vae, latents[:1]) for m in (exact, fast)]
     assert psnr(decoded[1], decoded[0], peak=1) >= 60
+    assert in_strips == [1]   # the fast decode runs in strips (less memory), the exact one diffusers' own forward
     vae_ops.swap_vae(fast, synthetic.write_vae(tmp_path / "external.safetensors", seed=7))   # keeps the path
     assert any(type(m) is WinogradConv2d for m in fast.vae.modules())
