@@ -22,6 +22,7 @@ from sdstudio.files.readers import is_file_mapped
 from sdstudio.models.attention import use_fast_cpu_attention
 from sdstudio.models.conversion import converted_weights
 from sdstudio.models.fused import use_fused_layers
+from sdstudio.models.half_weights import half_kept_names, use_widening_linears
 from sdstudio.models.int8 import calibrate_int8, int8_available, int8_weight_names, use_int8_linears
 from sdstudio.models.native import release_kernel_buffers
 from sdstudio.models.winograd import use_winograd_convolutions
@@ -147,7 +148,8 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
     """Load `weights` into a meta-device `module` by assignment (no copy when dtypes already match). A
     `convolutional` CPU model in half precision, or in fp32 for the `fast_fp32` path, gets its 4-D weights
     channels-last, the layout oneDNN and the Winograd kernels run fastest, in the same copy as the dtype conversion;
-    fp32 otherwise keeps the default layout (the exact reference).
+    fp32 otherwise keeps the default layout (the exact reference). On the `fast_fp32` path the linear and convolution
+    weights of a half-precision file stay in its dtype (models/half_weights.py: widened as each layer runs).
     The weights named in `keep_mapped` stay the file's own tensors, in its dtype, where they are views of a mapped
     file (the int8 path packs its copies from them, then lets their pages go: models/int8.py)."""
     expected = module.state_dict()
@@ -163,8 +165,10 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
         weights = {k: v for k, v in weights.items() if k in expected}
     half = (dtype or weights_dtype(weights)) in (torch.bfloat16, torch.float16)
     kept = {k: v for k, v in weights.items() if k in keep_mapped and is_file_mapped(v)}
-    weights = kept | converted_weights({k: v for k, v in weights.items() if k not in kept}, dtype,
-                                       channels_last=convolutional and (half or fast_fp32))
+    half_kept = half_kept_names(module, weights) if fast_fp32 else set()
+    weights = (kept | converted_weights({k: weights[k] for k in half_kept}, None, channels_last=convolutional)
+               | converted_weights({k: v for k, v in weights.items() if k not in kept and k not in half_kept}, dtype,
+                                   channels_last=convolutional and (half or fast_fp32)))
     module.load_state_dict(weights, strict=True, assign=True)
     _materialise_meta_buffers(module)
     return module.eval().requires_grad_(False)
@@ -197,7 +201,7 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
     (models/fused.py) and Winograd convolutions (models/winograd.py), and with `int8_linears` int8 linears in its
     transformers (models/int8.py), whose weights stay the file's (not converted: only their packed copies stay in
     memory); an fp32 one with `fast_fp32` (`--precision auto` where the CPU has no native bf16 math) gets
-    channels-last weights, the fused layers, the near-exact fp32 Winograd convolutions and the attention processor
+    channels-last weights (those of a half-precision file in its dtype: models/half_weights.py), the fused layers, the near-exact fp32 Winograd convolutions and the attention processor
     (of which only its CFG saving applies to fp32: a batch of two equal halves attends once)."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
@@ -210,6 +214,7 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
         use_fast_cpu_attention(unet)
         use_fused_layers(unet)
         use_winograd_convolutions(unet)
+        use_widening_linears(unet)
         if int8_linears:
             use_int8_linears(unet)
             calibrate_int8(unet, pooled_dim)
@@ -223,7 +228,7 @@ def build_vae(weights: Mapping[str, torch.Tensor], family: str, dtype: torch.dty
     """AutoencoderKL from diffusers-named weights, built on the CPU to run on `device`; a bf16 one for the CPU (the
     CPU fast path) gets the fast CPU attention (models/attention.py: its attention block by blocks of rows) and
     Winograd convolutions (models/winograd.py; vae.decode and vae.encode release their buffers), an fp32 one with
-    `fast_fp32` channels-last weights and the fp32 Winograd convolutions."""
+    `fast_fp32` channels-last weights (a half-precision file's in its dtype) and the fp32 Winograd convolutions."""
     return vae_from_config(vae_config(weights, family, where), weights, dtype, where, device, fast_fp32)
 
 
@@ -237,6 +242,7 @@ def vae_from_config(config: Mapping[str, Any], weights: Mapping[str, torch.Tenso
     if on_cpu and _fast_path(vae, fast_fp32):
         use_fast_cpu_attention(vae)
         use_winograd_convolutions(vae)
+        use_widening_linears(vae)
         vae.fast_cpu_kernels = True
     return vae
 
@@ -268,11 +274,18 @@ def gpu_unet_layout(family: str) -> torch.memory_format:
 
 
 def build_text_encoder(weights: Mapping[str, torch.Tensor], kind: str, dtype: torch.dtype | None = None,
-                       where: str = "<text encoder>") -> CLIPTextModel | CLIPTextModelWithProjection:
-    """CLIPTextModel (CLIP-L) or CLIPTextModelWithProjection (OpenCLIP, all layers kept) from our-named weights."""
+                       where: str = "<text encoder>",
+                       fast_fp32: bool = False) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """CLIPTextModel (CLIP-L) or CLIPTextModelWithProjection (OpenCLIP, all layers kept) from our-named weights; with
+    `fast_fp32` (an fp32 model on the fast path) a half-precision file's linear weights stay in its dtype, widened
+    as each layer runs (models/half_weights.py)."""
     config = text_config(weights, kind, where)
     cls = CLIPTextModelWithProjection if "text_projection.weight" in weights else CLIPTextModel
     with torch.device("meta"):
         model = cls(config)
     fitted = fit_text_encoder_keys(weights, model.state_dict().keys())
-    return assign_weights(model, fitted, dtype, where)
+    model = assign_weights(model, fitted, dtype, where, fast_fp32=fast_fp32)
+    if fast_fp32:
+        use_widening_linears(model)
+        model.register_forward_hook(release_kernel_buffers)
+    return model

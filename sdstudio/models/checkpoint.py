@@ -131,7 +131,7 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     stored = converted.read(path, dtype, use_ema, fast_fp32) if converted else None
     weights = stored if stored is not None and stored.keys() == file_weights.keys() else file_weights
     encoders = [TextEncoder(TEXT_KIND_OF_PREFIX[p.prefix], build_text_encoder(
-                    weights[f"text{i}"], TEXT_KIND_OF_PREFIX[p.prefix], dtype, f"{where} ({p.prefix})"))
+                    weights[f"text{i}"], TEXT_KIND_OF_PREFIX[p.prefix], dtype, f"{where} ({p.prefix})", fast_fp32))
                 for i, p in enumerate(parts.text_encoders)]
     pooled_dim = getattr(encoders[-1].model.config, "projection_dim", None)
     unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)", device, int8_linears,

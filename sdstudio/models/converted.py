@@ -64,7 +64,7 @@ class ConvertedWeights:
         stat = source.stat()
         key = json.dumps([FORMAT, sdstudio.__version__, diffusers.__version__, transformers.__version__,
                           str(source.resolve()), stat.st_size, stat.st_mtime_ns, str(dtype), use_ema]
-                         + (["fast fp32"] if fast_fp32 else []))   # (the other loads' keys as before)
+                         + (["fast fp32, 16-bit weights kept"] if fast_fp32 else []))   # (the others' as before)
         return self.folder / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
     def read(self, source: Path, dtype: torch.dtype, use_ema: bool,
@@ -95,10 +95,11 @@ class ConvertedWeights:
         """Store the converted parts ({part: state dict}) of `source` in a background thread (writing GBs takes
         seconds; the weights are never written in place, so generating meanwhile is safe), then trim the folder to
         the budget. A failure (disk full, read-only folder) is logged, never raised: the model is already loaded.
-        Parts not wholly in `dtype` (an int8 load keeps its linears' weights as the file's) are not stored."""
+        Parts not wholly in `dtype` (an int8 load keeps its linears' weights as the file's) are not stored, but for
+        the fast fp32 path (its half-precision weights are the file's values, relaid: models/half_weights.py)."""
         size = sum(t.numel() * t.element_size() for sd in parts.values() for t in sd.values())
         mixed = any(t.is_floating_point() and t.dtype != dtype for sd in parts.values() for t in sd.values())
-        if size > self.budget or mixed:
+        if size > self.budget or (mixed and not fast_fp32):
             return
         tensors = {f"{part}/{key}": t for part, sd in parts.items() for key, t in sd.items()}
         # a permuted layout (channels-last weights, transposed projections) is stored as its bytes in memory order

@@ -26,6 +26,7 @@ import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+from sdstudio.models.half_weights import weight_for
 from sdstudio.models.native import cpu_library, release_kernel_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 
@@ -148,7 +149,7 @@ class FusedGEGLU(GEGLU):
     projection: GELU fused into the gate's, the product into the other's."""
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.fused_forward(hidden_states, self.proj.weight, *args, **kwargs)
+        return self.fused_forward(hidden_states, weight_for(self.proj, hidden_states), *args, **kwargs)
 
     def fused_forward(self, hidden_states: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The forward with `weight` standing for the projection's (int8's bf16 code passes its weight in bf16)."""

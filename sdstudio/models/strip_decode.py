@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
+from sdstudio.models.half_weights import weight_for
 from sdstudio.models.native import release_kernel_buffers
 from sdstudio.models.winograd import winograd_applies, winograd_conv2d
 
@@ -126,7 +127,7 @@ def _convolve(rows_of: Rows, height: int, row_elements: int, conv: torch.nn.Conv
         if winograd_applies(conv, piece):
             result = winograd_conv2d(piece, conv.weight, conv.bias, row_padding=0)
         else:
-            result = F.conv2d(piece, conv.weight, conv.bias, padding=(0, halo))
+            result = F.conv2d(piece, weight_for(conv, piece), conv.bias, padding=(0, halo))
         if out is None:
             out = torch.empty(result.shape[0], result.shape[1], height, result.shape[3], dtype=result.dtype,
                               device=result.device, memory_format=torch.channels_last)

@@ -32,13 +32,18 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from sdstudio.models.half_weights import weight_for
 from sdstudio.models.native import compiled_library, release_kernel_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 
 # per dtype: the output tile m and the Toom-Cook interpolation points (and ∞) of F(m×m, 3×3)
 TILINGS = {torch.bfloat16: (2, (0.0, 1.0, -1.0)),
            torch.float32: (4, (0.0, 1.0, -1.0, 0.5, -2.0))}   # error 1.7e-6 (±2: 2.6e-6, ±½: 2.6e-6)
-C_TYPES = {torch.bfloat16: "uint16_t", torch.float32: "float"}
+C_TYPES = {torch.bfloat16: "uint16_t", torch.float16: "uint16_t", torch.float32: "float"}
+SUFFIXES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}   # of the C loads and functions
+# per dtype: the weight dtypes its weight transform reads (the fast fp32 path keeps fp16 and bf16 files' weights in
+# their 16-bit dtype: models/half_weights.py)
+WEIGHT_TYPES = {torch.bfloat16: (torch.bfloat16,), torch.float32: (torch.float32, torch.float16, torch.bfloat16)}
 NAMES = {torch.bfloat16: "winograd", torch.float32: "winograd-fp32"}   # of each dtype's kernels and tuning choice
 CHANNEL_BLOCK = 16     # channels per vector loop in the C transforms; channel counts must be multiples of it
 # narrower layers do not pay: bf16's the VAE's 128-channel ones at 512² (198 vs 188 ms direct); fp32 F(4×4)'s are
@@ -79,9 +84,9 @@ def winograd_matrices(m: int, points: tuple[float, ...]) -> tuple[torch.Tensor, 
 
 def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     row_padding: int = 1) -> torch.Tensor:
-    """conv2d(x, weight, bias, padding=(row_padding, 1)) for bf16 CPU tensors (3×3 weight), channels-last output, by
-    F(m×m, 3×3); row_padding 0 = x brings the rows above and below the output (a strip with its halo). The caller
-    checks `winograd_applies` first."""
+    """conv2d(x, weight, bias, padding=(row_padding, 1)) for bf16 or fp32 CPU tensors (3×3 weight of one of the
+    dtype's WEIGHT_TYPES, read as it is), channels-last output, by F(m×m, 3×3); row_padding 0 = x brings the rows
+    above and below the output (a strip with its halo). The caller checks `winograd_applies` first."""
     kernels = _kernels(x.dtype)
     batch, channels, rows_in, width = x.shape
     height = rows_in - 2 + 2 * row_padding   # output rows
@@ -95,6 +100,7 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(batch, out_channels, height, width, dtype=x.dtype, memory_format=torch.channels_last)
     threads = torch.get_num_threads()
+    weight_transform = getattr(kernels, f"weight_transform_{SUFFIXES[weight.dtype]}")
     per_channel = n * n * channels * x.element_size()
     chunk = CHUNK_BYTES[x.dtype]
     span = max(1, min(tiles, chunk // per_channel))     # tiles per pass
@@ -102,7 +108,7 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     for low in range(0, out_channels, block):                 # output channels per pass
         high = min(low + block, out_channels)
         u = scratch("weight", (n * n, high - low, channels), x.dtype)
-        kernels.weight_transform(weight[low:].data_ptr(), u.data_ptr(), high - low, channels, threads)
+        weight_transform(weight[low:].data_ptr(), u.data_ptr(), high - low, channels, threads)
         for first in range(0, tiles, span):
             count = min(span, tiles - first)
             v = scratch("input", (n * n, count, channels), x.dtype)
@@ -120,8 +126,8 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def _plain_3x3(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """A plain 3×3 convolution (stride 1, padding 1, no dilation or groups) of a 4-D bf16 or fp32 CPU tensor without
-    gradients."""
-    return (x.device.type == "cpu" and x.dtype == conv.weight.dtype and x.dtype in TILINGS and x.dim() == 4
+    gradients, its weight of one of the dtype's WEIGHT_TYPES."""
+    return (x.device.type == "cpu" and x.dtype in TILINGS and conv.weight.dtype in WEIGHT_TYPES[x.dtype] and x.dim() == 4
             and (conv.bias is None or conv.bias.dtype == x.dtype) and not torch.is_grad_enabled()
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
@@ -206,14 +212,14 @@ def winograd_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
 
 class WinogradConv2d(torch.nn.Conv2d):
     """Conv2d that runs by Winograd where `winograd_applies`, unfolded where `unfolded_applies`, else as torch's
-    own."""
+    own (a 16-bit weight widened for an fp32 input: models/half_weights.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if winograd_applies(self, x):
             return winograd_conv2d(x, self.weight, self.bias)
         if unfolded_applies(self, x):
             return unfolded_conv2d(x, self.weight, self.bias)
-        return super().forward(x)
+        return self._conv_forward(x, weight_for(self, x), self.bias)
 
 
 def use_winograd_convolutions(model: torch.nn.Module) -> None:
@@ -258,12 +264,20 @@ typedef unsigned int uint32_t;
 #define CH {CHANNEL_BLOCK}
 typedef {C_TYPES[dtype]} elem;
 typedef union {{ uint32_t u; float f; }} bits;
-""" + ("""static inline float load(uint16_t h) { bits v; v.u = (uint32_t)h << 16; return v.f; }
-static inline uint16_t store(float f) {
+static inline float load_f32(float f) {{ return f; }}
+static inline float load_bf16(uint16_t h) {{ bits v; v.u = (uint32_t)h << 16; return v.f; }}
+static inline float load_f16(uint16_t h) {{   /* exact for every fp16 value, vectorises (no branch) */
+  bits v; v.u = (uint32_t)(h & 0x7FFFu) << 13;
+  v.f *= 0x1p112f;                                       /* the exponent's bias, for normals and subnormals alike */
+  if ((h & 0x7FFFu) >= 0x7C00u) v.u |= 0x7F800000u;      /* infinities and NaN */
+  v.u |= (uint32_t)(h & 0x8000u) << 16;
+  return v.f;
+}}
+#define load load_{SUFFIXES[dtype]}
+""" + ("""static inline uint16_t store(float f) {
   bits v; v.f = f; return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
-""" if bf16 else """static inline float load(float f) { return f; }
-static inline float store(float f) { return f; }
+""" if bf16 else """static inline float store(float f) { return f; }
 """) + f"""
 /* x: NHWC bf16 → v[N*N][count][c] for the tiles [first, first + count) of the rows×cols grids of the images,
    with `pad` zero rows above the image (1, or 0 where x holds the rows around the output) */
@@ -286,23 +300,25 @@ void input_transform(const elem *x, elem *v, int batch, int h, int w, int c, int
     lines.append("""    }
   }
 }
-
-/* w: [co][3][3][ci] bf16 (channels-last weight) → u[N*N][co][ci] */
-void weight_transform(const elem *w, elem *u, int co, int ci, int threads) {
+""")
+    for weight_dtype in WEIGHT_TYPES[dtype]:
+        suffix = SUFFIXES[weight_dtype]
+        lines.append(f"""/* w: [co][3][3][ci] {suffix} (channels-last weight) → u[N*N][co][ci] */
+void weight_transform_{suffix}(const {C_TYPES[weight_dtype]} *w, elem *u, int co, int ci, int threads) {{
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (long o = 0; o < co; o++) for (int c0 = 0; c0 < ci; c0 += CH) {
+  for (long o = 0; o < co; o++) for (int c0 = 0; c0 < ci; c0 += CH) {{
     float g[3][3][CH], e[N][3][CH];
-    for (int i = 0; i < 3; i++) for (int j = 0; j < 3; j++) {
-      const elem *s = w + ((o * 3 + i) * 3 + j) * ci + c0;
-      for (int k = 0; k < CH; k++) g[i][j][k] = load(s[k]);
-    }""")
-    lines += _sandwich(g, "g", 3, "    ", lambda i, j, value: (
-        f"{{ elem *dst = u + ({i * n + j} * (long)co + o) * ci + c0;"
-        f" for (int k = 0; k < CH; k++) dst[k] = store({value}); }}"))
-    lines.append("""  }
+    for (int i = 0; i < 3; i++) for (int j = 0; j < 3; j++) {{
+      const {C_TYPES[weight_dtype]} *s = w + ((o * 3 + i) * 3 + j) * ci + c0;
+      for (int k = 0; k < CH; k++) g[i][j][k] = load_{suffix}(s[k]);
+    }}""")
+        lines += _sandwich(g, "g", 3, "    ", lambda i, j, value: (
+            f"{{ elem *dst = u + ({i * n + j} * (long)co + o) * ci + c0;"
+            f" for (int k = 0; k < CH; k++) dst[k] = store({value}); }}"))
+        lines.append("""  }
 }
-
-/* p[N*N][count][c] (the tiles [first, first + count)) → c channels of y: NHWC bf16 with `stride` channels
+""")
+    lines.append("""/* p[N*N][count][c] (the tiles [first, first + count)) → c channels of y: NHWC bf16 with `stride` channels
    (+ bias) */
 void output_transform(const elem *p, const elem *bias, elem *y, int batch, int h, int w, int c,
                       int stride, int rows, int cols, long first, long count, int threads) {
@@ -335,6 +351,7 @@ def _kernels(dtype: torch.dtype = torch.bfloat16) -> ctypes.CDLL | None:
         return None
     pointer, size, index = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     kernels.input_transform.argtypes = [pointer, pointer, *[size] * 7, index, index, size]
-    kernels.weight_transform.argtypes = [pointer, pointer, size, size, size]
+    for weight_dtype in WEIGHT_TYPES[dtype]:
+        getattr(kernels, f"weight_transform_{SUFFIXES[weight_dtype]}").argtypes = [pointer, pointer, size, size, size]
     kernels.output_transform.argtypes = [pointer, pointer, pointer, *[size] * 7, index, index, size]
     return kernels

@@ -359,3 +359,30 @@ def test_the_fast_fp32_path_patches_its_channels_last_weights_like_the_exact_pat
     styled, plain = images[True]
     assert styled.tobytes() != plain.tobytes()
     assert psnr(styled, images[False][0]) >= 50 and psnr(plain, images[False][1]) >= 50
+
+
+def test_the_fast_fp32_paths_16_bit_weights_take_a_lora_and_come_back_bit_for_bit(synth_file, data_dir, monkeypatch):
+    """`<lora:…>` on an fp16 file's weights kept 16-bit by the fast fp32 path (models/half_weights.py): patched in
+    their dtype, the image within that rounding of the same path's with fp32 copies, and restored bit for bit."""
+    from sdstudio.models import half_weights, winograd
+    from tests.helpers import psnr
+
+    monkeypatch.setitem(winograd.MIN_CHANNELS, torch.float32, winograd.CHANNEL_BLOCK)
+    monkeypatch.setitem(winograd.MIN_TILES, torch.float32, 1)
+    monkeypatch.setattr(winograd, "winograd_pays", lambda dtype: True)
+    images = {}
+    for kept_min in (1024, 1 << 62):   # the tiny model's big weights 16-bit; every weight fp32
+        monkeypatch.setattr(half_weights, "HALF_KEPT_MIN", kept_min)
+        model = load_checkpoint(synth_file("sd1", "fp16"), fast_fp32=True)
+        targets = [model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight,
+                   model.unet.down_blocks[0].resnets[0].conv1.weight,
+                   model.text_encoders[0].model.get_encoder().layers[0].self_attn.q_proj.weight]
+        assert all(t.dtype == (torch.float16 if kept_min == 1024 else torch.float32) for t in targets)
+        base = state(model)
+        kwargs = dict(seed=3, width=64, height=64, steps=3, save=False, networks=LoraNetworks(model, Catalog(data_dir)))
+        images[kept_min] = [pipeline.txt2img(model, prompt=prompt, **kwargs).images[0]
+                            for prompt in ("a cat <lora:inkstyle:0.8>", "a cat")]
+        assert all(torch.equal(v, base[k]) for k, v in state(model).items())
+    (styled, plain), (styled_wide, plain_wide) = images.values()
+    assert styled.tobytes() != plain.tobytes() and plain.tobytes() == plain_wide.tobytes()
+    assert psnr(styled, styled_wide) >= 40
