@@ -26,6 +26,7 @@ from sdstudio.models import vae as vae_ops
 from sdstudio.models.checkpoint import LoadedCheckpoint
 from sdstudio.models.cuda_graphs import unet_forward
 from sdstudio.models.device import device_memory
+from sdstudio.models.memory import release_idle_weights
 from sdstudio.models.token_merging import token_merging
 from sdstudio.prompt.conditioning import EmbeddingLookup, encode_texts
 from sdstudio.prompt.parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_and
@@ -590,6 +591,7 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
             x = init_latents + noise * sigmas[0]
         else:
             x = noise * sampler.initial_noise_scale(sigmas)
+        release_idle_weights(model.vae, *(encoder.model for encoder in model.text_encoders))
         try:
             with token_merging(model.unet, request.token_merging_ratio):
                 latents = _sample(sampler, request, ScheduledCFG(denoiser, request.cfg_scale, conds, pad_chunk,
@@ -601,6 +603,7 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
             continue
 
         # 6. decode, infotext, save
+        release_idle_weights(model.unet)
         images = _to_pil(vae_ops.decode(model.vae, latents))
         ti_hashes = _ti_hashes(encoder.used_embeddings)
         for i, image in enumerate(images):

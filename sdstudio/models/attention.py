@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from sdstudio.models.native import cpu_library, release_kernel_buffers, scratch
+from sdstudio.models.native import cpu_library, release_kernel_buffers, releasing_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 
 LONG_ATTENTION = 1024   # keys from this many tokens on go through OpenVINO (measured crossover: 77 no, 1024 yes)
@@ -208,6 +208,7 @@ class FastCPUAttention:
     def __init__(self):
         self.fallback = AttnProcessor2_0()
 
+    @releasing_buffers
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
         if (encoder_hidden_states is None and attention_mask is None and not torch.is_grad_enabled()

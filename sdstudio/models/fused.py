@@ -27,7 +27,7 @@ from diffusers.models.activations import GEGLU
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from sdstudio.models.half_weights import weight_for
-from sdstudio.models.native import cpu_library, release_kernel_buffers, scratch
+from sdstudio.models.native import cpu_library, release_kernel_buffers, releasing_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 
 GEGLU_PANEL = 16       # the kernel's PANEL: the inner width must be a multiple of it
@@ -148,6 +148,7 @@ class FusedGEGLU(GEGLU):
     """GEGLU in one pass of our kernel where it applies, else as two oneDNN linears over the halves of its
     projection: GELU fused into the gate's, the product into the other's."""
 
+    @releasing_buffers
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.fused_forward(hidden_states, weight_for(self.proj, hidden_states), *args, **kwargs)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sdstudio.models.native import scratch
+from sdstudio.models.native import releasing_buffers, scratch
 
 HALF_TYPES = (torch.float16, torch.bfloat16)
 HALF_KEPT_MIN = 1 << 16   # weights with fewer values go fp32 (the UNet's and VAE's input convolutions: 11520, 3456)
@@ -58,6 +58,7 @@ def weight_for(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 class WideningLinear(torch.nn.Linear):
     """Linear whose 16-bit weight is widened to fp32 for an fp32 input (`weight_for`)."""
 
+    @releasing_buffers
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight_for(self, x), self.bias)
 

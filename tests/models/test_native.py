@@ -45,6 +45,22 @@ def test_scratch_buffers_are_reused_grown_and_released():
     assert not native._buffers()
 
 
+@pytest.mark.parametrize("heap_keeps_freed_memory", [True, False])
+def test_a_layer_frees_its_buffers_when_the_heap_keeps_freed_memory(monkeypatch, heap_keeps_freed_memory):
+    monkeypatch.setattr(native, "keep_freed_memory", lambda: heap_keeps_freed_memory)
+    release_kernel_buffers()
+    held = scratch("outer", (8,), torch.float32).fill_(3)
+
+    @native.releasing_buffers
+    def layer(x):
+        return scratch("inner", (4,), torch.float32).copy_(x) * 2
+
+    assert torch.equal(layer(torch.ones(4)), torch.full((4,), 2.0))
+    assert set(native._buffers()) == (set() if heap_keeps_freed_memory else {"outer", "inner"})
+    assert torch.equal(held, torch.full((8,), 3.0))   # a caller's buffer stays its own
+    release_kernel_buffers()
+
+
 def test_a_kernel_source_carries_its_headers_text(tmp_path, monkeypatch):
     (tmp_path / "shared.h").write_text("static int twice(int x) { return 2 * x; }\n")
     (tmp_path / "user.c").write_text('#include <stdint.h>\n#include "shared.h"\nint four(void) { return twice(2); }\n')
