@@ -59,8 +59,9 @@ def main() -> None:
                   "through the `cache/converted/` folder that a first one filled (models/converted.py; that file is in "
                   "the page cache like the source). \"--precision int8\": the UNet's transformer linears stay the "
                   "file's fp16 weights, packed to int8 at the first step (models/int8.py). \"Fast fp32\": what "
-                  "`--precision auto` loads on a CPU without native bf16 math (convolution weights channels-last in "
-                  f"the same copy).\n\n{table}")
+                  "`--precision auto` loads on a CPU without native bf16 math (the file's 16-bit linear weights "
+                  "mapped as they are, its convolution weights copied channels-last in their dtype, the rest in fp32: "
+                  f"models/half_weights.py).\n\n{table}")
 
 
 def _alternating(path: Path, loaders: dict[str, tuple[str, dict]]) -> dict[str, dict]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from sdstudio.models.native import releasing_buffers, scratch
 
 HALF_TYPES = (torch.float16, torch.bfloat16)
-HALF_KEPT_MIN = 1 << 16   # weights with fewer values go fp32 (the UNet's and VAE's input convolutions: 11520, 3456)
+HALF_KEPT_MIN = 1 << 16   # weights with fewer values go fp32: too few bytes to matter, not worth widening per call
 WIDENED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
 
 

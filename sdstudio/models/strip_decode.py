@@ -108,8 +108,10 @@ def _row_spans(height: int, row_elements: int) -> list[tuple[int, int]]:
 
 
 def _normalised(x: torch.Tensor, norm: torch.nn.GroupNorm, act: Callable) -> Rows:
-    """Rows of act(norm(x)), normalised with x's whole statistics."""
-    statistics = group_statistics(x, norm.num_groups)
+    """Rows of act(norm(x)), normalised with x's whole statistics, or the whole image's where the decode runs in
+    tiles that share them (the norm's `shared_statistics`: models/vae.py)."""
+    shared = getattr(norm, "shared_statistics", None)
+    statistics = group_statistics(x, norm.num_groups) if shared is None else shared(x)
     return lambda a, b: act(group_normalise(x[:, :, a:b], norm, statistics))
 
 

@@ -164,18 +164,18 @@ def _wider_dtype(vae: AutoencoderKL) -> torch.dtype:
 def _decode_once(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool, tile: int, overlap: int) -> torch.Tensor:
     return_freed_heap()
     latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    # exact fp32 is the reference (diffusers' own forward), and a GPU runs it whole; half precision on the CPU and
+    # the fast fp32 path run the same arithmetic in strips of rows (SD1.5 512², fast fp32: +0.72 GiB over the loaded
+    # model against +1.78, the same speed)
+    strips = latents.device.type == "cpu" and (vae.dtype != torch.float32 or has_fast_cpu_kernels(vae))
     with torch.inference_mode():
-        if not tiled:   # exact fp32 is the reference (diffusers' own forward), and a GPU runs it whole; half
-            # precision on the CPU and the fast fp32 path run the same arithmetic in strips of rows (SD1.5 512², fast
-            # fp32: +0.72 GiB over the loaded model against +1.78, the same speed)
-            if latents.device.type != "cpu" or (vae.dtype == torch.float32 and not has_fast_cpu_kernels(vae)):
-                images = vae.decode(latents).sample
-            else:
-                images = up_path_in_strips(vae.decoder, decoder_trunk(vae, latents))
+        if not tiled:
+            images = (up_path_in_strips(vae.decoder, decoder_trunk(vae, latents)) if strips
+                      else vae.decode(latents).sample)
         else:   # the low-resolution trunk (mid-block attention is global) runs whole; the high-resolution up path,
-            # where the memory goes, runs in tiles
+            # where the memory goes, runs in tiles (in strips within each, where strips run)
             features = decoder_trunk(vae, latents)
-            up_path = partial(_decoder_up_path, vae)
+            up_path = partial(up_path_in_strips, vae.decoder) if strips else partial(_decoder_up_path, vae)
             with shared_group_norm_statistics(vae.decoder, up_path, features, _statistics_budget(tile)):
                 images = run_tiled(up_path, features, tile, overlap, scale=8)
     release_kernel_buffers()
@@ -241,20 +241,25 @@ def shared_group_norm_statistics(network: torch.nn.Module, run: Callable[[torch.
         x.float(), scale_factor=shrink, mode="nearest-exact").to(x.dtype)
     statistics: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(norm: torch.nn.GroupNorm, values: torch.Tensor) -> torch.Tensor:
+    def statistics_of(norm: torch.nn.GroupNorm, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if norm not in statistics:  # each GroupNorm runs once per pass: the first (estimating) pass records
             statistics[norm] = group_statistics(values, norm.num_groups)
-        return group_normalise(values, norm, statistics[norm])
+        return statistics[norm]
+
+    def forward(norm: torch.nn.GroupNorm, values: torch.Tensor) -> torch.Tensor:
+        return group_normalise(values, norm, statistics_of(norm, values))
 
     originals = {norm: norm.forward for norm in norms}
     for norm in norms:
         norm.forward = partial(forward, norm)
+        norm.shared_statistics = partial(statistics_of, norm)   # the strips' way in (models/strip_decode.py)
     try:
         run(small)
         yield
     finally:
         for norm, original in originals.items():
             norm.forward = original
+            del norm.shared_statistics
 
 
 def run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:

@@ -127,8 +127,8 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def _plain_3x3(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """A plain 3×3 convolution (stride 1, padding 1, no dilation or groups) of a 4-D bf16 or fp32 CPU tensor without
     gradients, its weight of one of the dtype's WEIGHT_TYPES."""
-    return (x.device.type == "cpu" and x.dtype in TILINGS and conv.weight.dtype in WEIGHT_TYPES[x.dtype] and x.dim() == 4
-            and (conv.bias is None or conv.bias.dtype == x.dtype) and not torch.is_grad_enabled()
+    return (x.device.type == "cpu" and x.dtype in TILINGS and conv.weight.dtype in WEIGHT_TYPES[x.dtype]
+            and x.dim() == 4 and (conv.bias is None or conv.bias.dtype == x.dtype) and not torch.is_grad_enabled()
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
@@ -319,7 +319,7 @@ void weight_transform_{suffix}(const {C_TYPES[weight_dtype]} *w, elem *u, int co
         lines.append("""  }
 }
 """)
-    lines.append("""/* p[N*N][count][c] (the tiles [first, first + count)) → c channels of y: NHWC bf16 with `stride` channels
+    lines.append("""/* p[N*N][count][c] (the tiles [first, first + count)) → c channels of y: NHWC with `stride` channels
    (+ bias) */
 void output_transform(const elem *p, const elem *bias, elem *y, int batch, int h, int w, int c,
                       int stride, int rows, int cols, long first, long count, int threads) {

@@ -138,7 +138,12 @@ def structured_image(height: int, width: int) -> torch.Tensor:
     return torch.stack([0.1 + 0.8 * (x > 0.5).float(), y, 0.5 * disc + 0.25]).unsqueeze(0)
 
 
-def test_tiled_decode_matches_the_untiled_decode_without_visible_seams(model, monkeypatch):
+@pytest.mark.parametrize("fast_fp32", [False, True])   # diffusers' blocks in each tile; strips of rows in each
+def test_tiled_decode_matches_the_untiled_decode_without_visible_seams(sd1_file, monkeypatch, fast_fp32):
+    model = load_checkpoint(sd1_file, fast_fp32=fast_fp32)
+    in_strips = []
+    strips = vae_ops.up_path_in_strips
+    monkeypatch.setattr(vae_ops, "up_path_in_strips", lambda *args: in_strips.append(1) or strips(*args))
     latents = vae_ops.encode(model.vae, structured_image(384, 320))  # 48×40 latents
     whole = vae_ops.decode(model.vae, latents, tiled=False)
     # tiles of 32, two rows and two columns; GroupNorm statistics exact (the image fits the untiled budget)
@@ -150,6 +155,9 @@ def test_tiled_decode_matches_the_untiled_decode_without_visible_seams(model, mo
     monkeypatch.setattr(vae_ops, "TILE_ABOVE", 1500)  # latent pixels
     estimated = vae_ops.decode(model.vae, latents, tiled=True, tile=32, overlap=16)
     assert psnr(estimated, whole, peak=1) >= 35
+    # untiled once, then the statistics pass and 4 tiles twice
+    assert len(in_strips) == (11 if fast_fp32 else 0)
+    assert not any(hasattr(m, "shared_statistics") for m in model.vae.modules())
 
 
 def test_tiled_encode_matches_the_untiled_encode(model, monkeypatch):
