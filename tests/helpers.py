@@ -1,6 +1,9 @@
 """Small measures shared by tests."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,3 +21,14 @@ def psnr(a, b, peak: float = 255.0) -> float:
             for v in (a, b))
     mse = float(np.mean((x - y) ** 2))
     return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
+
+
+def resident_kib(path: Path) -> int:
+    """KiB of this process's mappings of `path` that are resident (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from sdstudio.models.converted import ConvertedWeights
 from sdstudio.models.int8 import (Int8GEGLU, Int8Linear, Int8PointwiseConv2d, calibrating, int8_linear,
                                  int8_weight_names, pack_weight, quantize_rows, use_int8_linears)
 from sdstudio.models.patcher import Patch, WeightPatcher
-from tests.helpers import needs_native_bf16
+from tests.helpers import needs_native_bf16, resident_kib
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # int8 in use whatever this machine chose (models/tuning.py)
 
@@ -267,17 +266,6 @@ def test_a_nan_input_passes_through_as_nan_for_the_pipeline_to_report(weight_dty
     assert out[1].isnan().all() and not out[0].isnan().any()
 
 
-def _mapped_resident_kib(path: Path) -> int:
-    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            inside = line.endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
-
-
 def test_packing_a_file_mapped_weight_gives_its_pages_back_to_the_page_cache(tmp_path):
     path = tmp_path / "linear.safetensors"
     weight = torch.randn(1024, 4096, generator=gen(16)) / 64
@@ -287,10 +275,10 @@ def test_packing_a_file_mapped_weight_gives_its_pages_back_to_the_page_cache(tmp
     layer.weight.data = read_state_dict(path)["weight"]            # 8 MiB of fp16, a view of the mapped file
     reference = F.linear(torch.zeros(1, 4096, dtype=torch.bfloat16), layer.weight.bfloat16())   # reads every page
     x = torch.randn(64, 4096, generator=gen(17)).bfloat16()
-    assert _mapped_resident_kib(path) > 7000 and reference.abs().max() == 0
+    assert resident_kib(path) > 7000 and reference.abs().max() == 0
     with torch.inference_mode():
         out = layer(x)
-    assert _mapped_resident_kib(path) < 500                      # only the packed copy stays in memory
+    assert resident_kib(path) < 500                      # only the packed copy stays in memory
     assert relative_error(out, F.linear(x.double(), weight.half().double())) < 0.03
     with torch.inference_mode():
         assert torch.equal(layer(x), out)                       # packed once; the file's pages are not needed

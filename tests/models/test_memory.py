@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from sdstudio.files.readers import is_file_mapped
 from sdstudio.models import half_weights
 from sdstudio.models.checkpoint import load_checkpoint
 from sdstudio.models.memory import keep_freed_memory, release_idle_weights
+from tests.helpers import resident_kib
 
 
 class MallInfo2(ctypes.Structure):
@@ -42,17 +42,6 @@ def test_a_big_tensor_lives_in_the_heap_and_the_next_one_reuses_its_memory():
     grown = heap().arena
     torch.ones(90 << 18)   # smaller: an aligned request for the very same size may not fit the freed block exactly
     assert heap().arena - grown < 1 << 20            # the freed memory, no new heap
-
-
-def resident_kib(path: Path) -> int:
-    """KiB of this process's mappings of `path` that are resident (/proc/self/smaps)."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
-            inside = line.endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
 
 
 def mapped_bytes(network: torch.nn.Module) -> int:
