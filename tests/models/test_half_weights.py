@@ -83,6 +83,9 @@ def test_a_half_precision_files_weights_stay_16_bit_and_compute_exactly_as_fp32_
     images = [pipeline.txt2img(m, prompt="a cat", negative_prompt="blurry", seed=3, width=64, height=64, steps=3,
                                save=False).images[0] for m in (kept, wide)]
     assert images[0].tobytes() == images[1].tobytes()
+    edited = [pipeline.img2img(m, prompt="a cat", init_images=[images[0]], denoising_strength=0.6, seed=2, width=64,
+                               height=64, steps=3, save=False).images[0] for m in (kept, wide)]   # the VAE's encoder
+    assert edited[0].tobytes() == edited[1].tobytes() != images[0].tobytes()
 
     monkeypatch.setattr(half_weights, "HALF_KEPT_MIN", TINY_KEPT_MIN)
     again = load_checkpoint(source, fast_fp32=True, converted=cache)    # from the converted-weights cache
