@@ -1,4 +1,4 @@
-"""The memory of sdstudio's processes: the C heap's setting, and the file pages of networks not at work.
+"""The memory of sdstudio's processes: the C heap's setting and trimming, and the file pages of networks not at work.
 
 The heap: big tensors reuse freed heap memory instead of fresh pages.
 
@@ -42,6 +42,16 @@ def keep_freed_memory() -> bool:
     if not done:
         log.warning("cannot set the C heap's settings %s: big tensors get fresh pages on every call", SETTINGS)
     return done
+
+
+def return_freed_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim): freed activations (the sampler's, a
+    finished decoder level's) stay mapped otherwise, and the next full-resolution tensors (fresh mappings) would add
+    to them. Measured at 512²: peak RSS −0.11 GiB before the decode; a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def release_idle_weights(*networks: torch.nn.Module) -> None:

@@ -10,7 +10,6 @@ other convolutions) run their own forward.
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Callable
 
 import torch
@@ -19,6 +18,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
 from sdstudio.models.half_weights import weight_for
+from sdstudio.models.memory import return_freed_heap
 from sdstudio.models.native import release_kernel_buffers
 from sdstudio.models.winograd import winograd_applies, winograd_conv2d
 
@@ -41,16 +41,6 @@ def up_path_in_strips(decoder: torch.nn.Module, features: torch.Tensor) -> torch
     if isinstance(norm, torch.nn.GroupNorm) and _plain_conv(conv):
         return _convolve(_normalised(features, norm, act), features.shape[2], _row_elements(features), conv)
     return conv(act(norm(features)))
-
-
-def return_freed_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc's malloc_trim): freed activations (the sampler's, a
-    finished decoder level's) stay mapped otherwise, and the next full-resolution tensors (fresh mappings) would add
-    to them. Measured at 512²: peak RSS −0.11 GiB before the decode; a no-op where there is no glibc."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def group_normalise(values: torch.Tensor, norm: torch.nn.GroupNorm,

@@ -18,8 +18,9 @@ from sdstudio.files.keymaps import vae_to_diffusers
 from sdstudio.files.readers import read_state_dict, read_tensor_infos
 from sdstudio.models.build import build_vae, has_fast_cpu_kernels, vae_from_config
 from sdstudio.models.checkpoint import LoadedCheckpoint, fast_cpu_dtype
+from sdstudio.models.memory import return_freed_heap
 from sdstudio.models.native import release_kernel_buffers
-from sdstudio.models.strip_decode import group_normalise, group_statistics, return_freed_heap, up_path_in_strips
+from sdstudio.models.strip_decode import group_normalise, group_statistics, up_path_in_strips
 
 log = logging.getLogger(__name__)
 
