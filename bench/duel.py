@@ -1,10 +1,9 @@
-"""SD1.5 512² seconds per CFG step with the engines taking turns: sdstudio (`auto`; `int8` where the CPU has native
-bf16 math), OpenVINO, the fastest peer of bench/generate.py (bf16 where the CPU has native bf16 math, else f32), and
-diffusers fp32 (its default, the baseline of the issue's 3.5× target), each loaded once in its own process, then
-ROUNDS rounds in which each runs a STEPS-step image in turn (the order rotating). bench/generate.py times each engine
-once, minutes apart, and this VM's speed drifts by 5–10 % over that half hour; here the drift falls on every engine
-alike, and the medians over rounds give the ratios. Only one engine computes at a time (the others wait on their
-pipe)."""
+"""SD1.5 512² seconds per CFG step with the engines taking turns: sdstudio (`auto` and `int8`), OpenVINO, the fastest
+peer of bench/generate.py (bf16 where the CPU has native bf16 math, else f32), and diffusers fp32 (its default, the
+baseline of the issue's 3.5× target), each loaded once in its own process, then ROUNDS rounds in which each runs a
+STEPS-step image in turn (the order rotating). bench/generate.py times each engine once, minutes apart, and this VM's
+speed drifts by 5–10 % over that half hour; here the drift falls on every engine alike, and the medians over rounds
+give the ratios. Only one engine computes at a time (the others wait on their pipe)."""
 from __future__ import annotations
 
 import json
@@ -56,9 +55,8 @@ def engines(path: Path) -> tuple[str, dict[str, dict]]:
     peer = f"OpenVINO {precision} (UNet + VAE decoder)"
     plan = {peer: dict(engine="openvino", path=str(path), config=config, precision=precision),
             "sdstudio --precision auto": dict(engine="sdstudio", path=str(path), precision="auto"),
+            "sdstudio --precision int8": dict(engine="sdstudio", path=str(path), precision="int8"),
             BASELINE: dict(engine="diffusers", path=str(path), config=config, mode="fp32")}
-    if native_bf16():   # int8 builds on the bf16 model
-        plan["sdstudio --precision int8"] = dict(engine="sdstudio", path=str(path), precision="int8")
     return peer, plan
 
 

@@ -165,7 +165,7 @@ def assign_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
         weights = {k: v for k, v in weights.items() if k in expected}
     half = (dtype or weights_dtype(weights)) in (torch.bfloat16, torch.float16)
     kept = {k: v for k, v in weights.items() if k in keep_mapped and is_file_mapped(v)}
-    half_kept = half_kept_names(module, weights) if fast_fp32 else set()
+    half_kept = half_kept_names(module, weights) - kept.keys() if fast_fp32 else set()
     weights = (kept | converted_weights({k: weights[k] for k in half_kept}, None, channels_last=convolutional)
                | converted_weights({k: v for k, v in weights.items() if k not in kept and k not in half_kept}, dtype,
                                    channels_last=convolutional and (half or fast_fp32)))
@@ -208,7 +208,8 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     on_cpu = _runs_on_cpu(device)
-    packed_int8 = int8_linears and on_cpu and dtype == torch.bfloat16 and int8_available()
+    computes_in = torch.float32 if fast_fp32 else dtype
+    packed_int8 = int8_linears and on_cpu and int8_available(computes_in)
     unet = assign_weights(unet, weights, dtype, where, convolutional=on_cpu, fast_fp32=fast_fp32,
                           keep_mapped=int8_weight_names(unet) if packed_int8 else ())
     if on_cpu and _fast_path(unet, fast_fp32):

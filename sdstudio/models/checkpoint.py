@@ -51,15 +51,11 @@ def resolve_precision(name: str, device: torch.device | str = "cpu") -> torch.dt
 
 def precision_options(name: str, device: torch.device | str = "cpu") -> dict[str, Any]:
     """load_checkpoint's arguments for a `--precision` name on `device`: `dtype` (resolve_precision), `int8_linears`
-    (`int8`: its products build on the bf16 model, so only where the CPU has native bf16 math; elsewhere `int8` runs
-    as `auto`) and `fast_fp32` (`auto` where the CPU has no native bf16 math: fp32 with the near-exact fast kernels;
-    `fp32` stays the exact reference)."""
+    (`int8`: its products build on the CPU's fast path, the bf16 model where the CPU has native bf16 math, else the
+    fast fp32 one) and `fast_fp32` (`auto` and `int8` where the CPU has no native bf16 math: fp32 with the near-exact
+    fast kernels; `fp32` stays the exact reference)."""
     dtype = resolve_precision(name, device)
-    int8 = name == "int8" and dtype == torch.bfloat16
-    if name == "int8" and not int8:
-        log.warning("--precision int8 needs a CPU with native bf16 math (AMX or AVX512-BF16); this one runs as "
-                    "--precision auto (the fast fp32 path)")
-    return {"dtype": dtype, "int8_linears": int8,
+    return {"dtype": dtype, "int8_linears": name == "int8",
             "fast_fp32": name in ("auto", "int8") and dtype == torch.float32 and torch.device(device).type == "cpu"}
 
 

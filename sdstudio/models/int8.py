@@ -45,32 +45,37 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from sdstudio.files.readers import release_file_pages
 from sdstudio.models.conversion import copy_weights
 from sdstudio.models.fused import FusedGEGLU, fast_cpu_tensor
+from sdstudio.models.half_weights import WideningLinear, widened
 from sdstudio.models.native import compiled_library, scratch
-from sdstudio.models.tuning import candidate_pays
+from sdstudio.models.tuning import candidate_pays, cpu_description
 from sdstudio.models.winograd import WinogradConv2d
 
 MAX_SPREAD = 128   # activations whose range exceeds this many times their mean |x| run bf16: a safety net for
                    # extreme outliers only — on random weights Gaussian ones spread 12, the widest (GEGLU outputs,
                    # which the quality guard covers) 83
+ACTIVATION_TYPES = {torch.bfloat16: ("bf16", "uint16_t"), torch.float32: ("f32", "float")}   # C suffix, C type
 QUANTIZE_SOURCE = """typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
 typedef unsigned int uint32_t;
 typedef unsigned char uint8_t;
 typedef union { uint32_t u; float f; } bits;
 
-/* summary[0..2] = lowest, highest and mean |x| of x (rows × cols bf16) divided column by column by the smoothing
+static inline float load_bf16(uint16_t v) { bits b; b.u = (uint32_t)v << 16; return b.f; }
+static inline float load_f32(float v) { return v; }
+"""
+# the activation kernels, once per ACTIVATION_TYPES entry (SUFFIX, TYPE)
+ACTIVATION_SOURCE = """
+/* summary[0..2] = lowest, highest and mean |x| of x (rows × cols) divided column by column by the smoothing
    factors (x · inverse_smoothing); a NaN makes the mean NaN */
-void summarize(const uint16_t *x, long rows, long cols, const float *inverse_smoothing, float *summary,
-               int threads) {
+void summarize_SUFFIX(const TYPE *x, long rows, long cols, const float *inverse_smoothing, float *summary,
+                      int threads) {
   float lowest = 3.4e38f, highest = -3.4e38f, total = 0.f;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(min:lowest) reduction(max:highest) \
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(min:lowest) reduction(max:highest) \\
     reduction(+:total)
   for (long r = 0; r < rows; r++) {
-    const uint16_t *row = x + r * cols;
+    const TYPE *row = x + r * cols;
 #pragma omp simd reduction(min:lowest) reduction(max:highest) reduction(+:total)
     for (long c = 0; c < cols; c++) {
-      bits b;
-      b.u = (uint32_t)row[c] << 16;
-      float v = b.f * inverse_smoothing[c];
+      float v = load_SUFFIX(row[c]) * inverse_smoothing[c];
       lowest = v < lowest ? v : lowest;
       highest = v > highest ? v : highest;
       total += v < 0.f ? -v : v;
@@ -81,26 +86,25 @@ void summarize(const uint16_t *x, long rows, long cols, const float *inverse_smo
   summary[2] = rows * cols > 0 ? total / (rows * cols) : 0.f;
 }
 
-/* q = clamp(round(x · inverse_smoothing[column] / scale) + zero_point, 0, 255) for x (rows × cols bf16) */
-void quantize_u8(const uint16_t *x, uint8_t *q, long rows, long cols, const float *inverse_smoothing,
-                 float inverse_scale, float zero_point, int threads) {
+/* q = clamp(round(x · inverse_smoothing[column] / scale) + zero_point, 0, 255) for x (rows × cols) */
+void quantize_u8_SUFFIX(const TYPE *x, uint8_t *q, long rows, long cols, const float *inverse_smoothing,
+                        float inverse_scale, float zero_point, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long r = 0; r < rows; r++) {
 #pragma omp simd
     for (long c = 0; c < cols; c++) {
-      bits b;
-      b.u = (uint32_t)x[r * cols + c] << 16;
-      float v = b.f * inverse_smoothing[c] * inverse_scale + zero_point;
+      float v = load_SUFFIX(x[r * cols + c]) * inverse_smoothing[c] * inverse_scale + zero_point;
       v = v < 0.f ? 0.f : v > 255.f ? 255.f : v;
       q[r * cols + c] = (uint8_t)(v + 0.5f);
     }
   }
 }
-
-/* a bf16 weight (rows × cols) times the smoothing factors column by column, as int8 with one scale per row:
-   max |w · smoothing| / 127 */
+"""
+WEIGHT_SOURCE = """
+/* a bf16 weight (rows × cols) times the smoothing factors column by column, as integers in [-limit, limit] with
+   one scale per row: max |w · smoothing| / limit */
 void quantize_weight_rows(const uint16_t *w, const float *smoothing, signed char *q, float *scales, long rows,
-                          long cols, int threads) {
+                          long cols, float limit, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long r = 0; r < rows; r++) {
     const uint16_t *row = w + r * cols;
@@ -111,7 +115,7 @@ void quantize_weight_rows(const uint16_t *w, const float *smoothing, signed char
       float v = b.f * smoothing[i];
       largest = v > largest ? v : largest;
     }
-    float scale = largest > 0.f ? largest / 127.f : 1.f, inverse = 1.f / scale;
+    float scale = largest > 0.f ? largest / limit : 1.f, inverse = 1.f / scale;
     for (long i = 0; i < cols; i++) {
       bits b;
       b.u = (uint32_t)row[i] << 16;
@@ -126,23 +130,29 @@ void quantize_weight_rows(const uint16_t *w, const float *smoothing, signed char
 
 @functools.cache
 def _kernels() -> ctypes.CDLL | None:
-    kernels = compiled_library("int8", QUANTIZE_SOURCE)
+    activations = "".join(ACTIVATION_SOURCE.replace("SUFFIX", suffix).replace("TYPE", c_type)
+                          for suffix, c_type in ACTIVATION_TYPES.values())
+    kernels = compiled_library("int8", QUANTIZE_SOURCE + activations + WEIGHT_SOURCE)
     if kernels is not None:
         pointer, index = ctypes.c_void_p, ctypes.c_long
-        kernels.summarize.argtypes = [pointer, index, index, pointer, pointer, ctypes.c_int]
-        kernels.quantize_u8.argtypes = [pointer, pointer, index, index, pointer, ctypes.c_float, ctypes.c_float,
-                                        ctypes.c_int]
-        kernels.quantize_weight_rows.argtypes = [pointer, pointer, pointer, pointer, index, index, ctypes.c_int]
+        for suffix, _ in ACTIVATION_TYPES.values():
+            getattr(kernels, f"summarize_{suffix}").argtypes = [pointer, index, index, pointer, pointer, ctypes.c_int]
+            getattr(kernels, f"quantize_u8_{suffix}").argtypes = [pointer, pointer, index, index, pointer,
+                                                                  ctypes.c_float, ctypes.c_float, ctypes.c_int]
+        kernels.quantize_weight_rows.argtypes = [pointer, pointer, pointer, pointer, index, index, ctypes.c_float,
+                                                 ctypes.c_int]
     return kernels
 
 
 @dataclass
 class QuantizedRows:
-    """A 2-D bf16 activation as uint8 with one scale and zero point: x ≈ (q - zero_point) · scale."""
+    """A 2-D bf16 or fp32 activation as uint8 with one scale and zero point: x ≈ (q - zero_point) · scale; `dtype`
+    is the activation's (the product's output takes it)."""
 
     values: torch.Tensor
     scale: float
     zero_point: int
+    dtype: torch.dtype
 
 
 @dataclass
@@ -176,16 +186,17 @@ def _column_maxima(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows(x: torch.Tensor, inverse_smoothing: torch.Tensor | None = None) -> QuantizedRows | None:
-    """A contiguous 2-D bf16 CPU tensor, its columns times `inverse_smoothing` (float32, one per column; none: as it
-    is), as uint8 over its own range (which always includes 0); None — the caller's bf16 code runs — when the range is
-    not finite (the NaN or inf passes on, for the pipeline to report) or more than MAX_SPREAD times the mean |x|
-    (outliers: one step of 1/255 of the range would swallow the other values)."""
+    """A contiguous 2-D bf16 or fp32 CPU tensor, its columns times `inverse_smoothing` (float32, one per column; none:
+    as it is), as uint8 over its own range (which always includes 0); None — the caller's float code runs — when the
+    range is not finite (the NaN or inf passes on, for the pipeline to report) or more than MAX_SPREAD times the mean
+    |x| (outliers: one step of 1/255 of the range would swallow the other values)."""
     kernels = _kernels()
     rows, cols = x.shape
     inverse_smoothing = torch.ones(cols) if inverse_smoothing is None else inverse_smoothing
     summary = torch.empty(3)
-    kernels.summarize(x.data_ptr(), rows, cols, inverse_smoothing.data_ptr(), summary.data_ptr(),
-                      torch.get_num_threads())
+    suffix = ACTIVATION_TYPES[x.dtype][0]
+    getattr(kernels, f"summarize_{suffix}")(x.data_ptr(), rows, cols, inverse_smoothing.data_ptr(),
+                                            summary.data_ptr(), torch.get_num_threads())
     low, high, mean_size = summary.tolist()
     if not all(math.isfinite(v) for v in (low, high, mean_size)) or high - low > MAX_SPREAD * mean_size:
         return None
@@ -193,9 +204,9 @@ def quantize_rows(x: torch.Tensor, inverse_smoothing: torch.Tensor | None = None
     scale = (high - low) / 255 or 1.0
     zero_point = round(-low / scale)
     values = torch.empty(x.shape, dtype=torch.uint8)
-    kernels.quantize_u8(x.data_ptr(), values.data_ptr(), rows, cols, inverse_smoothing.data_ptr(), 1 / scale,
-                        float(zero_point), torch.get_num_threads())
-    return QuantizedRows(values, scale, zero_point)
+    getattr(kernels, f"quantize_u8_{suffix}")(x.data_ptr(), values.data_ptr(), rows, cols, inverse_smoothing.data_ptr(),
+                                              1 / scale, float(zero_point), torch.get_num_threads())
+    return QuantizedRows(values, scale, zero_point, x.dtype)
 
 
 def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
@@ -208,55 +219,73 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
     values, scales = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
     kernels = _kernels()
     kernels.quantize_weight_rows(weight.data_ptr(), smoothing.data_ptr(), values.data_ptr(), scales.data_ptr(), rows,
-                                 cols, torch.get_num_threads())
+                                 cols, float(weight_limit()), torch.get_num_threads())
     return PackedWeight(torch.ops.onednn.qlinear_prepack(values, None), scales,
                         torch.zeros(len(scales), dtype=torch.long),
                         None if bias is None else bias.detach().float(), 1 / smoothing)
 
 
+@functools.cache
+def weight_limit() -> int:
+    """The largest integer a packed weight takes: 127 where the CPU multiplies u8 × s8 into 32-bit sums (VNNI, AMX),
+    63 elsewhere: there oneDNN's AVX2 / AVX-512 products add pairs of u8 × s8 products in 16 bits first
+    (vpmaddubsw), which saturate at 32767 (2 · 255 · 127 = 64770; 2 · 255 · 63 = 32130): a 64 → 48 product had 3.3 %
+    error vs fp64 with ±127 weights on an AVX2 CPU, 1.5 % with ±63, its integer arithmetic then exact."""
+    flags = set(cpu_description()[1].split())
+    return 127 if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else 63
+
+
 def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` in `dtype`; an fp16 / fp32 file's weight going to bf16 without gradients converts into a buffer kept
-    through the UNet call (no fresh pages per weight), read from the file where it is a view of one
-    (models/conversion.py)."""
-    if weight.dtype == dtype or dtype != torch.bfloat16 or torch.is_grad_enabled():
+    """`weight` in `dtype`; without gradients, an fp16 / fp32 file's weight going to bf16 converts into a reused buffer
+    (no fresh pages per weight), read from the file where it is a view of one (models/conversion.py), and a 16-bit
+    one going to fp32 widens into one (models/half_weights.py)."""
+    if weight.dtype == dtype or torch.is_grad_enabled():
+        return weight.to(dtype)
+    if dtype == torch.float32:
+        return widened(weight)
+    if dtype != torch.bfloat16:
         return weight.to(dtype)
     copy_weights([(converted := scratch("int8-weight", tuple(weight.shape)), weight)])
     return converted
 
 
 def int8_linear(x: QuantizedRows, weight: PackedWeight, activation: str = "none") -> torch.Tensor:
-    """x · weightᵀ + bias in bf16 by oneDNN's int8 product, with `activation` ("none" or "gelu") fused."""
+    """x · weightᵀ + bias in x's dtype (bf16 or fp32) by oneDNN's int8 product, with `activation` ("none" or "gelu")
+    fused."""
     return torch.ops.onednn.qlinear_pointwise(x.values, x.scale, x.zero_point, weight.packed, weight.scales,
-                                              weight.zero_points, weight.bias, 1.0, 0, torch.bfloat16, activation,
-                                              [], "none")
+                                              weight.zero_points, weight.bias, 1.0, 0, x.dtype, activation, [], "none")
+
+
+CHOICE_NAMES = {torch.bfloat16: "int8-linear", torch.float32: "int8-linear-fp32"}   # of int8_pays' kept choices
 
 
 @functools.cache
-def int8_pays() -> bool:
-    """Whether int8 products (their activations' quantization included) beat bf16 ones on this machine, measured
-    once on SD1.5's feed-forward output at 512² (8192 × 1280 → 320) and kept (models/tuning.py); never without native
-    bf16 math (their bf16 output runs oneDNN's reference code there: minutes for that one product)."""
+def int8_pays(dtype: torch.dtype) -> bool:
+    """Whether int8 products (their activations' quantization included) beat products in `dtype` (bf16, or fp32
+    for the fast fp32 path) on this machine, measured once on SD1.5's feed-forward output at 512²
+    (8192 × 1280 → 320) and kept (models/tuning.py); bf16 never without native bf16 math (int8 products with bf16
+    output run oneDNN's reference code there: minutes for that one product)."""
     def ways():
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(8192, 1280, generator=generator).bfloat16()
-        weight = torch.randn(320, 1280, generator=generator).bfloat16()
+        x = torch.randn(8192, 1280, generator=generator).to(dtype)
+        weight = torch.randn(320, 1280, generator=generator).to(dtype)
         packed = pack_weight(weight, None, smoothing_factors(_column_maxima(x).float(), weight))
         return lambda: int8_linear(quantize_rows(x, packed.inverse_smoothing), packed), lambda: F.linear(x, weight)
 
-    return candidate_pays("int8-linear", ways, torch.bfloat16)
+    return candidate_pays(CHOICE_NAMES[dtype], ways, dtype)
 
 
-def int8_available() -> bool:
-    """Whether int8 products run on this machine: the quantizers built and int8 measured faster than bf16."""
-    return _kernels() is not None and int8_pays()
+def int8_available(dtype: torch.dtype) -> bool:
+    """Whether int8 products run for a model computing in `dtype` (bf16, or fp32 on the fast fp32 path) on this
+    machine: the quantizers built and int8 measured faster than `dtype`'s products."""
+    return dtype in CHOICE_NAMES and _kernels() is not None and int8_pays(dtype)
 
 
 def int8_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether this call of a linear runs in int8: a bf16 CPU input without gradients, a CPU weight, int8 available
-    here."""
-    return (fast_cpu_tensor(x) and x.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and weight.is_floating_point()
-            and x.shape[-1] == weight.shape[1] and int8_available())
+    """Whether this call of a linear runs in int8: a bf16 or fp32 CPU input without gradients, a CPU weight, int8
+    available for its dtype here."""
+    return (fast_cpu_tensor(x) and weight.device.type == "cpu" and weight.is_floating_point()
+            and x.shape[-1] == weight.shape[1] and int8_available(x.dtype))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -359,7 +388,7 @@ def _pointwise(module: torch.nn.Module) -> bool:
 
 def _int8_class(module: torch.nn.Module) -> type | None:
     """The int8 subclass a module inside a transformer takes (or has taken); None for the others."""
-    if type(module) in (torch.nn.Linear, Int8Linear):
+    if type(module) in (torch.nn.Linear, WideningLinear, Int8Linear):
         return Int8Linear
     if type(module) in (FusedGEGLU, Int8GEGLU):
         return Int8GEGLU
@@ -419,7 +448,7 @@ def calibrate_int8(unet: torch.nn.Module, pooled_dim: int | None) -> None:
     """One UNet call on fixed seeded inputs (latents of CALIBRATION_SIDE², a random text condition; SDXL's pooled
     embedding and size conditions) under `calibrating`: each int8 layer's activation maxima, from the loaded weights
     before any LoRA, so its smoothing — and the images — depend on the model alone."""
-    if not int8_available():
+    if not int8_available(unet.dtype):
         return
     config, generator = unet.config, torch.Generator().manual_seed(0)
     sample = torch.randn(2, config.in_channels, CALIBRATION_SIDE, CALIBRATION_SIDE, generator=generator)
@@ -427,10 +456,10 @@ def calibrate_int8(unet: torch.nn.Module, pooled_dim: int | None) -> None:
     added = {}
     if config.addition_embed_type == "text_time":
         sizes = (config.projection_class_embeddings_input_dim - pooled_dim) // config.addition_time_embed_dim
-        added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled_dim, generator=generator).bfloat16(),
-                                       "time_ids": torch.full((2, sizes), 8.0 * CALIBRATION_SIDE).bfloat16()}}
+        added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled_dim, generator=generator).to(unet.dtype),
+                                       "time_ids": torch.full((2, sizes), 8.0 * CALIBRATION_SIDE).to(unet.dtype)}}
     with calibrating(unet), torch.inference_mode():
-        unet(sample.bfloat16(), 500, context.bfloat16(), **added)
+        unet(sample.to(unet.dtype), 500, context.to(unet.dtype), **added)
 
 
 def int8_weight_names(model: torch.nn.Module) -> set[str]:

@@ -23,7 +23,6 @@ from sdstudio.api.app import create_app, ensure_demo_model, serve
 from sdstudio.errors import SDStudioError
 from sdstudio.images.infotext import parse_infotext
 from sdstudio.service.engine import Engine
-from sdstudio.models.tuning import native_bf16
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 
@@ -307,7 +306,7 @@ def test_engine_loads_models_in_the_precision_the_server_was_started_with(tmp_pa
     try:
         assert engine.model().dtype == options["dtype"] and engine.model().unet.dtype == options["dtype"]
         int8 = any(isinstance(m, Int8Linear) for m in engine.model().unet.modules())
-        assert int8 == (precision == "int8" and native_bf16())   # elsewhere int8 runs as auto
+        assert int8 == (precision == "int8")   # on the bf16 model, or the fast fp32 one without native bf16 math
         job = engine.submit("txt2img", pipeline.make_request(None, {"prompt": "a cat", **SMALL}))
         job.done.wait(60)
         assert job.status == "done" and job.result.images[0].size == (64, 64)

@@ -49,8 +49,7 @@ def test_precision_options_give_the_fast_fp32_path_to_auto_on_a_cpu_without_bf16
     cpu_auto = torch.bfloat16 if native_bf16 else torch.float32
     assert precision_options("auto") == {"dtype": cpu_auto, "int8_linears": False, "fast_fp32": not native_bf16}
     assert precision_options("fp32") == {"dtype": torch.float32, "int8_linears": False, "fast_fp32": False}
-    int8 = {"dtype": torch.bfloat16, "int8_linears": True, "fast_fp32": False}
-    assert precision_options("int8") == (int8 if native_bf16 else precision_options("auto"))
+    assert precision_options("int8") == {"dtype": cpu_auto, "int8_linears": True, "fast_fp32": not native_bf16}
     assert precision_options("auto", "cuda") == {"dtype": torch.float16, "int8_linears": False, "fast_fp32": False}
 
 

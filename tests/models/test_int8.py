@@ -12,15 +12,22 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from sdstudio.errors import SDStudioError
 from sdstudio.files.readers import is_file_mapped, read_state_dict
 from sdstudio.files.writers import save_safetensors
-from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, resolve_precision
+from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, precision_options, resolve_precision
 from sdstudio.models.fused import FusedGEGLU
 from sdstudio.models.converted import ConvertedWeights
 from sdstudio.models.int8 import (Int8GEGLU, Int8Linear, Int8PointwiseConv2d, calibrating, int8_linear,
-                                 int8_weight_names, pack_weight, quantize_rows, use_int8_linears)
+                                 int8_weight_names, pack_weight, quantize_rows, use_int8_linears,
+                                 weight_limit)
 from sdstudio.models.patcher import Patch, WeightPatcher
 from tests.helpers import needs_native_bf16, resident_kib
 
 pytestmark = pytest.mark.usefixtures("fast_kernels")   # int8 in use whatever this machine chose (models/tuning.py)
+# the dtypes int8 layers compute beside: bf16 (the bf16 fast path) and fp32 (the fast fp32 path, CPUs without bf16 math)
+FAST_DTYPES = [torch.bfloat16, torch.float32]
+# load_checkpoint's options of each CPU fast path an int8 UNet builds on; bf16's only where the CPU has bf16 math
+FAST_PATHS = {torch.bfloat16: {"dtype": torch.bfloat16}, torch.float32: {"dtype": torch.float32, "fast_fp32": True}}
+each_fast_path = pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_native_bf16),
+                                                   torch.float32])
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -31,26 +38,28 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def linear(features_in: int, features_out: int, bias: bool = True,
-           weight_dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
-    """An Int8Linear in bf16, its weight in `weight_dtype` (an int8 load keeps an fp16 file's weights fp16)."""
+def linear(features_in: int, features_out: int, bias: bool = True, weight_dtype: torch.dtype | None = None,
+           dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
+    """An Int8Linear in `dtype`, its weight in `weight_dtype` (default `dtype`; an int8 load keeps an fp16 file's
+    weights fp16)."""
     layer = torch.nn.Linear(features_in, features_out, bias=bias)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(features_out, features_in, generator=gen(1)) / features_in ** 0.5)
         if bias:
             layer.bias.copy_(torch.randn(features_out, generator=gen(2)))
     layer.__class__ = Int8Linear
-    layer = layer.to(torch.bfloat16)
-    layer.weight.data = layer.weight.data.to(weight_dtype)
+    layer = layer.to(dtype)
+    layer.weight.data = layer.weight.data.to(weight_dtype or dtype)
     return layer
 
 
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
 @pytest.mark.parametrize("low,high", [(-3.0, 5.0), (0.5, 2.0), (-4.0, -1.0)])
-def test_activations_quantize_over_their_range_with_zero_exact(low, high):
-    x = (torch.rand(64, 48, generator=gen(0)) * (high - low) + low).bfloat16()
+def test_activations_quantize_over_their_range_with_zero_exact(low, high, dtype):
+    x = (torch.rand(64, 48, generator=gen(0)) * (high - low) + low).to(dtype)
     x[0, 0] = 0
     q = quantize_rows(x)
-    assert q.values.dtype == torch.uint8 and q.values.shape == x.shape
+    assert q.values.dtype == torch.uint8 and q.values.shape == x.shape and q.dtype == dtype
     assert q.values[0, 0].item() == q.zero_point                     # 0 stays exactly 0
     span = max(high, 0) - min(low, 0)
     assert q.scale == pytest.approx(span / 255, rel=0.02)
@@ -59,34 +68,47 @@ def test_activations_quantize_over_their_range_with_zero_exact(low, high):
     assert q.values.min().item() <= 1 or q.values.max().item() >= 254   # the range is used, not wasted
 
 
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.bfloat16, None), (torch.float32, None),
+                                                (torch.float32, torch.float16)])   # fast fp32 from an fp16 file
 @pytest.mark.parametrize("rows,features_in,features_out,bias", [(300, 320, 640, True), (77, 64, 48, False)])
-def test_an_int8_linear_is_close_to_fp64_and_less_exact_than_bf16(rows, features_in, features_out, bias):
-    layer = linear(features_in, features_out, bias)
-    x = torch.randn(2, rows, features_in, generator=gen(3)).bfloat16()
+def test_an_int8_linear_is_close_to_fp64_and_less_exact_than_its_dtypes(rows, features_in, features_out, bias, dtype,
+                                                                        weight_dtype):
+    layer = linear(features_in, features_out, bias, weight_dtype, dtype)
+    x = torch.randn(2, rows, features_in, generator=gen(3)).to(dtype)
     exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
     with torch.inference_mode():
         out = layer(x)
-        bf16 = F.linear(x, layer.weight, layer.bias)
-    assert out.dtype == torch.bfloat16 and out.shape == exact.shape
+        plain = F.linear(x, layer.weight.to(dtype), layer.bias)
+    assert out.dtype == dtype and out.shape == exact.shape
     assert hasattr(layer, "_int8")                                    # the int8 product ran
-    error, bf16_error = relative_error(out, exact), relative_error(bf16, exact)
-    assert error < 0.03 and error > 1.5 * bf16_error, (error, bf16_error)
+    error, plain_error = relative_error(out, exact), relative_error(plain, exact)
+    assert error < 0.03 and error > 1.5 * plain_error, (error, plain_error)
 
 
-@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
-def test_with_gradients_an_int8_linear_is_the_plain_bf16_linear(weight_dtype):
-    layer = linear(64, 32, weight_dtype=weight_dtype)
-    x = torch.randn(5, 64, generator=gen(4)).bfloat16()
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                                (torch.float32, torch.float16)])
+def test_with_gradients_an_int8_linear_is_the_plain_linear(dtype, weight_dtype):
+    layer = linear(64, 32, weight_dtype=weight_dtype, dtype=dtype)
+    x = torch.randn(5, 64, generator=gen(4)).to(dtype)
     out = layer(x)
-    assert out.dtype == torch.bfloat16 and not hasattr(layer, "_int8")
-    assert torch.equal(out, F.linear(x, layer.weight.bfloat16(), layer.bias))
+    assert out.dtype == dtype and not hasattr(layer, "_int8")
+    assert torch.equal(out, F.linear(x, layer.weight.to(dtype), layer.bias))
 
 
-@needs_native_bf16
-def test_int8_geglu_matches_the_fp64_geglu():
+def test_without_gradients_a_fallback_widens_a_16_bit_weight_for_fp32():
+    layer = linear(64, 32, weight_dtype=torch.float16, dtype=torch.float32)
+    x = torch.randn(5, 64, generator=gen(4))
+    with torch.inference_mode():
+        with calibrating(layer):   # the float code runs
+            out = layer(x)
+    assert torch.equal(out, F.linear(x, layer.weight.float(), layer.bias)) and layer.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_native_bf16), torch.float32])
+def test_int8_geglu_matches_the_fp64_geglu(dtype):
     torch.manual_seed(0)
-    module = GEGLU(96, 128).bfloat16()
-    x = torch.randn(2, 200, 96, generator=gen(5)).bfloat16()
+    module = GEGLU(96, 128).to(dtype)
+    x = torch.randn(2, 200, 96, generator=gen(5)).to(dtype)
     value, gate = F.linear(x.double(), module.proj.weight.double(), module.proj.bias.double()).chunk(2, dim=-1)
     exact = value * F.gelu(gate)
     module.__class__ = Int8GEGLU
@@ -94,15 +116,16 @@ def test_int8_geglu_matches_the_fp64_geglu():
         out = module(x)
         module.__class__ = FusedGEGLU
         fused = module(x)
-    assert out.shape == exact.shape
+    assert out.shape == exact.shape and out.dtype == dtype
     error = relative_error(out, exact)
     assert error < 0.03 and error > 1.5 * relative_error(fused, exact), error
 
 
-@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
-def test_a_patched_weight_is_packed_again_and_restoring_gives_the_first_output_back(weight_dtype):
-    layer = linear(128, 64, weight_dtype=weight_dtype)
-    x = torch.randn(40, 128, generator=gen(6)).bfloat16()
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                                (torch.float32, torch.float16)])
+def test_a_patched_weight_is_packed_again_and_restoring_gives_the_first_output_back(dtype, weight_dtype):
+    layer = linear(128, 64, weight_dtype=weight_dtype, dtype=dtype)
+    x = torch.randn(40, 128, generator=gen(6)).to(dtype)
     patcher = WeightPatcher({"weight": layer.weight})
     delta = torch.randn(64, 128, generator=gen(7)) * 0.2
     with torch.inference_mode():
@@ -128,16 +151,32 @@ def test_int8_linear_takes_the_packed_weight_and_its_bias():
     assert relative_error(out, F.gelu(F.linear(x.double(), weight.double(), bias.double()))) < 0.03
 
 
+def test_int8_products_add_their_integers_exactly_without_saturating():
+    """Where the CPU adds u8 × s8 pairs in 16 bits (no VNNI), 8-bit weights would saturate: `weight_limit`."""
+    levels = torch.randint(0, 256, (64, 256), generator=gen(40))
+    levels[0, :2] = torch.tensor([0, 255])                        # the range 0 … 2.55: scale 0.01, zero point 0
+    x = levels.float() * 0.01
+    signs = torch.randint(0, 2, (32, 256), generator=gen(41)).float() * 2 - 1
+    signs[:16] = 1                                                # all-positive rows: the largest sums
+    q, packed = quantize_rows(x), pack_weight(signs / 2, None)   # every weight ±limit exactly
+    assert q.zero_point == 0 and q.scale == pytest.approx(0.01)
+    out = int8_linear(q, packed)
+    exact = F.linear(levels.double() * q.scale, signs.double() / 2)
+    assert out.dtype == torch.float32 and relative_error(out, exact) < 1e-5
+
+
 def test_precision_int8_is_the_cpu_fast_path_and_refused_on_a_gpu():
     assert resolve_precision("int8") == fast_cpu_dtype()
+    assert precision_options("int8") == {"dtype": fast_cpu_dtype(), "int8_linears": True,
+                                         "fast_fp32": fast_cpu_dtype() == torch.float32}
     with pytest.raises(SDStudioError, match="int8"):
         resolve_precision("int8", "cuda")
 
 
-@needs_native_bf16
-def test_an_int8_unet_swaps_only_its_transformer_linears_and_stays_close(sd1_file):
-    plain = load_checkpoint(sd1_file, dtype=torch.bfloat16).unet
-    quick = load_checkpoint(sd1_file, dtype=torch.bfloat16, int8_linears=True).unet
+@each_fast_path
+def test_an_int8_unet_swaps_only_its_transformer_linears_and_stays_close(sd1_file, dtype):
+    plain = load_checkpoint(sd1_file, **FAST_PATHS[dtype]).unet
+    quick = load_checkpoint(sd1_file, **FAST_PATHS[dtype], int8_linears=True).unet
     reference = load_checkpoint(sd1_file).unet
     kinds = {name: type(m) for name, m in quick.named_modules()}
     assert {n for n, k in kinds.items() if k is Int8Linear} == {   # all but the text condition's keys and values
@@ -153,24 +192,26 @@ def test_an_int8_unet_swaps_only_its_transformer_linears_and_stays_close(sd1_fil
     context = torch.randn(2, 77, reference.config.cross_attention_dim, generator=gen(12))
     with torch.inference_mode():
         exact = reference(sample, 500, context).sample
-        fast, int8 = (u(sample.bfloat16(), 500, context.bfloat16()).sample for u in (plain, quick))
-    assert relative_error(int8, exact) < 0.06 and not torch.equal(int8, fast)   # 0.043 (unsmoothed ~0.048); bf16 0.017
+        fast, int8 = (u(sample.to(dtype), 500, context.to(dtype)).sample for u in (plain, quick))
+    assert int8.dtype == dtype
+    # bf16 0.043 (unsmoothed ~0.048; bf16 alone 0.017), fast fp32 0.040
+    assert relative_error(int8, exact) < 0.06 and not torch.equal(int8, fast)
 
 
-@needs_native_bf16
-def test_an_int8_unets_output_does_not_depend_on_what_ran_before(sd1_file):
-    first, fresh = (load_checkpoint(sd1_file, dtype=torch.bfloat16, int8_linears=True).unet for _ in range(2))
-    sample = torch.randn(2, 4, 32, 32, generator=gen(31)).bfloat16()
-    context = torch.randn(2, 77, first.config.cross_attention_dim, generator=gen(32)).bfloat16()
-    other = torch.randn(2, 4, 16, 24, generator=gen(33)).bfloat16() * 5   # another size and range first
+@each_fast_path
+def test_an_int8_unets_output_does_not_depend_on_what_ran_before(sd1_file, dtype):
+    first, fresh = (load_checkpoint(sd1_file, **FAST_PATHS[dtype], int8_linears=True).unet for _ in range(2))
+    sample = torch.randn(2, 4, 32, 32, generator=gen(31)).to(dtype)
+    context = torch.randn(2, 77, first.config.cross_attention_dim, generator=gen(32)).to(dtype)
+    other = torch.randn(2, 4, 16, 24, generator=gen(33)).to(dtype) * 5   # another size and range first
     with torch.inference_mode():
         first(other, 900, context * 3)
         assert torch.equal(first(sample, 500, context).sample, fresh(sample, 500, context).sample)
 
 
-@needs_native_bf16
+@each_fast_path
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_outlier_channels_cost_an_int8_unet_little(synth_file, family):
+def test_outlier_channels_cost_an_int8_unet_little(synth_file, family, dtype):
     plain, widened = synth_file(family), synth_file(family, outlier_channels=True)   # same function (synthetic.py)
     assert max(t.abs().max() for k, t in read_state_dict(widened).items() if k.endswith(".norm1.weight")) > 16
     config = load_checkpoint(plain).unet.config
@@ -180,17 +221,18 @@ def test_outlier_channels_cost_an_int8_unet_little(synth_file, family):
                          - 6 * (config.addition_time_embed_dim or 0), generator=gen(13))
     time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
 
-    def run(path, dtype=torch.bfloat16, int8=False):
-        unet = load_checkpoint(path, dtype=dtype, int8_linears=int8).unet
-        added = {} if family == "sd1" else {"added_cond_kwargs": {"text_embeds": pooled.to(dtype),
-                                                                  "time_ids": time_ids.to(dtype)}}
+    def run(path, int8=False, **options):
+        unet = load_checkpoint(path, int8_linears=int8, **options).unet
+        added = {} if family == "sd1" else {"added_cond_kwargs": {"text_embeds": pooled.to(unet.dtype),
+                                                                  "time_ids": time_ids.to(unet.dtype)}}
         with torch.inference_mode():
-            return unet(sample.to(dtype), 500, context.to(dtype), **added).sample
+            return unet(sample.to(unet.dtype), 500, context.to(unet.dtype), **added).sample
 
-    exact = run(plain, torch.float32)
-    assert torch.equal(run(widened, torch.float32), exact) and torch.equal(run(widened), run(plain))
-    errors = [relative_error(run(path, int8=True), exact) for path in (plain, widened)]
-    # sd1 0.046 → 0.046, sdxl 0.039 → 0.037; unsmoothed (one scale per tensor) 0.050 → 0.50, 0.039 → 0.18
+    exact = run(plain)
+    assert torch.equal(run(widened), exact)
+    assert torch.equal(run(widened, **FAST_PATHS[dtype]), run(plain, **FAST_PATHS[dtype]))
+    errors = [relative_error(run(path, True, **FAST_PATHS[dtype]), exact) for path in (plain, widened)]
+    # bf16: sd1 0.046 → 0.046, sdxl 0.039 → 0.037; unsmoothed (one scale per tensor) 0.050 → 0.50, 0.039 → 0.18
     assert errors[1] < 1.3 * errors[0], errors
 
 
@@ -225,11 +267,13 @@ def test_an_outlier_channel_is_smoothed_into_the_weight_and_runs_int8(outlier):
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))   # bf16 while calibrating
         out = layer(x)
     assert not torch.equal(out, F.linear(x, layer.weight, layer.bias))   # the int8 product ran
-    assert relative_error(out, exact) < 0.015
+    # 7-bit weights (no VNNI: int8.weight_limit) 0.0165, unsmoothed 0.041
+    bound, gain = (0.015, 2.5) if weight_limit() == 127 else (0.02, 2.2)
+    assert relative_error(out, exact) < bound
     if outlier == 20:   # one scale for the whole tensor, unsmoothed: the other channels get 1/20 of the steps
         unsmoothed = pack_weight(layer.weight, layer.bias)
         plain = relative_error(int8_linear(quantize_rows(x), unsmoothed), exact)
-        assert plain > 2.5 * relative_error(out, exact), plain
+        assert plain > gain * relative_error(out, exact), plain
 
 
 def test_a_channel_quiet_when_the_weight_is_packed_is_no_outlier_later():
@@ -256,10 +300,11 @@ def test_an_input_whose_range_outliers_dominate_runs_bf16():
     assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
 
 
-@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
-def test_a_nan_input_passes_through_as_nan_for_the_pipeline_to_report(weight_dtype):
-    layer = linear(32, 16, weight_dtype=weight_dtype)
-    x = torch.randn(4, 32, generator=gen(13)).bfloat16()
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                                (torch.float32, torch.float16)])
+def test_a_nan_input_passes_through_as_nan_for_the_pipeline_to_report(dtype, weight_dtype):
+    layer = linear(32, 16, weight_dtype=weight_dtype, dtype=dtype)
+    x = torch.randn(4, 32, generator=gen(13)).to(dtype)
     x[1, 3] = float("nan")
     with torch.inference_mode():
         out = layer(x)
@@ -305,6 +350,24 @@ def test_an_int8_load_keeps_the_files_weights_for_its_linears_and_runs_as_from_b
     context = torch.randn(2, 77, kept.config.cross_attention_dim, generator=gen(19)).bfloat16()
     with torch.inference_mode():
         assert torch.equal(kept(sample, 500, context).sample, from_bf16(sample, 500, context).sample)
+
+
+def test_a_fast_fp32_int8_load_keeps_the_files_weights_for_its_linears_and_the_rest_as_auto_does(synth_file):
+    """Without native bf16 math `--precision int8` builds on the fast fp32 path: its int8 layers pack from the fp16
+    file's own weights, every other weight loads as `auto` loads it (models/half_weights.py)."""
+    source = synth_file("sd1", "fp16")
+    auto = load_checkpoint(source, **FAST_PATHS[torch.float32]).unet
+    quick = load_checkpoint(source, **FAST_PATHS[torch.float32], int8_linears=True).unet
+    names, weights = int8_weight_names(quick), dict(quick.named_parameters())
+    auto_weights = dict(auto.named_parameters())
+    assert quick.dtype == torch.float32 and any(".ff.net.0.proj." in n for n in names)
+    assert all(weights[n].dtype == torch.float16 and is_file_mapped(weights[n]) for n in names)
+    assert all(w.dtype == auto_weights[n].dtype for n, w in weights.items() if n not in names)
+    sample = torch.randn(2, 4, 32, 32, generator=gen(18))
+    context = torch.randn(2, 77, quick.config.cross_attention_dim, generator=gen(19))
+    with torch.inference_mode():
+        fast, int8 = (u(sample, 500, context).sample for u in (auto, quick))
+    assert not torch.equal(int8, fast) and relative_error(int8, fast) < 0.06
 
 
 def test_cross_attention_on_a_text_condition_with_outliers_stays_bf16_exact():

@@ -71,6 +71,7 @@ def test_choices_are_kept_per_thread_count(cache):
     (attention.blocked_pays, torch.bfloat16, "blocked-attention"),
     (attention.blocked_pays, torch.float32, "blocked-attention-fp32"),
     (attention.flash_pays, torch.float32, "flash-attention-fp32"), (int8.int8_pays, torch.bfloat16, "int8-linear"),
+    (int8.int8_pays, torch.float32, "int8-linear-fp32"),
     (fused.gelu_product_pays, torch.float32, "gelu-product")])
 def test_the_fast_path_choices_follow_their_measurement_on_this_machine(cache, choice, dtype, name):
     if dtype == torch.bfloat16 and not tuning.native_bf16():
