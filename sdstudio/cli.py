@@ -14,8 +14,7 @@ from sdstudio.models.memory import keep_freed_memory
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")   # names models.checkpoint.resolve_precision takes
 PRECISION_HELP = ("auto (default): bf16 where the CPU computes it natively (AMX / AVX512-BF16), fp16 on a GPU, "
                   "else fp32 with near-exact fast kernels (Winograd F(4x4), fused GEGLU); fp32 = the exact reference "
-                  "path; int8 (CPU) = auto with the UNet's transformer linears in int8: faster where the CPU has "
-                  "VNNI/AMX, a little less exact")
+                  "path; int8 (CPU) = auto with the UNet's transformer linears in int8: faster, a little less exact")
 DEVICE_HELP = "where the models run: auto (default: the first CUDA GPU when there is one, else the CPU), cpu, cuda[:N]"
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}

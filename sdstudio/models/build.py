@@ -198,12 +198,12 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
                fast_fp32: bool = False) -> UNet2DConditionModel:
     """UNet2DConditionModel from diffusers-named weights, built on the CPU to run on `device` (the caller moves it);
     a bf16 UNet for the CPU (the CPU fast path) gets the fast CPU attention (models/attention.py), fused layers
-    (models/fused.py) and Winograd convolutions (models/winograd.py), and with `int8_linears` int8 linears in its
-    transformers (models/int8.py), whose weights stay the file's (not converted: only their packed copies stay in
-    memory); an fp32 one with `fast_fp32` (`--precision auto` where the CPU has no native bf16 math) gets
-    channels-last weights (those of a half-precision file in its dtype: models/half_weights.py), the fused layers,
-    the near-exact fp32 Winograd convolutions and the attention processor (of which only its CFG saving applies to
-    fp32: a batch of two equal halves attends once)."""
+    (models/fused.py) and Winograd convolutions (models/winograd.py); an fp32 one with `fast_fp32` (`--precision
+    auto` where the CPU has no native bf16 math) gets channels-last weights (those of a half-precision file in its
+    dtype: models/half_weights.py), the fused layers, the near-exact fp32 Winograd convolutions and the attention
+    processor (of which only its CFG saving applies to fp32: a batch of two equal halves attends once). Either fast
+    path with `int8_linears` (`--precision int8`) gets int8 linears in its transformers (models/int8.py), whose
+    weights stay the file's (not converted: only their packed copies stay in memory)."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)

@@ -1,16 +1,19 @@
 """int8 linears of the CPU's `--precision int8` path: the UNet's transformer linears as u8 × s8 products.
 
 On CPUs with VNNI or AMX, oneDNN's int8 matrix products run about twice as fast as its bf16 ones (SD1.5's
-8192 × 1280 → 320 feed-forward output: 8.1 against 16 ms on two AVX512-VNNI cores). `--precision int8` is the bf16
-fast path with the linears of the UNet's transformers (attention projections, GEGLU, feed-forward output, proj_in/out:
-SDXL's linears, SD1/SD2's 1×1 convolutions over channels-last pixels) computed that way — W8A8, dynamic — except the
-cross-attentions' key and value projections of the text condition (77 tokens: nothing to gain; and text encoders'
-hidden states have outliers that one scale per tensor would crush the rest under):
+8192 × 1280 → 320 feed-forward output: 8.1 against 16 ms on two AVX512-VNNI cores); on CPUs without native bf16 math
+(AVX2) about twice as fast as fp32 ones (22 against 38 ms on two Zen 3 cores). `--precision int8` is the CPU's fast
+path — the bf16 one, or the fast fp32 one where the CPU has no bf16 math (models/build.py) — with the linears of the
+UNet's transformers (attention projections, GEGLU, feed-forward output, proj_in/out: SDXL's linears, SD1/SD2's 1×1
+convolutions over channels-last pixels) computed that way — W8A8, dynamic — except the cross-attentions' key and value
+projections of the text condition (77 tokens: nothing to gain; and text encoders' hidden states have outliers that one
+scale per tensor would crush the rest under):
 
-- weights: int8 per output channel, symmetric (scale = max |w| / 127) of their bf16 values, packed once for oneDNN
-  and again whenever the weight changes (a LoRA patch: the weight patcher bumps the parameter's version). The load
-  leaves these weights as the file's own mapped tensors (fp16 / fp32 ones are not converted, models/build.py), and
-  packing gives their pages back to the page cache: in memory there is only the packed copy, half the bf16 size;
+- weights: int8 per output channel, symmetric (scale = max |w| / 127, or / 63 where the CPU lacks VNNI:
+  `weight_limit`) of their bf16 values, packed once for oneDNN and again whenever the weight changes (a LoRA patch:
+  the weight patcher bumps the parameter's version). The load leaves these weights as the file's own mapped tensors
+  (fp16 / fp32 ones are not converted, models/build.py), and packing gives their pages back to the page cache: in
+  memory there is only the packed copy, half the bf16 size;
 - smoothing (SmoothQuant): each input channel's activations are divided, and the weight's column multiplied, by one
   factor per channel (`smoothing_factors`) from the activations of one fixed calibration call at load
   (`calibrate_int8`: the same for every prompt, so images never depend on what ran first), so an outlier channel — real
@@ -18,16 +21,16 @@ hidden states have outliers that one scale per tensor would crush the rest under
   taking the 255 steps from every other channel (a random-weight SD1.5 file with 4 such channels ×32 after every
   transformer norm, the float model bit for bit the same: 20-step image vs fp32 36.4 dB unsmoothed, 38.1 smoothed;
   SDXL's, 3 steps: 26.6 and 33.4);
-- activations: uint8 per tensor, from each call's own minimum and maximum (0 always representable); a call whose
-  range outliers still dominate (over MAX_SPREAD times its mean |x|: a few huge tokens, which no channel factor
-  helps) runs bf16 instead;
+- activations (bf16 or fp32): uint8 per tensor, from each call's own minimum and maximum (0 always representable); a
+  call whose range outliers still dominate (over MAX_SPREAD times its mean |x|: a few huge tokens, which no channel
+  factor helps) runs in its float dtype instead;
 - both quantized by C loops (models/native.py): PyTorch's element-wise ops took 4× as long;
-- the product, its bias and the GEGLU gate's GELU by one oneDNN call, into bf16.
+- the product, its bias and the GEGLU gate's GELU by one oneDNN call, into the activations' dtype.
 
-It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights: SD1.5 38.3 dB, SDXL 33.5;
-bf16 43.6 and 36.8), and no trained model was measured here. 3×3 convolutions and the attention products stay bf16.
-Where the C kernel cannot be built, or int8 is measured no faster on the machine (`int8_pays`, models/tuning.py), the
-layers keep their bf16 code.
+It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights, on the bf16 path: SD1.5
+38.3 dB, SDXL 33.5; bf16 alone 43.6 and 36.8), and no trained model was measured here. 3×3 convolutions and the
+attention products stay in the float dtype. Where the C kernel cannot be built, or int8 is measured no faster on the
+machine than the float products (`int8_pays`, models/tuning.py), the layers keep their float code.
 """
 from __future__ import annotations
 
@@ -305,7 +308,7 @@ def _packed(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
 
 def _calibrated(module: torch.nn.Module, rows: torch.Tensor) -> bool:
     """Under `calibrating`: keep the running max |x| per channel of `rows` on `module` and say so (the caller's
-    bf16 code runs); else False."""
+    float code runs); else False."""
     if not getattr(module, "_calibrating", False):
         return False
     maxima, kept = _column_maxima(rows).float(), getattr(module, "_activation_maxima", None)
@@ -322,7 +325,8 @@ def _smoothing(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | 
 def _int8_product(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor | None:
     """x · weightᵀ + bias over x's last dimension as rows (x's other dimensions flattened) by the int8 product, the
-    packed weight kept on `module`; None where int8 does not apply or x is not finite (the caller's bf16 code runs)."""
+    packed weight kept on `module`; None where int8 does not apply or x is not finite (the caller's float code
+    runs)."""
     if not int8_applies(x, weight):
         return None
     rows = _rows(x)
@@ -355,7 +359,7 @@ class Int8GEGLU(FusedGEGLU):
         if not _calibrated(self, rows):
             value, gate = _packed(self, weight, self.proj.bias, self._pack)
             x = quantize_rows(rows, value.inverse_smoothing)
-        if x is None:   # calibrating, or outliers: its bf16 values (the weight may be the file's fp16, build.py), fused
+        if x is None:   # calibrating, or outliers: in the input's float dtype (the weight may be the file's fp16), fused
             return self.fused_forward(hidden_states, _in_dtype(weight, hidden_states.dtype), *args, **kwargs)
         out = int8_linear(x, value).mul_(int8_linear(x, gate, "gelu"))
         return out.reshape(*hidden_states.shape[:-1], -1)
@@ -414,7 +418,7 @@ def _int8_modules(model: torch.nn.Module):
 
 def use_int8_linears(model: torch.nn.Module) -> None:
     """Give the linears inside `model`'s transformers their int8 subclass, their GEGLU the int8 one, and their 1×1
-    convolutions (SD1/SD2's proj_in / proj_out) the int8 pointwise one (same weights, same state; the bf16 code runs
+    convolutions (SD1/SD2's proj_in / proj_out) the int8 pointwise one (same weights, same state; the float code runs
     wherever int8 does not apply) — all but the cross-attentions' key and value projections (`_int8_modules`)."""
     for _, module, kind in _int8_modules(model):
         module.__class__ = kind
@@ -422,7 +426,7 @@ def use_int8_linears(model: torch.nn.Module) -> None:
 
 @contextmanager
 def calibrating(model: torch.nn.Module):
-    """Within: the int8 layers of `model` run their bf16 code and record max |x| per input channel of what they see
+    """Within: the int8 layers of `model` run their float code and record max |x| per input channel of what they see
     (the smoothing factors' activation side); each one's weight, where it is a mapped file's (build.py), gives its
     pages back right after its call (packing reads them again at the first step)."""
     layers = [m for m in model.modules() if type(m) in (Int8Linear, Int8GEGLU, Int8PointwiseConv2d)]

@@ -386,3 +386,18 @@ def test_the_fast_fp32_paths_16_bit_weights_take_a_lora_and_come_back_bit_for_bi
     (styled, plain), (styled_wide, plain_wide) = images.values()
     assert styled.tobytes() != plain.tobytes() and plain.tobytes() == plain_wide.tobytes()
     assert psnr(styled, styled_wide) >= 40
+
+
+def test_int8_on_the_fast_fp32_path_packs_a_lora_and_gives_the_plain_image_back(synth_file, data_dir, fast_kernels):
+    """`--precision int8` without native bf16 math (the fast fp32 path, models/int8.py): the LoRA's changed weights
+    are packed again at the next step, and removing it gives the plain image back bit for bit."""
+    from sdstudio.models.int8 import Int8Linear
+
+    model = load_checkpoint(synth_file("sd1", "fp16"), fast_fp32=True, int8_linears=True)
+    assert any(type(m) is Int8Linear for m in model.unet.modules())
+    base = state(model)
+    kwargs = dict(seed=3, width=64, height=64, steps=3, save=False, networks=LoraNetworks(model, Catalog(data_dir)))
+    plain, styled, again = (pipeline.txt2img(model, prompt=prompt, **kwargs).images[0]
+                            for prompt in ("a cat", "a cat <lora:inkstyle:0.8>", "a cat"))
+    assert styled.tobytes() != plain.tobytes() and again.tobytes() == plain.tobytes()
+    assert all(torch.equal(v, base[k]) for k, v in state(model).items())
