@@ -31,6 +31,8 @@ def main() -> None:
             if variant == "fp16" and dtype == "float32":   # `auto` on a CPU without bf16: channels-last weights
                 loaders["sdstudio fast fp32 (`auto` without native bf16)"] = (
                     "sdstudio_load", dict(path=str(path), dtype=dtype, fast_fp32=True))
+                loaders["sdstudio --precision int8 on the fast fp32 path (`int8` without native bf16)"] = (
+                    "sdstudio_load", dict(path=str(path), dtype=dtype, fast_fp32=True, int8_linears=True))
             if suffix == ".safetensors" and variant == "fp16" and dtype == "bfloat16":   # auto's load: converted
                 run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=converted)   # converts, keeps
                 loaders["sdstudio, converted weights kept by an earlier load"] = (
@@ -58,7 +60,8 @@ def main() -> None:
                   "peak RSS = the child's VmHWM. \"Converted weights kept\": a second process loading the same file "
                   "through the `cache/converted/` folder that a first one filled (models/converted.py; that file is in "
                   "the page cache like the source). \"--precision int8\": the UNet's transformer linears stay the "
-                  "file's fp16 weights, packed to int8 at the first step (models/int8.py). \"Fast fp32\": what "
+                  "file's fp16 weights, packed to int8 at the first step; its load includes one calibration call "
+                  "(models/int8.py). \"Fast fp32\": what "
                   "`--precision auto` loads on a CPU without native bf16 math (the file's 16-bit linear weights "
                   "mapped as they are, its convolution weights copied channels-last in their dtype, the rest in fp32: "
                   f"models/half_weights.py).\n\n{table}")
