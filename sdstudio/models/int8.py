@@ -53,9 +53,9 @@ from sdstudio.models.native import compiled_library, scratch
 from sdstudio.models.tuning import candidate_pays, cpu_description
 from sdstudio.models.winograd import WinogradConv2d
 
-MAX_SPREAD = 128   # activations whose range exceeds this many times their mean |x| run bf16: a safety net for
-                   # extreme outliers only — on random weights Gaussian ones spread 12, the widest (GEGLU outputs,
-                   # which the quality guard covers) 83
+MAX_SPREAD = 128   # activations whose range exceeds this many times their mean |x| run in their float dtype: a
+                   # safety net for extreme outliers only — on random weights Gaussian ones spread 12, the widest
+                   # (GEGLU outputs, which the quality guard covers) 83
 ACTIVATION_TYPES = {torch.bfloat16: ("bf16", "uint16_t"), torch.float32: ("f32", "float")}   # C suffix, C type
 QUANTIZE_SOURCE = """typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
 typedef unsigned int uint32_t;
@@ -215,7 +215,8 @@ def quantize_rows(x: torch.Tensor, inverse_smoothing: torch.Tensor | None = None
 def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
                 smoothing: torch.Tensor | None = None) -> PackedWeight:
     """A `weight` (out × in; bf16, or the file's fp16 / fp32) times `smoothing` (one factor per input channel; none:
-    as it is) as symmetric int8 per output channel of its bf16 values, packed for oneDNN's u8 × s8 product."""
+    as it is) as symmetric int8 per output channel of its bf16 values (at most ±`weight_limit()`), packed for oneDNN's
+    u8 × s8 product."""
     weight = _in_dtype(weight.detach(), torch.bfloat16).contiguous()
     rows, cols = weight.shape
     smoothing = torch.ones(cols) if smoothing is None else smoothing.float().contiguous()
@@ -242,12 +243,10 @@ def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`weight` in `dtype`; without gradients, an fp16 / fp32 file's weight going to bf16 converts into a reused buffer
     (no fresh pages per weight), read from the file where it is a view of one (models/conversion.py), and a 16-bit
     one going to fp32 widens into one (models/half_weights.py)."""
-    if weight.dtype == dtype or torch.is_grad_enabled():
+    if weight.dtype == dtype or torch.is_grad_enabled() or dtype not in (torch.bfloat16, torch.float32):
         return weight.to(dtype)
     if dtype == torch.float32:
         return widened(weight)
-    if dtype != torch.bfloat16:
-        return weight.to(dtype)
     copy_weights([(converted := scratch("int8-weight", tuple(weight.shape)), weight)])
     return converted
 
@@ -359,7 +358,7 @@ class Int8GEGLU(FusedGEGLU):
         if not _calibrated(self, rows):
             value, gate = _packed(self, weight, self.proj.bias, self._pack)
             x = quantize_rows(rows, value.inverse_smoothing)
-        if x is None:   # calibrating, or outliers: in the input's float dtype (the weight may be the file's fp16), fused
+        if x is None:   # calibrating, or outliers: in the input's float dtype (the weight may be the file's), fused
             return self.fused_forward(hidden_states, _in_dtype(weight, hidden_states.dtype), *args, **kwargs)
         out = int8_linear(x, value).mul_(int8_linear(x, gate, "gelu"))
         return out.reshape(*hidden_states.shape[:-1], -1)
