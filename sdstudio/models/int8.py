@@ -1,13 +1,13 @@
 """int8 linears of the CPU's `--precision int8` path: the UNet's transformer linears as u8 × s8 products.
 
-On CPUs with VNNI or AMX, oneDNN's int8 matrix products run about twice as fast as its bf16 ones (SD1.5's
-8192 × 1280 → 320 feed-forward output: 8.1 against 16 ms on two AVX512-VNNI cores); on CPUs without native bf16 math
-(AVX2) about twice as fast as fp32 ones (22 against 38 ms on two Zen 3 cores). `--precision int8` is the CPU's fast
-path — the bf16 one, or the fast fp32 one where the CPU has no bf16 math (models/build.py) — with the linears of the
-UNet's transformers (attention projections, GEGLU, feed-forward output, proj_in/out: SDXL's linears, SD1/SD2's 1×1
-convolutions over channels-last pixels) computed that way — W8A8, dynamic — except the cross-attentions' key and value
-projections of the text condition (77 tokens: nothing to gain; and text encoders' hidden states have outliers that one
-scale per tensor would crush the rest under):
+On CPUs with VNNI or AMX, oneDNN's int8 matrix products run about twice as fast as its bf16 ones (SD1.5's 8192 × 1280
+→ 320 feed-forward output: 8.1 against 16 ms on two AVX512-VNNI cores); on CPUs without native bf16 math (AVX2) about
+twice as fast as fp32 ones (19–20 against 39–42 ms on two Zen 3 cores). `--precision int8` is the CPU's fast path —
+the bf16 one, or the fast fp32 one where the CPU has no bf16 math (models/build.py) — with the linears of the UNet's
+transformers (attention projections, GEGLU, feed-forward output, proj_in/out: SDXL's linears, SD1/SD2's 1×1
+convolutions over channels-last pixels) computed that way — W8A8, dynamic — except the cross-attentions' key and
+value projections of the text condition (77 tokens: nothing to gain; and text encoders' hidden states have outliers
+that one scale per tensor would crush the rest under):
 
 - weights: int8 per output channel, symmetric (scale = max |w| / 127, or / 63 where the CPU lacks VNNI:
   `weight_limit`) of their bf16 values, packed once for oneDNN and again whenever the weight changes (a LoRA patch:
