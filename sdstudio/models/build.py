@@ -23,7 +23,8 @@ from sdstudio.models.attention import use_fast_cpu_attention
 from sdstudio.models.conversion import converted_weights
 from sdstudio.models.fused import use_fused_layers
 from sdstudio.models.half_weights import half_kept_names, use_widening_linears
-from sdstudio.models.int8 import calibrate_int8, int8_available, int8_weight_names, use_int8_linears
+from sdstudio.models.int8 import (calibrate_int8, int8_available, int8_weight_names, restore_int8_calibration,
+                                  use_int8_linears)
 from sdstudio.models.native import release_kernel_buffers
 from sdstudio.models.winograd import use_winograd_convolutions
 from sdstudio.models.tuning import native_bf16
@@ -194,8 +195,8 @@ def _materialise_meta_buffers(module: torch.nn.Module) -> None:
 
 def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int | None = None,
                dtype: torch.dtype | None = None, where: str = "<unet>",
-               device: torch.device | str = "cpu", int8_linears: bool = False,
-               fast_fp32: bool = False) -> UNet2DConditionModel:
+               device: torch.device | str = "cpu", int8_linears: bool = False, fast_fp32: bool = False,
+               int8_calibration: Mapping[str, torch.Tensor] | None = None) -> UNet2DConditionModel:
     """UNet2DConditionModel from diffusers-named weights, built on the CPU to run on `device` (the caller moves it);
     a bf16 UNet for the CPU (the CPU fast path) gets the fast CPU attention (models/attention.py), fused layers
     (models/fused.py) and Winograd convolutions (models/winograd.py); an fp32 one with `fast_fp32` (`--precision
@@ -203,7 +204,8 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
     dtype: models/half_weights.py), the fused layers, the near-exact fp32 Winograd convolutions and the attention
     processor (of which only its CFG saving applies to fp32: a batch of two equal halves attends once). Either fast
     path with `int8_linears` (`--precision int8`) gets int8 linears in its transformers (models/int8.py), whose
-    weights stay the file's (not converted: only their packed copies stay in memory)."""
+    weights stay the file's (not converted: only their packed copies stay in memory), calibrated by one UNet call or
+    given `int8_calibration` kept from an earlier load of the same weights (models/int8.py)."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
@@ -219,7 +221,8 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
         use_widening_linears(unet)
         if int8_linears:
             use_int8_linears(unet)
-            calibrate_int8(unet, pooled_dim)
+            if not restore_int8_calibration(unet, int8_calibration or {}):
+                calibrate_int8(unet, pooled_dim)
         unet.register_forward_hook(release_kernel_buffers)   # kept through a call, nothing between calls
         unet.fast_cpu_kernels = True
     return unet

@@ -4,7 +4,8 @@ Loading an fp16 file for the bf16 CPU path converts every weight (2 GB for SD1.5
 time. The first load writes the converted weights to one safetensors file in the cache folder; later loads of the
 same file version (path, size, mtime) in the same dtype map that file instead: nothing is converted or copied, and
 the weights are file-backed pages the kernel can drop and re-read under memory pressure. InvokeAI keeps a similar
-conversion cache. The folder keeps within a byte budget, least recently used files removed first; a damaged or
+conversion cache. What a load measures from the weights (int8's calibration, models/int8.py) is kept the same way,
+in a small file of its own. The folder keeps within a byte budget, least recently used files removed first; a damaged or
 outdated cache file is ignored and replaced, never trusted over the source.
 """
 from __future__ import annotations
@@ -58,14 +59,47 @@ class ConvertedWeights:
         self._writers: list[threading.Thread] = []
         self._lock = threading.Lock()     # one write (and trim) at a time
 
-    def path_for(self, source: Path, dtype: torch.dtype, use_ema: bool, fast_fp32: bool = False) -> Path:
+    def path_for(self, source: Path, dtype: torch.dtype, use_ema: bool, fast_fp32: bool = False,
+                 measured: str = "") -> Path:
         """The cache file of one file version loaded one way (dtype, EMA, the fast fp32 path's layout) by these
-        library versions (their module key names)."""
+        library versions (their module key names); with `measured`, that of what such a load measured from the
+        weights (`read_measured`)."""
         stat = source.stat()
         key = json.dumps([FORMAT, sdstudio.__version__, diffusers.__version__, transformers.__version__,
                           str(source.resolve()), stat.st_size, stat.st_mtime_ns, str(dtype), use_ema]
-                         + (["fast fp32, 16-bit weights kept"] if fast_fp32 else []))   # (the others' as before)
+                         + (["fast fp32, 16-bit weights kept"] if fast_fp32 else [])   # (the others' as before)
+                         + ([measured] if measured else []))
         return self.folder / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+    def read_measured(self, measured: str, source: Path, dtype: torch.dtype, use_ema: bool,
+                      fast_fp32: bool = False) -> dict[str, torch.Tensor] | None:
+        """The tensors `write_measured` kept under `measured` (a name that changes whenever what it names would be
+        measured differently: int8's calibration, models/int8.py) for this file version and way of loading, or None
+        (not kept, damaged or unreadable: the caller measures again)."""
+        path = self.path_for(source, dtype, use_ema, fast_fp32, measured)
+        if not path.is_file():
+            return None
+        try:
+            tensors = {key: tensor.clone() for key, tensor in read_state_dict(path).items()}
+        except (ModelFileError, OSError) as exc:
+            log.warning("ignoring the damaged file %s: %s", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+        os.utime(path)  # most recently used
+        return tensors
+
+    def write_measured(self, measured: str, source: Path, dtype: torch.dtype, use_ema: bool, fast_fp32: bool,
+                       tensors: Mapping[str, torch.Tensor]) -> None:
+        """Keep what a load of `source` measured from its weights (a few MB: written at once) for `read_measured`;
+        a failure is logged, never raised."""
+        path = self.path_for(source, dtype, use_ema, fast_fp32, measured)
+        try:
+            with self._lock:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                save_safetensors(tensors, path, metadata={"format": FORMAT, "source": str(source),
+                                                          "measured": measured})
+        except OSError as exc:
+            log.warning("could not keep %s of %s in %s: %s", measured, source, self.folder, exc)
 
     def read(self, source: Path, dtype: torch.dtype, use_ema: bool,
              fast_fp32: bool = False) -> dict[str, dict[str, torch.Tensor]] | None:

@@ -16,11 +16,12 @@ that one scale per tensor would crush the rest under):
   memory there is only the packed copy, half the bf16 size;
 - smoothing (SmoothQuant): each input channel's activations are divided, and the weight's column multiplied, by one
   factor per channel (`smoothing_factors`) from the activations of one fixed calibration call at load
-  (`calibrate_int8`: the same for every prompt, so images never depend on what ran first), so an outlier channel — real
-  transformers' activations have a few, random weights' none — shares its range with the weight instead of
-  taking the 255 steps from every other channel (a random-weight SD1.5 file with 4 such channels ×32 after every
-  transformer norm, the float model bit for bit the same: 20-step image vs fp32 36.4 dB unsmoothed, 38.1 smoothed;
-  SDXL's, 3 steps: 26.6 and 33.4);
+  (`calibrate_int8`: the same for every prompt, so images never depend on what ran first; it reads every weight once,
+  1.2 s for SD1.5 on the fast fp32 path, so its maxima are kept beside the converted weights and a later load of the
+  same file uses them: models/converted.py), so an outlier channel — real transformers' activations have a few, random
+  weights' none — shares its range with the weight instead of taking the 255 steps from every other channel (a
+  random-weight SD1.5 file with 4 such channels ×32 after every transformer norm, the float model bit for bit the
+  same: 20-step image vs fp32 36.4 dB unsmoothed, 38.1 smoothed; SDXL's, 3 steps: 26.6 and 33.4);
 - activations (bf16 or fp32): uint8 per tensor, from each call's own minimum and maximum (0 always representable); a
   call whose range outliers still dominate (over MAX_SPREAD times its mean |x|: a few huge tokens, which no channel
   factor helps) runs in its float dtype instead;
@@ -37,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -463,6 +465,33 @@ def calibrate_int8(unet: torch.nn.Module, pooled_dim: int | None) -> None:
                                        "time_ids": torch.full((2, sizes), 8.0 * CALIBRATION_SIDE).to(unet.dtype)}}
     with calibrating(unet), torch.inference_mode():
         unet(sample.to(unet.dtype), 500, context.to(unet.dtype), **added)
+
+
+def calibration_name() -> str:
+    """What int8's calibration is kept as beside the converted weights (models/converted.py): it changes with the
+    calibration call and with what its float kernels round differently (the CPU, the thread count)."""
+    return (f"int8 calibration 1: {CALIBRATION_SIDE}² latents, {torch.get_num_threads()} threads, "
+            f"CPU flags {cpu_description()[1]}")
+
+
+def int8_calibration(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The activation maxima `calibrate_int8` measured, by int8 layer name (for keeping: `restore_int8_calibration`)."""
+    return {name: module._activation_maxima for name, module, _ in _int8_modules(model)
+            if hasattr(module, "_activation_maxima")}
+
+
+def restore_int8_calibration(model: torch.nn.Module, maxima: Mapping[str, torch.Tensor]) -> bool:
+    """Give `model`'s int8 layers the activation maxima of an earlier calibration of the same weights (the tensors
+    themselves) instead of calibrating again; False, nothing changed, where they do not fit its layers (names,
+    channel counts) or there are none."""
+    layers = {name: module for name, module, _ in _int8_modules(model)}
+    fits = bool(maxima) and all(
+        name in layers and tensor.dtype == torch.float32 and tuple(tensor.shape) == (_weight(layers[name]).shape[1],)
+        for name, tensor in maxima.items())
+    if fits:
+        for name, tensor in maxima.items():
+            layers[name]._activation_maxima = tensor
+    return fits
 
 
 def int8_weight_names(model: torch.nn.Module) -> set[str]:

@@ -91,6 +91,22 @@ def test_the_next_load_really_reads_the_cache_and_a_changed_source_does_not(synt
     assert torch.equal(load_through(cache, source).unet.conv_out.bias, original)
 
 
+def test_what_a_load_measured_is_kept_under_its_name_for_that_file_version_and_way_of_loading(synth_file, tmp_path):
+    source = tmp_path / "model.safetensors"
+    shutil.copy(synth_file("sd1", "fp16"), source)
+    cache = ConvertedWeights(tmp_path / "converted")
+    maxima = {"layer.a": torch.arange(4.0), "layer.b": torch.ones(2)}
+    cache.write_measured("calibration 1", source, BF16, False, False, maxima)
+    kept = cache.read_measured("calibration 1", source, BF16, False, False)
+    assert kept.keys() == maxima.keys() and all(torch.equal(kept[k], t) for k, t in maxima.items())
+    assert cache.read_measured("calibration 2", source, BF16, False, False) is None
+    assert cache.read_measured("calibration 1", source, torch.float32, False, True) is None
+    assert cache.read_measured("calibration 1", source, BF16, True, False) is None
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))   # the source changed
+    assert cache.read_measured("calibration 1", source, BF16, False, False) is None
+
+
 def test_a_damaged_cache_file_is_ignored_and_replaced(synth_file, tmp_path):
     source = synth_file("sd1", "fp16")
     cache = ConvertedWeights(tmp_path / "converted")

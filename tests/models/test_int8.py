@@ -15,9 +15,10 @@ from sdstudio.files.writers import save_safetensors
 from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, precision_options, resolve_precision
 from sdstudio.models.fused import FusedGEGLU
 from sdstudio.models.converted import ConvertedWeights
-from sdstudio.models.int8 import (Int8GEGLU, Int8Linear, Int8PointwiseConv2d, calibrating, int8_linear,
-                                 int8_weight_names, pack_weight, quantize_rows, use_int8_linears,
-                                 weight_limit)
+from sdstudio.models import build
+from sdstudio.models.int8 import (Int8GEGLU, Int8Linear, Int8PointwiseConv2d, calibrating, calibration_name,
+                                 int8_calibration, int8_linear, int8_weight_names, pack_weight, quantize_rows,
+                                 use_int8_linears, weight_limit)
 from sdstudio.models.patcher import Patch, WeightPatcher
 from tests.helpers import needs_native_bf16, resident_kib
 
@@ -209,31 +210,82 @@ def test_an_int8_unets_output_does_not_depend_on_what_ran_before(sd1_file, dtype
         assert torch.equal(first(sample, 500, context).sample, fresh(sample, 500, context).sample)
 
 
+def uncalibrated(*_args):
+    raise AssertionError("calibrated again: the kept calibration was not used")
+
+
+def seeded_output(unet: torch.nn.Module, seed: int) -> torch.Tensor:
+    """One CFG-sized call of an SD1 or SDXL UNet (SDXL's pooled text and size conditions too) on seeded inputs."""
+    config, generator = unet.config, gen(seed)
+    sample = torch.randn(2, 4, 32, 32, generator=generator)
+    context = torch.randn(2, 77, config.cross_attention_dim, generator=generator)
+    added = {}
+    if config.addition_embed_type == "text_time":
+        pooled = torch.randn(2, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim,
+                             generator=generator)
+        added = {"added_cond_kwargs": {"text_embeds": pooled.to(unet.dtype),
+                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2).to(unet.dtype)}}
+    with torch.inference_mode():
+        return unet(sample.to(unet.dtype), 500, context.to(unet.dtype), **added).sample
+
+
+@each_fast_path
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_an_int8_load_keeps_its_calibration_and_the_next_load_of_the_file_uses_it(synth_file, tmp_path, monkeypatch,
+                                                                               family, dtype):
+    """The calibration call costs a second or more of every int8 load (a whole UNet's weights read for a small
+    call): the converted-weights folder keeps its activation maxima, and the next load gives them to its layers
+    instead of calibrating, with the same output bit for bit."""
+    source = synth_file(family, "fp16")
+    cache = ConvertedWeights(tmp_path / "converted")
+    first = load_checkpoint(source, **FAST_PATHS[dtype], int8_linears=True, converted=cache).unet
+    cache.wait()
+    measured = int8_calibration(first)
+    layers = {n for n, m in first.named_modules() if type(m) in (Int8Linear, Int8GEGLU, Int8PointwiseConv2d)
+              and not n.endswith(".ff.net.0.proj")}              # (a GEGLU's linear: the GEGLU runs its weight)
+    assert layers and measured.keys() == layers                  # every int8 layer calibrated
+    kept = cache.read_measured(calibration_name(), source, dtype, False, dtype == torch.float32)
+    assert kept.keys() == measured.keys() and all(torch.equal(kept[n], t) for n, t in measured.items())
+    monkeypatch.setattr(build, "calibrate_int8", uncalibrated)
+    again = load_checkpoint(source, **FAST_PATHS[dtype], int8_linears=True, converted=cache).unet
+    assert torch.equal(seeded_output(again, 34), seeded_output(first, 34))
+
+
+@pytest.mark.parametrize("damage", ["cut short", "another model's"])
+def test_a_kept_calibration_that_is_damaged_or_does_not_fit_is_measured_again_and_replaced(sd1_file, tmp_path, damage):
+    options = FAST_PATHS[torch.float32]
+    cache = ConvertedWeights(tmp_path / "converted")
+    fresh = load_checkpoint(sd1_file, **options, int8_linears=True).unet
+    load_checkpoint(sd1_file, **options, int8_linears=True, converted=cache)
+    cache.wait()
+    path = cache.path_for(sd1_file, torch.float32, False, True, calibration_name())
+    if damage == "cut short":
+        path.write_bytes(path.read_bytes()[:100])
+    else:   # one layer's maxima with a channel too few
+        kept = cache.read_measured(calibration_name(), sd1_file, torch.float32, False, True)
+        name = next(iter(kept))
+        save_safetensors(kept | {name: kept[name][:-1]}, path)
+    loaded = load_checkpoint(sd1_file, **options, int8_linears=True, converted=cache).unet
+    assert torch.equal(seeded_output(loaded, 34), seeded_output(fresh, 34))
+    replaced = cache.read_measured(calibration_name(), sd1_file, torch.float32, False, True)
+    assert all(torch.equal(replaced[n], t) for n, t in int8_calibration(fresh).items())
+
+
 @each_fast_path
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_outlier_channels_cost_an_int8_unet_little(synth_file, family, dtype):
     plain, widened = synth_file(family), synth_file(family, outlier_channels=True)   # same function (synthetic.py)
     assert max(t.abs().max() for k, t in read_state_dict(widened).items() if k.endswith(".norm1.weight")) > 16
-    config = load_checkpoint(plain).unet.config
-    sample = torch.randn(2, 4, 32, 32, generator=gen(11))
-    context = torch.randn(2, 77, config.cross_attention_dim, generator=gen(12))
-    pooled = torch.randn(2, (config.projection_class_embeddings_input_dim or 0)
-                         - 6 * (config.addition_time_embed_dim or 0), generator=gen(13))
-    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
 
     def run(path, int8=False, **options):
-        unet = load_checkpoint(path, int8_linears=int8, **options).unet
-        added = {} if family == "sd1" else {"added_cond_kwargs": {"text_embeds": pooled.to(unet.dtype),
-                                                                  "time_ids": time_ids.to(unet.dtype)}}
-        with torch.inference_mode():
-            return unet(sample.to(unet.dtype), 500, context.to(unet.dtype), **added).sample
+        return seeded_output(load_checkpoint(path, int8_linears=int8, **options).unet, 11)
 
     exact = run(plain)
     assert torch.equal(run(widened), exact)
     assert torch.equal(run(widened, **FAST_PATHS[dtype]), run(plain, **FAST_PATHS[dtype]))
     errors = [relative_error(run(path, True, **FAST_PATHS[dtype]), exact) for path in (plain, widened)]
     # bf16: sd1 0.046 → 0.046, sdxl 0.039 → 0.037; unsmoothed (one scale per tensor) 0.050 → 0.50, 0.039 → 0.18;
-    # fast fp32 with 7-bit weights: sd1 0.053 → 0.052, sdxl 0.045 → 0.045
+    # fast fp32 with 7-bit weights: sd1 0.052 → 0.053, sdxl 0.045 → 0.045 (bf16's from earlier inputs)
     assert errors[1] < 1.3 * errors[0], errors
 
 
@@ -336,7 +388,8 @@ def test_an_int8_load_keeps_the_files_weights_for_its_linears_and_runs_as_from_b
     cache = ConvertedWeights(tmp_path / "converted")
     kept = load_checkpoint(source, dtype=torch.bfloat16, int8_linears=True, converted=cache).unet
     cache.wait()
-    assert not list((tmp_path / "converted").glob("*"))          # fp16 and bf16 weights: no converted copy stored
+    (calibration,) = (tmp_path / "converted").glob("*")          # fp16 and bf16 weights: no converted copy stored,
+    assert calibration.stat().st_size < 2**20                     # only the calibration
     names = int8_weight_names(kept)
     weights = dict(kept.named_parameters())
     assert any(".proj_in." in n for n in names) and any(".ff.net.0.proj." in n for n in names)
