@@ -28,17 +28,25 @@ def main() -> None:
             path = full_checkpoint("sd1", variant, suffix=suffix)
             config = diffusers_config_dir(full_checkpoint("sd1", "fp16"))
             loaders = {"sdstudio": ("sdstudio_load", dict(path=str(path), dtype=dtype))}
+
+            def kept(**options) -> tuple[str, dict]:
+                """A loader through the `converted` folder, which a first load with these options fills here."""
+                run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=converted, **options)
+                return "sdstudio_load", dict(path=str(path), dtype=dtype, converted=converted, **options)
+
             if variant == "fp16" and dtype == "float32":   # `auto` on a CPU without bf16: channels-last weights
                 loaders["sdstudio fast fp32 (`auto` without native bf16)"] = (
                     "sdstudio_load", dict(path=str(path), dtype=dtype, fast_fp32=True))
                 loaders["sdstudio --precision int8 on the fast fp32 path (`int8` without native bf16)"] = (
                     "sdstudio_load", dict(path=str(path), dtype=dtype, fast_fp32=True, int8_linears=True))
+                loaders["the same, converted weights and calibration kept by an earlier load"] = kept(
+                    fast_fp32=True, int8_linears=True)
             if suffix == ".safetensors" and variant == "fp16" and dtype == "bfloat16":   # auto's load: converted
-                run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=converted)   # converts, keeps
-                loaders["sdstudio, converted weights kept by an earlier load"] = (
-                    "sdstudio_load", dict(path=str(path), dtype=dtype, converted=converted))
+                loaders["sdstudio, converted weights kept by an earlier load"] = kept()
                 loaders["sdstudio --precision int8 (its linears keep the file's weights)"] = (
                     "sdstudio_load", dict(path=str(path), dtype=dtype, int8_linears=True))
+                loaders["the same, converted weights (of the load above) and calibration kept by an earlier load"] = (
+                    kept(int8_linears=True))
             loaders["diffusers from_single_file"] = (
                 "diffusers_load", dict(path=str(path), config=str(config), dtype=dtype))
             results = _alternating(path, loaders)
@@ -61,7 +69,8 @@ def main() -> None:
                   "through the `cache/converted/` folder that a first one filled (models/converted.py; that file is in "
                   "the page cache like the source). \"--precision int8\": the UNet's transformer linears stay the "
                   "file's fp16 weights, packed to int8 at the first step; its load includes one calibration call "
-                  "(models/int8.py). \"Fast fp32\": what "
+                  "(models/int8.py), which a later load of the same file skips (its result kept with the converted "
+                  "weights). \"Fast fp32\": what "
                   "`--precision auto` loads on a CPU without native bf16 math (the file's 16-bit linear weights "
                   "mapped as they are, its convolution weights copied channels-last in their dtype, the rest in fp32: "
                   f"models/half_weights.py).\n\n{table}")
