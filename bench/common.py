@@ -149,6 +149,14 @@ def cpu_kind() -> str:
     return next((kind for flag, kind in kinds if flag in flags), "older")
 
 
+def openvino_precision() -> str:
+    """The OpenVINO peer's inference precision on this CPU: bf16 where it has native bf16 math, else f32 (its best
+    there)."""
+    from sdstudio.models.tuning import native_bf16
+
+    return "bf16" if native_bf16() else "f32"
+
+
 def write_section(title: str, body: str, per_cpu: bool = True) -> None:
     """Replace the `## title` section of bench/RESULTS.md where it stands, or append it; `per_cpu`: one such section
     per kind of CPU (title " — <cpu_kind> CPU"), so a run on another kind of machine keeps the others' figures."""

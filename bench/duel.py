@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RUNNERS, diffusers_config_dir, full_checkpoint, machine, write_section  # noqa: E402
+from common import (RUNNERS, diffusers_config_dir, full_checkpoint, machine, openvino_precision,  # noqa: E402
+                    write_section)
 
 ROUNDS = 5
 STEPS = 5          # per image: the step figure is the median of the 4 intervals after the first
@@ -48,10 +49,8 @@ class Worker:
 
 def engines(path: Path) -> tuple[str, dict[str, dict]]:
     """(the peer's name, {engine name: step_worker settings}) for this CPU."""
-    from sdstudio.models.tuning import native_bf16
-
     config = str(diffusers_config_dir(path))
-    precision = "bf16" if native_bf16() else "f32"
+    precision = openvino_precision()
     peer = f"OpenVINO {precision} (UNet + VAE decoder)"
     plan = {peer: dict(engine="openvino", path=str(path), config=config, precision=precision),
             "sdstudio --precision auto": dict(engine="sdstudio", path=str(path), precision="auto"),

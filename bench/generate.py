@@ -17,14 +17,18 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (BENCH_DIR, diffusers_config_dir, failed_row, full_checkpoint, machine, psnr,  # noqa: E402
-                    run_runner, warm_page_cache, write_section)
+from common import (BENCH_DIR, cpu_kind, diffusers_config_dir, failed_row, full_checkpoint, machine,  # noqa: E402
+                    openvino_precision, psnr, run_runner, warm_page_cache, write_section)
 
 SD15_STEPS = 20     # the end-to-end image; per-step time is the median of the intervals after the first
 SDXL_STEPS = 3      # a 1024² SDXL step is a minute or more here: the first step plus two measured ones
 SDCPP_STEPS = 4     # stable-diffusion.cpp: ~45 s a step here; its 20-step time is extended from 4 measured steps
 OUTLIERS_ROW = "sdstudio --precision int8, the file with outlier channels"   # same function (synthetic.py)
-NOTES = Path(__file__).with_name("generate_notes.md")   # hand-kept notes on the rows, put in with every run
+
+
+def notes_file() -> Path:
+    """This kind of CPU's hand-kept notes on its rows, put in with every run (bench/generate_notes-<kind>.md)."""
+    return Path(__file__).with_name(f"generate_notes-{cpu_kind().lower()}.md")
 
 
 def selected(name: str) -> bool:
@@ -48,8 +52,8 @@ def sd15_rows(images: Path, results: dict[str, dict]) -> None:
                                                              image=str(images / "diffusers-bf16.png"), **decode)),
         "diffusers bf16 + channels_last + torch.compile (inductor, freezing)": (
             "diffusers", dict(path=str(path), config=config, mode="compile", xl=False, image=None, **decode)),
-        "OpenVINO bf16 (UNet + VAE decoder)": ("openvino", dict(path=str(path), config=config, precision="bf16",
-                                                                **decode)),
+        f"OpenVINO {openvino_precision()} (UNet + VAE decoder)": (
+            "openvino", dict(path=str(path), config=config, precision=openvino_precision(), **decode)),
         "stable-diffusion.cpp (file's fp16 weights)": ("sdcpp", dict(path=str(path), wtype="default",
                                                                         e2e_steps=SD15_STEPS)),
         "sdstudio fp32": ("sdstudio", dict(path=str(path), precision="fp32",
@@ -185,7 +189,7 @@ def main() -> None:
         rows(images, results[key])
         store.write_text(json.dumps(results, indent=1))   # kept after each model: a later crash loses nothing
     sd15, sdxl = results["sd15"], results["sdxl"]
-    notes = f"{NOTES.read_text().strip()}\n\n" if NOTES.exists() else ""
+    notes = f"{notes_file().read_text().strip()}\n\n" if notes_file().exists() else ""
     body = (f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/generate.py` (runners: "
             "`bench/runners.py`). Same full-size random-weight fp16 file for every engine; Euler, CFG 7, batch 1, "
             "seed 1; per-step = median of the step intervals after the first; each engine in a fresh process, one "
