@@ -104,8 +104,8 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     instead of the baked-in one; `use_ema` selects the EMA UNet weights when the file has them (A1111 uses the main
     ones); `converted` = the on-disk cache of converted weights (and int8's calibration) to read from and fill
     (models/converted.py); `int8_linears` = a CPU fast path UNet's transformer linears run in int8 (`--precision
-    int8`, models/int8.py);
-    `fast_fp32` = an fp32 CPU model runs the near-exact fast kernels (models/build.py; `precision_options`)."""
+    int8`, models/int8.py); `fast_fp32` = an fp32 CPU model runs the near-exact fast kernels (models/build.py;
+    `precision_options`)."""
     from sdstudio.models.vae import load_vae_module  # vae.py imports this module's types
 
     keep_freed_memory()

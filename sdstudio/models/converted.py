@@ -5,8 +5,8 @@ time. The first load writes the converted weights to one safetensors file in the
 same file version (path, size, mtime) in the same dtype map that file instead: nothing is converted or copied, and
 the weights are file-backed pages the kernel can drop and re-read under memory pressure. InvokeAI keeps a similar
 conversion cache. What a load measures from the weights (int8's calibration, models/int8.py) is kept the same way,
-in a small file of its own. The folder keeps within a byte budget, least recently used files removed first; a damaged or
-outdated cache file is ignored and replaced, never trusted over the source.
+in a small file of its own. The folder keeps within a byte budget, least recently used files removed first; a
+damaged or outdated cache file is ignored and replaced, never trusted over the source.
 """
 from __future__ import annotations
 
