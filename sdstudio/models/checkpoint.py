@@ -132,13 +132,13 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
                     weights[f"text{i}"], TEXT_KIND_OF_PREFIX[p.prefix], dtype, f"{where} ({p.prefix})", fast_fp32))
                 for i, p in enumerate(parts.text_encoders)]
     pooled_dim = getattr(encoders[-1].model.config, "projection_dim", None)
-    kept_calibration = (converted.read_measured(calibration_name(), path, dtype, use_ema, fast_fp32)
-                        if converted and int8_linears else None)
+    kept_as = calibration_name() if converted and int8_linears else None   # (reads the CPU flags: once)
+    kept_calibration = converted.read_measured(kept_as, path, dtype, use_ema, fast_fp32) if kept_as else None
     unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)", device, int8_linears,
                       fast_fp32, kept_calibration)
-    calibration = int8_calibration(unet)
-    if converted and calibration and any(t is not (kept_calibration or {}).get(n) for n, t in calibration.items()):
-        converted.write_measured(calibration_name(), path, dtype, use_ema, fast_fp32, calibration)   # measured anew
+    calibration = int8_calibration(unet)   # the kept tensors themselves where build_unet used them
+    if kept_as and calibration and any(t is not (kept_calibration or {}).get(n) for n, t in calibration.items()):
+        converted.write_measured(kept_as, path, dtype, use_ema, fast_fp32, calibration)   # measured anew
     own_vae = (build_vae(weights["vae"], info.family, dtype, f"{where} (VAE)", device, fast_fp32)
                if "vae" in weights else None)
     if converted and weights is file_weights and worth_storing(weights_dtype(parts.unet), dtype, device, fast_fp32):
