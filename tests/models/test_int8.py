@@ -14,6 +14,7 @@ from sdstudio.files.readers import is_file_mapped, read_state_dict
 from sdstudio.files.writers import save_safetensors
 from sdstudio.models.checkpoint import fast_cpu_dtype, load_checkpoint, precision_options, resolve_precision
 from sdstudio.models.fused import FusedGEGLU
+from sdstudio.models.half_weights import WideningLinear
 from sdstudio.models.converted import ConvertedWeights
 from sdstudio.models import build
 from sdstudio.models.int8 import (Int8GEGLU, Int8Linear, Int8PointwiseConv2d, calibrating, calibration_name,
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.usefixtures("fast_kernels")   # int8 in use whatever th
 FAST_DTYPES = [torch.bfloat16, torch.float32]
 # load_checkpoint's options of each CPU fast path an int8 UNet builds on; bf16's only where the CPU has bf16 math
 FAST_PATHS = {torch.bfloat16: {"dtype": torch.bfloat16}, torch.float32: {"dtype": torch.float32, "fast_fp32": True}}
+# a fast path's float linears: torch's, or widening a 16-bit weight for an fp32 input (models/half_weights.py)
+PLAIN_LINEARS = (torch.nn.Linear, WideningLinear)
 each_fast_path = pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_native_bf16),
                                                    torch.float32])
 
@@ -181,14 +184,14 @@ def test_an_int8_unet_swaps_only_its_transformer_linears_and_stays_close(sd1_fil
     reference = load_checkpoint(sd1_file).unet
     kinds = {name: type(m) for name, m in quick.named_modules()}
     assert {n for n, k in kinds.items() if k is Int8Linear} == {   # all but the text condition's keys and values
-        n for n, m in plain.named_modules() if type(m) is torch.nn.Linear and ".attentions." in n
+        n for n, m in plain.named_modules() if type(m) in PLAIN_LINEARS and ".attentions." in n
         and not re.search(r"\.attn2\.to_[kv]$", n)}
-    assert any(n.endswith(".attn2.to_k") for n, k in kinds.items() if k is torch.nn.Linear)
+    assert any(n.endswith(".attn2.to_k") for n, k in kinds.items() if k in PLAIN_LINEARS)
     assert {n for n, k in kinds.items() if k is Int8PointwiseConv2d} == {   # SD1's proj_in / proj_out
         n for n, m in plain.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
         and ".attentions." in n}
     assert any(k is Int8GEGLU for k in kinds.values()) and any(k is Int8PointwiseConv2d for k in kinds.values())
-    assert kinds["time_embedding.linear_1"] is torch.nn.Linear
+    assert kinds["time_embedding.linear_1"] in PLAIN_LINEARS
     sample = torch.randn(2, 4, 32, 32, generator=gen(11))
     context = torch.randn(2, 77, reference.config.cross_attention_dim, generator=gen(12))
     with torch.inference_mode():
