@@ -193,7 +193,7 @@ def hook_products(unet: torch.nn.Module, tally: Tally) -> list:
     from diffusers.models.attention_processor import Attention
 
     from sdstudio.models.int8 import Int8GEGLU, Int8Linear, Int8PointwiseConv2d
-    from sdstudio.models.winograd import TILINGS, winograd_applies
+    from sdstudio.models.winograd import OUTPUT_TILES, winograd_applies
 
     def int8(module, kind: str) -> str:
         return f"{INT8} {kind}" if type(module) in (Int8Linear, Int8GEGLU, Int8PointwiseConv2d) else kind
@@ -201,7 +201,7 @@ def hook_products(unet: torch.nn.Module, tally: Tally) -> list:
     def convolution(module, args, out):
         flops = 2 * out.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
         if module.kernel_size == (3, 3) and winograd_applies(module, args[0]):
-            m = TILINGS[args[0].dtype][0]
+            m = OUTPUT_TILES[args[0].dtype]
             tally.finish(f"3×3 convolutions (Winograd F({m}×{m}))", flops * (m + 2) ** 2 / (9 * m * m))
         else:
             size = f"{module.kernel_size[0]}×{module.kernel_size[1]}"

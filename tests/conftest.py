@@ -14,14 +14,15 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 @pytest.fixture
 def fast_kernels(monkeypatch):
     """The CPU fast paths' kernels (bf16 and fp32 Winograd and the unfolded convolutions, the flash, OpenVINO's and
-    the blocked attention, int8 linears, the GEGLU kernels) in use wherever this machine can run them, whatever it
-    measured for them (models/tuning.py): for the tests of those kernels. A kernel this CPU cannot run (the bf16 flash
-    kernel without AVX512-BF16) stays off."""
-    from sdstudio.models import attention, fused, int8, winograd
+    the blocked attention, int8 linears and convolutions, the GEGLU kernels) in use wherever this machine can run
+    them, whatever it measured for them (models/tuning.py): for the tests of those kernels. A kernel this CPU cannot
+    run (the bf16 flash kernel without AVX512-BF16) stays off."""
+    from sdstudio.models import attention, fused, int8, int8_winograd, winograd
 
     choices = (winograd.winograd_pays, winograd.unfolded_pays, attention.flash_pays, attention.openvino_pays,
-               attention.blocked_pays, int8.int8_pays, fused.geglu_kernel_pays, fused.gelu_product_pays)
-    for module in (winograd, attention, int8, fused):
+               attention.blocked_pays, int8.int8_pays, int8_winograd.int8_winograd_pays, fused.geglu_kernel_pays,
+               fused.gelu_product_pays)
+    for module in (winograd, attention, int8, int8_winograd, fused):
         monkeypatch.setattr(module, "candidate_pays", lambda name, ways, dtype: True)
     for choice in choices:
         choice.cache_clear()

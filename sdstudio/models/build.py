@@ -25,6 +25,7 @@ from sdstudio.models.fused import use_fused_layers
 from sdstudio.models.half_weights import half_kept_names, use_widening_linears
 from sdstudio.models.int8 import (calibrate_int8, int8_available, int8_weight_names, restore_int8_calibration,
                                   use_int8_linears)
+from sdstudio.models.int8_winograd import int8_convolution_weight_names, use_int8_convolutions
 from sdstudio.models.native import release_kernel_buffers
 from sdstudio.models.winograd import use_winograd_convolutions
 from sdstudio.models.tuning import native_bf16
@@ -203,17 +204,19 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
     auto` where the CPU has no native bf16 math) gets channels-last weights (those of a half-precision file in its
     dtype: models/half_weights.py), the fused layers, the near-exact fp32 Winograd convolutions and the attention
     processor (of which only its CFG saving applies to fp32: a batch of two equal halves attends once). Either fast
-    path with `int8_linears` (`--precision int8`) gets int8 linears in its transformers (models/int8.py), whose
-    weights stay the file's (not converted: only their packed copies stay in memory), calibrated by one UNet call or
-    given `int8_calibration` kept from an earlier load of the same weights (models/int8.py)."""
+    path with `int8_linears` (`--precision int8`) gets int8 linears in its transformers (models/int8.py) and int8
+    Winograd 3×3 convolutions (models/int8_winograd.py), whose weights stay the file's (not converted: only their
+    packed copies stay in memory), the linears calibrated by one UNet call or given `int8_calibration` kept from an
+    earlier load of the same weights (models/int8.py)."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     on_cpu = _runs_on_cpu(device)
     computes_in = torch.float32 if fast_fp32 else dtype
     packed_int8 = int8_linears and on_cpu and int8_available(computes_in)
+    int8_names = int8_weight_names(unet) | int8_convolution_weight_names(unet, computes_in) if packed_int8 else ()
     unet = assign_weights(unet, weights, dtype, where, convolutional=on_cpu, fast_fp32=fast_fp32,
-                          keep_mapped=int8_weight_names(unet) if packed_int8 else ())
+                          keep_mapped=int8_names)
     if on_cpu and _fast_path(unet, fast_fp32):
         use_fast_cpu_attention(unet)
         use_fused_layers(unet)
@@ -221,6 +224,7 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
         use_widening_linears(unet)
         if int8_linears:
             use_int8_linears(unet)
+            use_int8_convolutions(unet, computes_in)
             if not restore_int8_calibration(unet, int8_calibration or {}):
                 calibrate_int8(unet, pooled_dim)
         unet.register_forward_hook(release_kernel_buffers)   # kept through a call, nothing between calls

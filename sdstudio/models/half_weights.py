@@ -51,8 +51,11 @@ def widened(weight: torch.Tensor) -> torch.Tensor:
 
 def weight_for(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer`'s weight for the input `x`: `widened` for an fp32 input, else the weight itself (the half-precision
-    paths compute in their weights' dtype)."""
-    return widened(layer.weight) if x.dtype == torch.float32 else layer.weight
+    paths compute in their weights' dtype), or a copy in x's dtype where the weight is the file's in another (the
+    int8 path's: models/int8_winograd.py)."""
+    if x.dtype == torch.float32:
+        return widened(layer.weight)
+    return layer.weight if layer.weight.dtype == x.dtype else layer.weight.to(x.dtype)
 
 
 class WideningLinear(torch.nn.Linear):

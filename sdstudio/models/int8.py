@@ -29,9 +29,10 @@ that one scale per tensor would crush the rest under):
 - the product, its bias and the GEGLU gate's GELU by one oneDNN call, into the activations' dtype.
 
 It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights, on the bf16 path: SD1.5
-38.3 dB, SDXL 33.5; bf16 alone 43.6 and 36.8), and no trained model was measured here. 3×3 convolutions and the
-attention products stay in the float dtype. Where the C kernel cannot be built, or int8 is measured no faster on the
-machine than the float products (`int8_pays`, models/tuning.py), the layers keep their float code.
+38.3 dB, SDXL 33.5; bf16 alone 43.6 and 36.8), and no trained model was measured here. The UNet's 3×3 convolutions
+run as int8 Winograd products (models/int8_winograd.py); the attention products stay in the float dtype. Where the C
+kernel cannot be built, or int8 is measured no faster on the machine than the float products (`int8_pays`,
+models/tuning.py), the layers keep their float code.
 """
 from __future__ import annotations
 
@@ -296,7 +297,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _packed(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, pack):
+def packed_for(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, pack):
     """`module`'s packed weights, made by pack() again whenever its weight or bias changed (storage or version: the
     weight patcher bumps it). A weight read from a mapped file (the load leaves these unconverted) then gives its
     pages back: only the packed copy stays in memory."""
@@ -307,10 +308,19 @@ def _packed(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
     return module._int8[1]
 
 
-def _calibrated(module: torch.nn.Module, rows: torch.Tensor) -> bool:
+class Int8Layer:
+    """What every int8 layer is besides its torch class (Int8Linear, Int8GEGLU, Int8PointwiseConv2d and
+    models/int8_winograd.py's convolutions): under `calibrating` it runs its float code."""
+
+    def calibrating(self) -> bool:
+        """Whether a `calibrating` block is running this layer's model."""
+        return getattr(self, "_calibrating", False)
+
+
+def _calibrated(module: Int8Layer, rows: torch.Tensor) -> bool:
     """Under `calibrating`: keep the running max |x| per channel of `rows` on `module` and say so (the caller's
     float code runs); else False."""
-    if not getattr(module, "_calibrating", False):
+    if not module.calibrating():
         return False
     maxima, kept = _column_maxima(rows).float(), getattr(module, "_activation_maxima", None)
     module._activation_maxima = maxima if kept is None else torch.maximum(kept, maxima)
@@ -333,12 +343,12 @@ def _int8_product(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor
     rows = _rows(x)
     if _calibrated(module, rows):
         return None
-    packed = _packed(module, weight, bias, lambda: pack_weight(weight, bias, _smoothing(module, weight)))
+    packed = packed_for(module, weight, bias, lambda: pack_weight(weight, bias, _smoothing(module, weight)))
     quantized = quantize_rows(rows, packed.inverse_smoothing)
     return None if quantized is None else int8_linear(quantized, packed)
 
 
-class Int8Linear(torch.nn.Linear):
+class Int8Linear(Int8Layer, torch.nn.Linear):
     """A linear computed by oneDNN's int8 product (its weight packed once per version)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -348,7 +358,7 @@ class Int8Linear(torch.nn.Linear):
         return out.reshape(*x.shape[:-1], -1)
 
 
-class Int8GEGLU(FusedGEGLU):
+class Int8GEGLU(Int8Layer, FusedGEGLU):
     """GEGLU with both halves of its projection as int8 products over one quantized input: GELU fused into the
     gate's, then the product."""
 
@@ -358,7 +368,7 @@ class Int8GEGLU(FusedGEGLU):
             return super().forward(hidden_states, *args, **kwargs)
         rows, x = _rows(hidden_states), None
         if not _calibrated(self, rows):
-            value, gate = _packed(self, weight, self.proj.bias, self._pack)
+            value, gate = packed_for(self, weight, self.proj.bias, self._pack)
             x = quantize_rows(rows, value.inverse_smoothing)
         if x is None:   # calibrating, or outliers: in the input's float dtype (the weight may be the file's), fused
             return self.fused_forward(hidden_states, _in_dtype(weight, hidden_states.dtype), *args, **kwargs)
@@ -373,7 +383,7 @@ class Int8GEGLU(FusedGEGLU):
         return pack_weight(weight[:half], value_bias, smoothing), pack_weight(weight[half:], gate_bias, smoothing)
 
 
-class Int8PointwiseConv2d(WinogradConv2d):
+class Int8PointwiseConv2d(Int8Layer, WinogradConv2d):
     """A 1×1 convolution (SD1/SD2 transformers' proj_in / proj_out) as an int8 product over the pixels of its
     channels-last input."""
 
@@ -427,10 +437,10 @@ def use_int8_linears(model: torch.nn.Module) -> None:
 
 @contextmanager
 def calibrating(model: torch.nn.Module):
-    """Within: the int8 layers of `model` run their float code and record max |x| per input channel of what they see
-    (the smoothing factors' activation side); each one's weight, where it is a mapped file's (build.py), gives its
-    pages back right after its call (packing reads them again at the first step)."""
-    layers = [m for m in model.modules() if type(m) in (Int8Linear, Int8GEGLU, Int8PointwiseConv2d)]
+    """Within: the int8 layers of `model` run their float code, and its linears record max |x| per input channel of
+    what they see (the smoothing factors' activation side); each one's weight, where it is a mapped file's (build.py),
+    gives its pages back right after its call (packing reads them again at the first step)."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Layer)]
     hooks = [layer.register_forward_hook(lambda m, *_: release_file_pages(_weight(m))) for layer in layers]
     for layer in layers:
         layer._calibrating = True

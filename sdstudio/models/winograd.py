@@ -4,7 +4,7 @@ fp32 (`--precision auto` on CPUs without native bf16 math).
 A UNet step (and a VAE decode) is mostly 3×3 convolutions, and oneDNN already runs them near these cores' peak, so
 only less arithmetic makes them faster. Winograd computes each m×m output tile from an (m+2)² input tile as (m+2)²
 independent products over channels: 4 products per output instead of 9 for F(2×2, 3×3), 2.25 for F(4×4, 3×3).
-The tile follows the dtype (TILINGS): bf16 takes F(2×2) (per-layer error 1.9× the direct bf16 convolution's: its
+The tile follows the dtype (OUTPUT_TILES): bf16 takes F(2×2) (per-layer error 1.9× the direct bf16 convolution's: its
 8 bits of mantissa leave no room for F(4×4)'s larger transforms, 7×); fp32 takes F(4×4), whose error stays at
 2–3e-6 (the direct fp32 convolution's: 1e-6), so the fp32 fast path is near-exact. In steps:
 
@@ -36,14 +36,17 @@ from sdstudio.models.half_weights import weight_for
 from sdstudio.models.native import compiled_library, release_kernel_buffers, releasing_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 
-# per dtype: the output tile m and the Toom-Cook interpolation points (and ∞) of F(m×m, 3×3)
-TILINGS = {torch.bfloat16: (2, (0.0, 1.0, -1.0)),
-           torch.float32: (4, (0.0, 1.0, -1.0, 0.5, -2.0))}   # error 1.7e-6 (±2: 2.6e-6, ±½: 2.6e-6)
+OUTPUT_TILES = {torch.bfloat16: 2, torch.float32: 4}   # per dtype: the output tile m of its F(m×m, 3×3)
+# per output tile m: the Toom-Cook interpolation points (and ∞) of F(m×m, 3×3)
+INTERPOLATION_POINTS = {2: (0.0, 1.0, -1.0),
+                        4: (0.0, 1.0, -1.0, 0.5, -2.0)}   # error 1.7e-6 (±2: 2.6e-6, ±½: 2.6e-6)
 C_TYPES = {torch.bfloat16: "uint16_t", torch.float16: "uint16_t", torch.float32: "float"}
 SUFFIXES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}   # of the C loads and functions
 # per dtype: the weight dtypes its weight transform reads (the fast fp32 path keeps fp16 and bf16 files' weights in
-# their 16-bit dtype: models/half_weights.py)
-WEIGHT_TYPES = {torch.bfloat16: (torch.bfloat16,), torch.float32: (torch.float32, torch.float16, torch.bfloat16)}
+# their 16-bit dtype: models/half_weights.py; `--precision int8` the file's weights of the 3×3 convolutions it packs:
+# models/int8_winograd.py)
+WEIGHT_TYPES = {torch.bfloat16: (torch.bfloat16, torch.float16, torch.float32),
+                torch.float32: (torch.float32, torch.float16, torch.bfloat16)}
 NAMES = {torch.bfloat16: "winograd", torch.float32: "winograd-fp32"}   # of each dtype's kernels and tuning choice
 CHANNEL_BLOCK = 16     # channels per vector loop in the C transforms; channel counts must be multiples of it
 # narrower layers do not pay: bf16's the VAE's 128-channel ones at 512² (198 vs 188 ms direct); fp32 F(4×4)'s are
@@ -91,7 +94,7 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     batch, channels, rows_in, width = x.shape
     height = rows_in - 2 + 2 * row_padding   # output rows
     out_channels = weight.shape[0]
-    m = TILINGS[x.dtype][0]
+    m = OUTPUT_TILES[x.dtype]
     n = m + 2
     rows, cols = -(-height // m), -(-width // m)
     tiles = batch * rows * cols
@@ -124,17 +127,17 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y
 
 
-def _plain_3x3(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+def plain_3x3(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """A plain 3×3 convolution (stride 1, padding 1, no dilation or groups) of a 4-D bf16 or fp32 CPU tensor without
     gradients, its weight of one of the dtype's WEIGHT_TYPES."""
-    return (x.device.type == "cpu" and x.dtype in TILINGS and conv.weight.dtype in WEIGHT_TYPES[x.dtype]
+    return (x.device.type == "cpu" and x.dtype in OUTPUT_TILES and conv.weight.dtype in WEIGHT_TYPES[x.dtype]
             and x.dim() == 4 and (conv.bias is None or conv.bias.dtype == x.dtype) and not torch.is_grad_enabled()
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
 def _tiles(x: torch.Tensor) -> int:
-    m = TILINGS[x.dtype][0]
+    m = OUTPUT_TILES[x.dtype]
     return x.shape[0] * -(-x.shape[2] // m) * -(-x.shape[3] // m)
 
 
@@ -142,7 +145,7 @@ def winograd_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv(x)` takes the Winograd path: a plain 3×3 convolution of a bf16 or fp32 CPU tensor without
     gradients, channels in multiples of CHANNEL_BLOCK and at least MIN_CHANNELS in, enough tiles, and the dtype's
     transforms compiled and measured faster on this machine."""
-    if not _plain_3x3(conv, x) or conv.in_channels % CHANNEL_BLOCK or conv.out_channels % CHANNEL_BLOCK:
+    if not plain_3x3(conv, x) or conv.in_channels % CHANNEL_BLOCK or conv.out_channels % CHANNEL_BLOCK:
         return False
     return (conv.in_channels >= MIN_CHANNELS[x.dtype] and _tiles(x) >= MIN_TILES[x.dtype]
             and _kernels(x.dtype) is not None
@@ -165,7 +168,8 @@ def unfolded_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv(x)` takes `unfolded_conv2d`: a plain 3×3 convolution of a small bf16 CPU image (too few tiles
     for Winograd) with at least MIN_CHANNELS in, of a shape where it was measured faster than the direct convolution
     on this machine."""
-    return (_plain_3x3(conv, x) and x.dtype == torch.bfloat16 and conv.in_channels >= MIN_CHANNELS[x.dtype]
+    return (plain_3x3(conv, x) and x.dtype == conv.weight.dtype == torch.bfloat16
+            and conv.in_channels >= MIN_CHANNELS[x.dtype]
             and _tiles(x) < MIN_TILES[x.dtype]
             and unfolded_pays(x.shape[0], conv.in_channels, conv.out_channels, x.shape[2], x.shape[3]))
 
@@ -175,14 +179,14 @@ def unfolded_pays(batch: int, channels: int, out_channels: int, height: int, wid
     """Whether `unfolded_conv2d` beats oneDNN's direct convolution on this machine for this shape (measured once per
     shape and machine: models/tuning.py)."""
     def ways():
-        x, weight, bias = _conv_inputs(batch, channels, out_channels, height, width)
+        x, weight, bias = conv_inputs(batch, channels, out_channels, height, width)
         return lambda: unfolded_conv2d(x, weight, bias), lambda: F.conv2d(x, weight, bias, padding=1)
 
     return candidate_pays(f"unfolded-conv-{batch}x{channels}x{height}x{width}-{out_channels}", ways,
                           torch.bfloat16)
 
 
-def _conv_inputs(batch: int, channels: int, out_channels: int, height: int, width: int,
+def conv_inputs(batch: int, channels: int, out_channels: int, height: int, width: int,
                  dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A channels-last input, 3×3 weight and bias of one convolution shape in `dtype`, random, for timing."""
     generator = torch.Generator().manual_seed(0)
@@ -201,7 +205,7 @@ def winograd_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
         return False
 
     def ways():
-        x, weight, bias = _conv_inputs(2, 320, 320, 64, 64, dtype)
+        x, weight, bias = conv_inputs(2, 320, 320, 64, 64, dtype)
         return lambda: winograd_conv2d(x, weight, bias), lambda: F.conv2d(x, weight, bias, padding=1)
 
     try:
@@ -251,16 +255,12 @@ def _sandwich(matrix: list[list[float]], source: str, columns: int, indent: str,
                     for i in range(rows) for j in range(rows)]
 
 
-def kernel_source(dtype: torch.dtype) -> str:
-    """C source of the three transforms of `dtype`'s F(m, 3) (TILINGS), with the matrices written into the
-    expressions."""
-    m, points = TILINGS[dtype]
-    a_t, g, b_t = (t.tolist() for t in winograd_matrices(m, points))
-    n = m + 2
-    bf16 = dtype == torch.bfloat16
-    lines = [f"""typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
+def transform_header(dtype: torch.dtype, m: int) -> str:
+    """C preamble of the transforms of F(m×m, 3×3) on `dtype` elements: sizes, element type, loads and store."""
+    return f"""typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
 typedef unsigned int uint32_t;
-#define N {n}
+typedef unsigned char uint8_t;
+#define N {m + 2}
 #define M {m}
 #define CH {CHANNEL_BLOCK}
 typedef {C_TYPES[dtype]} elem;
@@ -278,13 +278,22 @@ static inline float load_f16(uint16_t h) {{   /* exact for every fp16 value, vec
 """ + ("""static inline uint16_t store(float f) {
   bits v; v.f = f; return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
-""" if bf16 else """static inline float store(float f) { return f; }
-""") + f"""
-/* x: NHWC bf16 → v[N*N][count][c] for the tiles [first, first + count) of the rows×cols grids of the images,
-   with `pad` zero rows above the image (1, or 0 where x holds the rows around the output) */
-void input_transform(const elem *x, elem *v, int batch, int h, int w, int c, int pad, int rows, int cols,
-                     long first, long count, int threads) {{
-#pragma omp parallel for num_threads(threads) schedule(static)
+""" if dtype == torch.bfloat16 else """static inline float store(float f) { return f; }
+""")
+
+
+def input_transform_source(m: int, name: str, parameters: str, store, clauses: str = "", before: str = "",
+                           after: str = "") -> str:
+    """C source of a function `name`(x, `parameters`, batch, h, w, c, pad, rows, cols, first, count, threads) that
+    runs the input transform d → Bᵀ·d·B of F(m×m, 3×3) over the tiles [first, first + count) of the rows×cols grids
+    of the NHWC images x (`pad` zero rows above the image: 1, or 0 where x holds the rows around the output) and
+    hands each value to store(i, j, value expression) (a C statement; t, c0 and k name the tile, channel block and
+    lane); `clauses` extend the loop's OpenMP pragma, `before` and `after` are C lines around the loop."""
+    _, _, b_t = winograd_matrices(m, INTERPOLATION_POINTS[m])
+    n = m + 2
+    lines = [f"""void {name}(const elem *x, {parameters}, int batch, int h, int w, int c, int pad, int rows, int cols,
+    long first, long count, int threads) {{{before}
+#pragma omp parallel for num_threads(threads) schedule(static){clauses}
   for (long t = first; t < first + count; t++) {{
     int b = t / ((long)rows * cols), r = (t / cols) % rows, q = t % cols;
     for (int c0 = 0; c0 < c; c0 += CH) {{
@@ -295,45 +304,34 @@ void input_transform(const elem *x, elem *v, int batch, int h, int w, int c, int
         int inside = y >= 0 && y < h && z >= 0 && z < w;
         for (int k = 0; k < CH; k++) d[i][j][k] = inside ? load(s[k]) : 0.f;
       }}"""]
-    lines += _sandwich(b_t, "d", n, "      ", lambda i, j, value: (
-        f"{{ elem *o = v + ({i * n + j} * count + t - first) * c + c0;"
-        f" for (int k = 0; k < CH; k++) o[k] = store({value}); }}"))
-    lines.append("""    }
-  }
-}
+    lines += _sandwich(b_t.tolist(), "d", n, "      ", store)
+    lines.append(f"""    }}
+  }}{after}
+}}
 """)
-    for weight_dtype in WEIGHT_TYPES[dtype]:
-        suffix = SUFFIXES[weight_dtype]
-        lines.append(f"""/* w: [co][3][3][ci] {suffix} (channels-last weight) → u[N*N][co][ci] */
-void weight_transform_{suffix}(const {C_TYPES[weight_dtype]} *w, elem *u, int co, int ci, int threads) {{
+    return "\n".join(lines)
+
+
+def output_transform_source(m: int, product_type: str = "elem", scaled: bool = False) -> str:
+    """C source of `output_transform`: the products p[N*N][count][c] (`product_type` elements; `scaled`: int32 sums
+    times scale[N*N][c], one factor per position and channel) of the tiles [first, first + count) → c channels of
+    the NHWC output y (`stride` channels), + bias."""
+    a_t, _, _ = winograd_matrices(m, INTERPOLATION_POINTS[m])
+    n = m + 2
+    scale, read = ((", const float *scale", "(float)s[k] * scale[i * c + c0 + k]") if scaled else ("", "load(s[k])"))
+    lines = [f"""void output_transform(const {product_type} *p{scale}, const elem *bias, elem *y, int batch, int h, int w,
+                      int c, int stride, int rows, int cols, long first, long count, int threads) {{
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (long o = 0; o < co; o++) for (int c0 = 0; c0 < ci; c0 += CH) {{
-    float g[3][3][CH], e[N][3][CH];
-    for (int i = 0; i < 3; i++) for (int j = 0; j < 3; j++) {{
-      const {C_TYPES[weight_dtype]} *s = w + ((o * 3 + i) * 3 + j) * ci + c0;
-      for (int k = 0; k < CH; k++) g[i][j][k] = load_{suffix}(s[k]);
-    }}""")
-        lines += _sandwich(g, "g", 3, "    ", lambda i, j, value: (
-            f"{{ elem *dst = u + ({i * n + j} * (long)co + o) * ci + c0;"
-            f" for (int k = 0; k < CH; k++) dst[k] = store({value}); }}"))
-        lines.append("""  }
-}
-""")
-    lines.append("""/* p[N*N][count][c] (the tiles [first, first + count)) → c channels of y: NHWC with `stride` channels
-   (+ bias) */
-void output_transform(const elem *p, const elem *bias, elem *y, int batch, int h, int w, int c,
-                      int stride, int rows, int cols, long first, long count, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (long t = first; t < first + count; t++) {
+  for (long t = first; t < first + count; t++) {{
     int b = t / ((long)rows * cols), r = (t / cols) % rows, q = t % cols;
-    for (int c0 = 0; c0 < c; c0 += CH) {
+    for (int c0 = 0; c0 < c; c0 += CH) {{
       float d[N][N][CH], e[M][N][CH], beta[CH];
       for (int k = 0; k < CH; k++) beta[k] = bias ? load(bias[c0 + k]) : 0.f;
-      for (int i = 0; i < N * N; i++) {
-        const elem *s = p + (i * count + t - first) * c + c0;
-        for (int k = 0; k < CH; k++) d[i / N][i % N][k] = load(s[k]);
-      }""")
-    lines += _sandwich(a_t, "d", n, "      ", lambda i, j, value: (
+      for (int i = 0; i < N * N; i++) {{
+        const {product_type} *s = p + (i * count + t - first) * c + c0;
+        for (int k = 0; k < CH; k++) d[i / N][i % N][k] = {read};
+      }}"""]
+    lines += _sandwich(a_t.tolist(), "d", n, "      ", lambda i, j, value: (
         f"if (r * M + {i} < h && q * M + {j} < w) {{"
         f" elem *o = y + (((long)b * h + r * M + {i}) * w + q * M + {j}) * stride + c0;"
         f" for (int k = 0; k < CH; k++) o[k] = store(beta[k] {value}); }}"))
@@ -341,6 +339,41 @@ void output_transform(const elem *p, const elem *bias, elem *y, int batch, int h
   }
 }""")
     return "\n".join(lines)
+
+
+def weight_transform_source(m: int, weight_dtype: torch.dtype, out_type: str = "elem", store: str = "store") -> str:
+    """C source of `weight_transform_<suffix>`: a channels-last 3×3 weight of `weight_dtype` → u[N*N][co][ci] of
+    `out_type` elements (each value through `store`), G·g·Gᵀ of F(m×m, 3×3)."""
+    _, g, _ = winograd_matrices(m, INTERPOLATION_POINTS[m])
+    n, suffix = m + 2, SUFFIXES[weight_dtype]
+    lines = [f"""/* w: [co][3][3][ci] {suffix} (channels-last weight) → u[N*N][co][ci] */
+void weight_transform_{suffix}(const {C_TYPES[weight_dtype]} *w, {out_type} *u, int co, int ci, int threads) {{
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long o = 0; o < co; o++) for (int c0 = 0; c0 < ci; c0 += CH) {{
+    float g[3][3][CH], e[N][3][CH];
+    for (int i = 0; i < 3; i++) for (int j = 0; j < 3; j++) {{
+      const {C_TYPES[weight_dtype]} *s = w + ((o * 3 + i) * 3 + j) * ci + c0;
+      for (int k = 0; k < CH; k++) g[i][j][k] = load_{suffix}(s[k]);
+    }}"""]
+    lines += _sandwich(g.tolist(), "g", 3, "    ", lambda i, j, value: (
+        f"{{ {out_type} *dst = u + ({i * n + j} * (long)co + o) * ci + c0;"
+        f" for (int k = 0; k < CH; k++) dst[k] = {store}({value}); }}"))
+    lines.append("""  }
+}
+""")
+    return "\n".join(lines)
+
+
+def kernel_source(dtype: torch.dtype) -> str:
+    """C source of the three transforms of `dtype`'s F(m, 3) (OUTPUT_TILES), with the matrices written into the
+    expressions."""
+    m = OUTPUT_TILES[dtype]
+    n = m + 2
+    store = lambda i, j, value: (f"{{ elem *o = v + ({i * n + j} * count + t - first) * c + c0;"
+                                 f" for (int k = 0; k < CH; k++) o[k] = store({value}); }}")
+    return "\n".join([transform_header(dtype, m), input_transform_source(m, "input_transform", "elem *v", store),
+                      *(weight_transform_source(m, weight_dtype) for weight_dtype in WEIGHT_TYPES[dtype]),
+                      output_transform_source(m)])
 
 
 @functools.cache

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("fast_kernels")   # whatever this machine c
 @pytest.fixture(autouse=True)
 def narrow_layers(monkeypatch):
     """The layers here are narrower than MIN_CHANNELS (the width where Winograd pays on these cores)."""
-    for dtype in winograd.TILINGS:
+    for dtype in winograd.OUTPUT_TILES:
         monkeypatch.setitem(winograd.MIN_CHANNELS, dtype, winograd.CHANNEL_BLOCK)
 
 
@@ -82,7 +82,7 @@ def test_a_strip_with_its_halo_rows_convolves_without_row_padding(rows, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_passes_over_parts_of_the_tiles_and_channels_give_the_same_bits(monkeypatch, dtype):
     x, conv = conv_case(2, 64, 80, 19, 23, dtype=dtype)
-    points = (winograd.TILINGS[dtype][0] + 2) ** 2
+    points = (winograd.OUTPUT_TILES[dtype] + 2) ** 2
     with torch.inference_mode():
         whole = winograd_conv2d(x, conv.weight, conv.bias)
         # 40 tiles and 32 channels per pass

@@ -1,0 +1,251 @@
+"""3×3 convolutions of the CPU's `--precision int8` path: Winograd F(2×2, 3×3) with its 16 products in int8.
+
+The fast paths' Winograd convolutions (models/winograd.py) multiply in bf16 (or fp32); a UNet step is mostly these
+products, and oneDNN's u8 × s8 ones run about twice as fast where the CPU multiplies u8 × s8 into 32-bit sums (VNNI,
+AMX). F(2×2)'s transformed input tile is Bᵀ·d·B of a 4×4 input tile, the transformed filter G·g·Gᵀ: 16 values each,
+and position p of the output tile's transform is the product over channels of the inputs' and filters' values at p —
+16 independent matrix products (tiles × channels in) · (channels in × channels out). Here each of the 16 runs as one
+int8 product (models/int8.py's `int8_linear`):
+
+- weights: the transformed filters, int8 per position and output channel (symmetric, at most ±`weight_limit()`),
+  packed once for oneDNN and again whenever the weight changes (a LoRA patch bumps its version). Under `--precision
+  int8` the load leaves these layers' weights as the file's own mapped tensors, and packing gives their pages back:
+  in memory there is only the packed copy, 16/9 of the weight's count in bytes (8/9 of its bf16 size);
+- activations: the transformed input, uint8 per position over each pass's own range (one C pass measures the 16
+  ranges, a second transforms again and quantizes: the transformed input never exists in the float dtype); a pass
+  whose range at some position is more than MAX_SPREAD times its mean |value| runs the layer's float code instead;
+- the output transform reads the 16 products (in the activations' dtype) and adds the bias.
+
+F(4×4)'s transforms would spread the values over a wider range than 8 bits keep; F(2×2)'s only add and subtract.
+Where the CPU has no VNNI (AVX2: 7-bit weights) or int8 is measured no faster than the dtype's own Winograd
+(`int8_winograd_pays`), the layers keep their float code, as do convolutions outside the narrow case (see
+`int8_winograd_applies`).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import re
+from dataclasses import dataclass
+
+import torch
+
+from sdstudio.models.int8 import MAX_SPREAD, Int8Layer, int8_available, packed_for, weight_limit
+from sdstudio.models.native import compiled_library, releasing_buffers, scratch
+from sdstudio.models.tuning import candidate_pays
+from sdstudio.models.winograd import (CHANNEL_BLOCK, SUFFIXES, WinogradConv2d, conv_inputs, input_transform_source,
+                                      output_transform_source, plain_3x3, transform_header, weight_transform_source,
+                                      winograd_conv2d)
+
+M = 2                  # the output tile: F(2×2, 3×3)
+POSITIONS = (M + 2) ** 2
+MIN_CHANNELS = 256     # as the bf16 Winograd's (models/winograd.py): the UNet's 320 and wider
+CHUNK_BYTES = 16 << 20   # at most this much quantized transformed input at once (a part of the tiles)
+WEIGHT_BLOCK = 256     # output channels transformed and quantized at once while packing (bounds its fp32 buffers)
+WEIGHT_TYPES = (torch.bfloat16, torch.float16, torch.float32)   # the weights packing reads (the file's, or converted)
+
+
+def kernel_source(dtype: torch.dtype) -> str:
+    """C source of the two input passes (`input_ranges`, `input_transform_s8`), the weight transforms into fp32 and
+    the output transform (int32 products, scaled) of F(2×2) on `dtype` (bf16 or fp32) activations."""
+    lanes = f"{POSITIONS} * CH"
+
+    def track(i: int, j: int, value: str) -> str:
+        at = f"{i * (M + 2) + j} * CH + k"
+        return (f"for (int k = 0; k < CH; k++) {{ float v = {value}; low[{at}] = v < low[{at}] ? v : low[{at}];"
+                f" high[{at}] = v > high[{at}] ? v : high[{at}]; size[{at}] += v < 0.f ? -v : v; }}")
+
+    def quantize(i: int, j: int, value: str) -> str:
+        # |s| ≤ 127 (the scale is the largest |value| of the same arithmetic): rounds half up by truncating s + 128.5
+        # as whole vectors (GCC's vector extensions: the lane loop alone compiles to scalar conversions)
+        p = i * (M + 2) + j
+        whole_rows = re.sub(r"e\[(\d+)\]\[(\d+)\]\[k\]", r"*(lanes *)e[\1][\2]", value)
+        return (f"{{ lanes s = ({whole_rows}) * factor[{p}];"
+                f" *(bytes *)(v + ({p} * count + t - first) * c + c0) ="
+                f" __builtin_convertvector(__builtin_convertvector(s + 128.5f, whole) - 128, bytes); }}")
+
+    ranges = input_transform_source(
+        M, "input_ranges", "float *summary", track,
+        clauses=f" reduction(min:low[:{lanes}]) reduction(max:high[:{lanes}]) reduction(+:size[:{lanes}])",
+        before=f"""
+  /* summary[0..2][p] = lowest, highest and mean |value| at position p of the tiles' transforms; a NaN makes the
+     mean NaN */
+  float low[{lanes}], high[{lanes}], size[{lanes}];
+  for (int i = 0; i < {lanes}; i++) {{ low[i] = 3.4e38f; high[i] = -3.4e38f; size[i] = 0.f; }}""",
+        after=f"""
+  for (int p = 0; p < {POSITIONS}; p++) {{
+    float lowest = 3.4e38f, highest = -3.4e38f, total = 0.f;
+    for (int k = 0; k < CH; k++) {{
+      lowest = low[p * CH + k] < lowest ? low[p * CH + k] : lowest;
+      highest = high[p * CH + k] > highest ? high[p * CH + k] : highest;
+      total += size[p * CH + k];
+    }}
+    summary[p] = lowest;
+    summary[{POSITIONS} + p] = highest;
+    summary[{2 * POSITIONS} + p] = count * c > 0 ? total / (count * c) : 0.f;
+  }}""")
+    transform = input_transform_source(   # each thread its own factors: int8 stores could alias shared ones
+        M, "input_transform_s8", "signed char *v, const float *inverse_scale", quantize, clauses=" firstprivate(factor)",
+        before=f"""
+  float factor[{POSITIONS}];
+  for (int p = 0; p < {POSITIONS}; p++) factor[p] = inverse_scale[p];""")
+    vectors = """typedef float lanes __attribute__((vector_size(CH * 4)));
+typedef int whole __attribute__((vector_size(CH * 4)));
+typedef signed char bytes __attribute__((vector_size(CH), aligned(1)));
+"""
+    return "\n".join([transform_header(dtype, M), vectors, ranges, transform,
+                      *(weight_transform_source(M, weight_dtype, "float", "") for weight_dtype in WEIGHT_TYPES),
+                      output_transform_source(M, "int", scaled=True)])
+
+
+@functools.cache
+def _kernels(dtype: torch.dtype) -> ctypes.CDLL | None:
+    """The compiled passes of `dtype` (built once per source and machine); None, logged once, where they cannot be."""
+    kernels = compiled_library(f"int8-winograd-{SUFFIXES[dtype]}", kernel_source(dtype))
+    if kernels is None:
+        return None
+    pointer, size, index = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    grid = [*[size] * 7, index, index, size]   # batch, h, w, c, pad, rows, cols; first, count; threads
+    kernels.input_ranges.argtypes = [pointer, pointer, *grid]
+    kernels.input_transform_s8.argtypes = [pointer, pointer, pointer, *grid]
+    for weight_dtype in WEIGHT_TYPES:
+        getattr(kernels, f"weight_transform_{SUFFIXES[weight_dtype]}").argtypes = [pointer, pointer, size, size, size]
+    kernels.output_transform.argtypes = [pointer, pointer, pointer, pointer, *[size] * 7, index, index, size]
+    return kernels
+
+
+@dataclass
+class WinogradWeight:
+    """A 3×3 convolution's weight as F(2×2)'s 16 transformed filters G·g·Gᵀ in int8: `values` [16, out, in], one
+    scale per position and output channel (`scales` [16, out]: w ≈ values · scales)."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+
+def pack_winograd_weight(weight: torch.Tensor) -> WinogradWeight:
+    """A 3×3 `weight` (out × in × 3 × 3; bf16, or the file's fp16 / fp32) as F(2×2)'s 16 transformed filters
+    (computed in fp32 by the C weight transform, WEIGHT_BLOCK output channels at a time), each an int8 matrix with
+    one scale per output channel (symmetric, at most ±`weight_limit()`)."""
+    kernels = _kernels(torch.bfloat16) or _kernels(torch.float32)
+    out_channels, in_channels = weight.shape[:2]
+    limit = weight_limit()
+    values = torch.empty(POSITIONS, out_channels, in_channels, dtype=torch.int8)
+    scales = torch.empty(POSITIONS, out_channels)
+    transform = getattr(kernels, f"weight_transform_{SUFFIXES[weight.dtype]}")
+    for low in range(0, out_channels, WEIGHT_BLOCK):
+        block = weight[low:low + WEIGHT_BLOCK].detach().permute(0, 2, 3, 1).contiguous()   # [out][3][3][in]
+        transformed = scratch("int8-winograd-weight", (POSITIONS, len(block), in_channels), torch.float32)
+        transform(block.data_ptr(), transformed.data_ptr(), len(block), in_channels, torch.get_num_threads())
+        block_scales = torch.maximum(transformed.amax(2), transformed.amin(2).neg()).div_(limit).clamp_min_(1e-12)
+        scales[:, low:low + len(block)] = block_scales
+        values[:, low:low + len(block)] = transformed.div_(block_scales[..., None]).round_().clamp_(-limit, limit)
+    return WinogradWeight(values, scales)
+
+
+def int8_winograd_conv2d(x: torch.Tensor, weight: WinogradWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """conv2d(x, weight, bias, padding=1) for a bf16 or fp32 CPU tensor by F(2×2)'s 16 int8 products (s8 × s8 into
+    int32, torch._int_mm), the weight packed by `pack_winograd_weight`, channels-last output; None where a pass's
+    transformed input has outliers or is not finite (the caller's float code runs). The caller checks
+    `int8_winograd_applies` first."""
+    kernels = _kernels(x.dtype)
+    batch, channels, height, width = x.shape
+    out_channels = weight.values.shape[1]
+    rows, cols = -(-height // M), -(-width // M)
+    tiles = batch * rows * cols
+    x = x.contiguous(memory_format=torch.channels_last)
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(batch, out_channels, height, width, dtype=x.dtype, memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    span = max(1, min(tiles, CHUNK_BYTES // (POSITIONS * channels)))   # tiles per pass
+    for first in range(0, tiles, span):
+        count = min(span, tiles - first)
+        grid = (batch, height, width, channels, 1, rows, cols, first, count, threads)
+        summary = torch.empty(3, POSITIONS)
+        kernels.input_ranges(x.data_ptr(), summary.data_ptr(), *grid)
+        low, high, size = summary
+        largest = torch.maximum(high, low.neg())
+        if not bool(torch.isfinite(summary).all()) or bool((high - low > MAX_SPREAD * size).any()):
+            return None
+        scales = torch.where(largest > 0, largest / 127, 1.0)
+        inverse_scales = 1 / scales
+        v = scratch("int8-winograd-input", (POSITIONS, count, channels), torch.int8)
+        kernels.input_transform_s8(x.data_ptr(), v.data_ptr(), inverse_scales.data_ptr(), *grid)
+        products = scratch("int8-winograd-products", (POSITIONS, count, out_channels), torch.int32)
+        for p in range(POSITIONS):
+            torch._int_mm(v[p], weight.values[p].t(), out=products[p])
+        factors = (weight.scales * scales[:, None]).contiguous()
+        kernels.output_transform(products.data_ptr(), factors.data_ptr(), None if bias is None else bias.data_ptr(),
+                                 y.data_ptr(), batch, height, width, out_channels, out_channels, rows, cols, first,
+                                 count, threads)
+    return y
+
+
+def int8_winograd_applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv(x)` takes the int8 Winograd path: a plain 3×3 convolution of a bf16 or fp32 CPU tensor without
+    gradients, channels in multiples of CHANNEL_BLOCK and at least MIN_CHANNELS in, `int8_winograd_available` for its
+    dtype."""
+    return plain_3x3(conv, x) and _converts(conv) and int8_winograd_available(x.dtype)
+
+
+def int8_winograd_available(dtype: torch.dtype) -> bool:
+    """Whether int8 Winograd convolutions run for a model computing in `dtype` (bf16, or fp32 on the fast fp32 path)
+    on this machine: int8 products available, the passes built and measured faster than the dtype's own ones."""
+    return int8_available(dtype) and _kernels(dtype) is not None and int8_winograd_pays(dtype)
+
+
+@functools.cache
+def int8_winograd_pays(dtype: torch.dtype) -> bool:
+    """Whether the int8 Winograd convolution beats the dtype's own fast convolution (its Winograd one) on this
+    machine, timed on SD1.5's most frequent 3×3 convolution at 512² (320 → 320 channels, 64², CFG batch) with the
+    weight packed beforehand, as a model's is (models/tuning.py)."""
+    def ways():
+        x, weight, bias = conv_inputs(2, 320, 320, 64, 64, dtype)
+        packed = pack_winograd_weight(weight)
+        return lambda: int8_winograd_conv2d(x, packed, bias), lambda: winograd_conv2d(x, weight, bias)
+
+    return candidate_pays(f"int8-winograd-{SUFFIXES[dtype]}", ways, dtype)
+
+
+class Int8WinogradConv2d(Int8Layer, WinogradConv2d):
+    """A 3×3 convolution by F(2×2)'s int8 products where `int8_winograd_applies` (its weight packed once per
+    version), else as WinogradConv2d (the file's weight read in the input's dtype)."""
+
+    @releasing_buffers
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int8_winograd_applies(self, x) and not self.calibrating():
+            packed = packed_for(self, self.weight, None, lambda: pack_winograd_weight(self.weight))
+            out = int8_winograd_conv2d(x, packed, self.bias)
+            if out is not None:
+                return out
+        return super().forward(x)
+
+
+def _converts(conv: torch.nn.Module) -> bool:
+    """Whether `conv` is a convolution `use_int8_convolutions` converts: a plain 3×3 one (stride 1, padding 1, no
+    dilation or groups) with channels in and out in multiples of CHANNEL_BLOCK and at least MIN_CHANNELS in."""
+    return (type(conv) in (torch.nn.Conv2d, WinogradConv2d, Int8WinogradConv2d) and conv.kernel_size == (3, 3)
+            and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and conv.in_channels >= MIN_CHANNELS
+            and conv.in_channels % CHANNEL_BLOCK == 0 and conv.out_channels % CHANNEL_BLOCK == 0)
+
+
+def _int8_convolutions(model: torch.nn.Module, dtype: torch.dtype) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of each convolution of `model` `use_int8_convolutions` converts (`_converts`); none where
+    int8 Winograd is not available for `dtype`."""
+    if not int8_winograd_available(dtype):
+        return []
+    return [(name, module) for name, module in model.named_modules() if _converts(module)]
+
+
+def use_int8_convolutions(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give `model`'s plain 3×3 convolutions of MIN_CHANNELS or more the int8 Winograd subclass (same weights, same
+    state; their float code runs wherever int8 does not apply) where `int8_winograd_available` for `dtype`, the dtype
+    the model computes in."""
+    for _, module in _int8_convolutions(model, dtype):
+        module.__class__ = Int8WinogradConv2d
+
+
+def int8_convolution_weight_names(model: torch.nn.Module, dtype: torch.dtype) -> set[str]:
+    """The state-dict names of the weights `use_int8_convolutions(model, dtype)` gives int8 products."""
+    return {f"{name}.weight" for name, _ in _int8_convolutions(model, dtype)}
