@@ -1,25 +1,27 @@
 """3×3 convolutions of the CPU's `--precision int8` path: Winograd F(2×2, 3×3) with its 16 products in int8.
 
 The fast paths' Winograd convolutions (models/winograd.py) multiply in bf16 (or fp32); a UNet step is mostly these
-products, and oneDNN's u8 × s8 ones run about twice as fast where the CPU multiplies u8 × s8 into 32-bit sums (VNNI,
-AMX). F(2×2)'s transformed input tile is Bᵀ·d·B of a 4×4 input tile, the transformed filter G·g·Gᵀ: 16 values each,
-and position p of the output tile's transform is the product over channels of the inputs' and filters' values at p —
-16 independent matrix products (tiles × channels in) · (channels in × channels out). Here each of the 16 runs as one
-int8 product (models/int8.py's `int8_linear`):
+products, and int8 ones run about twice as fast where the CPU multiplies 8-bit integers into 32-bit sums (VNNI, AMX).
+F(2×2)'s transformed input tile is Bᵀ·d·B of a 4×4 input tile, the transformed filter G·g·Gᵀ: 16 values each, and
+position p of the output tile's transform is the product over channels of the inputs' and filters' values at p — 16
+independent matrix products (tiles × channels in) · (channels in × channels out). Here each of the 16 is one s8 × s8
+product into int32 sums (torch._int_mm: oneDNN's; as fast as its packed u8 × s8 linears on these shapes, and the
+weights stay plain tensors):
 
 - weights: the transformed filters, int8 per position and output channel (symmetric, at most ±`weight_limit()`),
-  packed once for oneDNN and again whenever the weight changes (a LoRA patch bumps its version). Under `--precision
-  int8` the load leaves these layers' weights as the file's own mapped tensors, and packing gives their pages back:
-  in memory there is only the packed copy, 16/9 of the weight's count in bytes (8/9 of its bf16 size);
-- activations: the transformed input, uint8 per position over each pass's own range (one C pass measures the 16
-  ranges, a second transforms again and quantizes: the transformed input never exists in the float dtype); a pass
-  whose range at some position is more than MAX_SPREAD times its mean |value| runs the layer's float code instead;
-- the output transform reads the 16 products (in the activations' dtype) and adds the bias.
+  made once and again whenever the weight changes (a LoRA patch bumps its version: models/int8.py's `packed_for`).
+  Under `--precision int8` the load leaves these layers' weights as the file's own mapped tensors, and packing gives
+  their pages back: in memory there is only the int8 copy, 16/9 of the weight's count in bytes (8/9 of its bf16 size);
+- activations: the transformed input, int8 per position over each pass's own range (symmetric: one C pass measures
+  the 16 ranges, a second transforms again and quantizes, so the transformed input never exists in the float dtype);
+  a pass whose range at some position is more than MAX_SPREAD times its mean |value| runs the layer's float code;
+- the output transform reads the int32 sums times each position's and output channel's two scales, adds the bias.
 
-F(4×4)'s transforms would spread the values over a wider range than 8 bits keep; F(2×2)'s only add and subtract.
-Where the CPU has no VNNI (AVX2: 7-bit weights) or int8 is measured no faster than the dtype's own Winograd
-(`int8_winograd_pays`), the layers keep their float code, as do convolutions outside the narrow case (see
-`int8_winograd_applies`).
+Per layer the error is ~2.5 % of the output's size (F(2×2) in bf16: 0.5 %); SD1.5's UNet call on two AVX512-VNNI
+cores takes 2.5 s instead of 3.35 with the bf16 Winograd convolutions. F(4×4)'s transforms would spread the values
+over a wider range than 8 bits keep; F(2×2)'s only add and subtract. Where int8 products are not available or this is
+measured no faster than the dtype's own Winograd (`int8_winograd_available`), the layers keep their float code, as do
+convolutions outside the narrow case (`int8_winograd_applies`).
 """
 from __future__ import annotations
 
@@ -123,11 +125,11 @@ class WinogradWeight:
     scales: torch.Tensor
 
 
-def pack_winograd_weight(weight: torch.Tensor) -> WinogradWeight:
+def pack_winograd_weight(weight: torch.Tensor, dtype: torch.dtype) -> WinogradWeight:
     """A 3×3 `weight` (out × in × 3 × 3; bf16, or the file's fp16 / fp32) as F(2×2)'s 16 transformed filters
-    (computed in fp32 by the C weight transform, WEIGHT_BLOCK output channels at a time), each an int8 matrix with
-    one scale per output channel (symmetric, at most ±`weight_limit()`)."""
-    kernels = _kernels(torch.bfloat16) or _kernels(torch.float32)
+    (computed in fp32 by the C weight transform of the `dtype` activations' kernels, WEIGHT_BLOCK output channels at a
+    time), each an int8 matrix with one scale per output channel (symmetric, at most ±`weight_limit()`)."""
+    kernels = _kernels(dtype)
     out_channels, in_channels = weight.shape[:2]
     limit = weight_limit()
     values = torch.empty(POSITIONS, out_channels, in_channels, dtype=torch.int8)
@@ -201,7 +203,7 @@ def int8_winograd_pays(dtype: torch.dtype) -> bool:
     weight packed beforehand, as a model's is (models/tuning.py)."""
     def ways():
         x, weight, bias = conv_inputs(2, 320, 320, 64, 64, dtype)
-        packed = pack_winograd_weight(weight)
+        packed = pack_winograd_weight(weight, dtype)
         return lambda: int8_winograd_conv2d(x, packed, bias), lambda: winograd_conv2d(x, weight, bias)
 
     return candidate_pays(f"int8-winograd-{SUFFIXES[dtype]}", ways, dtype)
@@ -214,7 +216,7 @@ class Int8WinogradConv2d(Int8Layer, WinogradConv2d):
     @releasing_buffers
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if int8_winograd_applies(self, x) and not self.calibrating():
-            packed = packed_for(self, self.weight, None, lambda: pack_winograd_weight(self.weight))
+            packed = packed_for(self, self.weight, None, lambda: pack_winograd_weight(self.weight, x.dtype))
             out = int8_winograd_conv2d(x, packed, self.bias)
             if out is not None:
                 return out

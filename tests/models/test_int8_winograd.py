@@ -129,7 +129,7 @@ def test_transformed_inputs_quantize_to_their_nearest_step():
 
 def test_packed_weights_are_the_transformed_filters_to_their_nearest_step():
     weight = torch.randn(40, 32, 3, 3, generator=gen(4)).half()
-    packed = pack_winograd_weight(weight)
+    packed = pack_winograd_weight(weight, torch.float32)
     _, g, _ = winograd_matrices(2, INTERPOLATION_POINTS[2])
     transformed = torch.einsum("ak,oikl,bl->aboi", g, weight.double(), g).reshape(16, 40, 32)
     assert packed.values.dtype == torch.int8 and packed.values.shape == (16, 40, 32)
@@ -144,7 +144,7 @@ def test_an_input_whose_transformed_range_outliers_dominate_runs_its_float_code(
     x = activations(1, 32, 8, 8, dtype)
     x[0, 5, 3, 3] = 5000.0                                        # one value: every step of its positions 40
     with torch.inference_mode():
-        packed = pack_winograd_weight(conv.weight)
+        packed = pack_winograd_weight(conv.weight, dtype)
         assert int8_winograd_conv2d(x, packed, conv.bias) is None
         out = conv(x)
         assert torch.equal(out, float_conv(conv, x))
