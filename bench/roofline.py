@@ -193,16 +193,23 @@ def hook_products(unet: torch.nn.Module, tally: Tally) -> list:
     from diffusers.models.attention_processor import Attention
 
     from sdstudio.models.int8 import Int8GEGLU, Int8Linear, Int8PointwiseConv2d
+    from sdstudio.models.int8_winograd import M as INT8_TILE, int8_winograd_applies
     from sdstudio.models.winograd import OUTPUT_TILES, winograd_applies
 
     def int8(module, kind: str) -> str:
         return f"{INT8} {kind}" if type(module) in (Int8Linear, Int8GEGLU, Int8PointwiseConv2d) else kind
 
+    def winograd(flops: float, m: int) -> float:
+        """A direct convolution's products at F(m×m, 3×3)'s count: (m + 2)² per m² outputs instead of 9."""
+        return flops * (m + 2) ** 2 / (9 * m * m)
+
     def convolution(module, args, out):
         flops = 2 * out.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-        if module.kernel_size == (3, 3) and winograd_applies(module, args[0]):
+        if module.kernel_size == (3, 3) and int8_winograd_applies(module, args[0]):
+            tally.finish(f"{INT8} 3×3 convolutions (Winograd F({INT8_TILE}×{INT8_TILE}))", winograd(flops, INT8_TILE))
+        elif module.kernel_size == (3, 3) and winograd_applies(module, args[0]):
             m = OUTPUT_TILES[args[0].dtype]
-            tally.finish(f"3×3 convolutions (Winograd F({m}×{m}))", flops * (m + 2) ** 2 / (9 * m * m))
+            tally.finish(f"3×3 convolutions (Winograd F({m}×{m}))", winograd(flops, m))
         else:
             size = f"{module.kernel_size[0]}×{module.kernel_size[1]}"
             tally.finish(int8(module, f"{size} convolutions") if size == "1×1" else f"{size} convolutions (direct)",
