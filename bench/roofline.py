@@ -193,7 +193,7 @@ def hook_products(unet: torch.nn.Module, tally: Tally) -> list:
     from diffusers.models.attention_processor import Attention
 
     from sdstudio.models.int8 import Int8GEGLU, Int8Linear, Int8PointwiseConv2d
-    from sdstudio.models.int8_winograd import M as INT8_TILE, int8_winograd_applies
+    from sdstudio.models.int8_winograd import M as INT8_TILE, Int8WinogradConv2d, int8_winograd_applies
     from sdstudio.models.winograd import OUTPUT_TILES, winograd_applies
 
     def int8(module, kind: str) -> str:
@@ -205,7 +205,7 @@ def hook_products(unet: torch.nn.Module, tally: Tally) -> list:
 
     def convolution(module, args, out):
         flops = 2 * out.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-        if module.kernel_size == (3, 3) and int8_winograd_applies(module, args[0]):
+        if type(module) is Int8WinogradConv2d and int8_winograd_applies(module, args[0]):
             tally.finish(f"{INT8} 3×3 convolutions (Winograd F({INT8_TILE}×{INT8_TILE}))", winograd(flops, INT8_TILE))
         elif module.kernel_size == (3, 3) and winograd_applies(module, args[0]):
             m = OUTPUT_TILES[args[0].dtype]
