@@ -228,5 +228,6 @@ def test_an_int8_load_runs_its_3x3_convolutions_in_int8_from_the_files_weights(s
         fast, int8 = (u(sample.to(dtype), 500, context.to(dtype)).sample for u in (plain, quick))
     assert all(hasattr(quick.get_submodule(n), "_int8") for n in converted)
     assert int8.dtype == dtype and not torch.equal(int8, fast)
-    # the linears alone: bf16 0.043, fast fp32 0.053 (test_int8.py)
-    assert relative_error(int8, exact) < 0.08, relative_error(int8, exact)
+    # bf16 0.061, fast fp32 0.056 (with 7-bit weights, as CPUs without VNNI take them: 0.072); the linears alone 0.043
+    # to 0.053 (test_int8.py)
+    assert relative_error(int8, exact) < 0.085, relative_error(int8, exact)
