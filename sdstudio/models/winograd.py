@@ -187,7 +187,7 @@ def unfolded_pays(batch: int, channels: int, out_channels: int, height: int, wid
 
 
 def conv_inputs(batch: int, channels: int, out_channels: int, height: int, width: int,
-                 dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A channels-last input, 3×3 weight and bias of one convolution shape in `dtype`, random, for timing."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, height, width, generator=generator).to(dtype)
@@ -259,7 +259,6 @@ def transform_header(dtype: torch.dtype, m: int) -> str:
     """C preamble of the transforms of F(m×m, 3×3) on `dtype` elements: sizes, element type, loads and store."""
     return f"""typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
 typedef unsigned int uint32_t;
-typedef unsigned char uint8_t;
 #define N {m + 2}
 #define M {m}
 #define CH {CHANNEL_BLOCK}
