@@ -35,16 +35,15 @@ import torch
 from sdstudio.models.int8 import MAX_SPREAD, Int8Layer, int8_available, packed_for, weight_limit
 from sdstudio.models.native import compiled_library, releasing_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
-from sdstudio.models.winograd import (CHANNEL_BLOCK, SUFFIXES, WinogradConv2d, conv_inputs, input_transform_source,
-                                      output_transform_source, plain_3x3, transform_header, weight_transform_source,
-                                      winograd_conv2d)
+from sdstudio.models.winograd import (CHANNEL_BLOCK, SUFFIXES, WEIGHT_TYPES, WinogradConv2d, conv_inputs,
+                                      input_transform_source, output_transform_source, plain_3x3, plain_3x3_layer,
+                                      transform_header, weight_transform_source, winograd_conv2d)
 
 M = 2                  # the output tile: F(2×2, 3×3)
 POSITIONS = (M + 2) ** 2
 MIN_CHANNELS = 256     # as the bf16 Winograd's (models/winograd.py): the UNet's 320 and wider
 CHUNK_BYTES = 16 << 20   # at most this much quantized transformed input at once (a part of the tiles)
 WEIGHT_BLOCK = 256     # output channels transformed and quantized at once while packing (bounds its fp32 buffers)
-WEIGHT_TYPES = (torch.bfloat16, torch.float16, torch.float32)   # the weights packing reads (the file's, or converted)
 
 
 def kernel_source(dtype: torch.dtype) -> str:
@@ -87,8 +86,8 @@ def kernel_source(dtype: torch.dtype) -> str:
     summary[{2 * POSITIONS} + p] = count * c > 0 ? total / (count * c) : 0.f;
   }}""")
     transform = input_transform_source(   # each thread its own factors: int8 stores could alias shared ones
-        M, "input_transform_s8", "signed char *v, const float *inverse_scale", quantize, clauses=" firstprivate(factor)",
-        before=f"""
+        M, "input_transform_s8", "signed char *v, const float *inverse_scale", quantize,
+        clauses=" firstprivate(factor)", before=f"""
   float factor[{POSITIONS}];
   for (int p = 0; p < {POSITIONS}; p++) factor[p] = inverse_scale[p];""")
     vectors = """typedef float lanes __attribute__((vector_size(CH * 4)));
@@ -96,7 +95,7 @@ typedef int whole __attribute__((vector_size(CH * 4)));
 typedef signed char bytes __attribute__((vector_size(CH), aligned(1)));
 """
     return "\n".join([transform_header(dtype, M), vectors, ranges, transform,
-                      *(weight_transform_source(M, weight_dtype, "float", "") for weight_dtype in WEIGHT_TYPES),
+                      *(weight_transform_source(M, weight_dtype, "float", "") for weight_dtype in WEIGHT_TYPES[dtype]),
                       output_transform_source(M, "int", scaled=True)])
 
 
@@ -110,7 +109,7 @@ def _kernels(dtype: torch.dtype) -> ctypes.CDLL | None:
     grid = [*[size] * 7, index, index, size]   # batch, h, w, c, pad, rows, cols; first, count; threads
     kernels.input_ranges.argtypes = [pointer, pointer, *grid]
     kernels.input_transform_s8.argtypes = [pointer, pointer, pointer, *grid]
-    for weight_dtype in WEIGHT_TYPES:
+    for weight_dtype in WEIGHT_TYPES[dtype]:
         getattr(kernels, f"weight_transform_{SUFFIXES[weight_dtype]}").argtypes = [pointer, pointer, size, size, size]
     kernels.output_transform.argtypes = [pointer, pointer, pointer, pointer, *[size] * 7, index, index, size]
     return kernels
@@ -226,10 +225,9 @@ class Int8WinogradConv2d(Int8Layer, WinogradConv2d):
 def _converts(conv: torch.nn.Module) -> bool:
     """Whether `conv` is a convolution `use_int8_convolutions` converts: a plain 3×3 one (stride 1, padding 1, no
     dilation or groups) with channels in and out in multiples of CHANNEL_BLOCK and at least MIN_CHANNELS in."""
-    return (type(conv) in (torch.nn.Conv2d, WinogradConv2d, Int8WinogradConv2d) and conv.kernel_size == (3, 3)
-            and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and conv.in_channels >= MIN_CHANNELS
-            and conv.in_channels % CHANNEL_BLOCK == 0 and conv.out_channels % CHANNEL_BLOCK == 0)
+    return (type(conv) in (torch.nn.Conv2d, WinogradConv2d, Int8WinogradConv2d) and plain_3x3_layer(conv)
+            and conv.in_channels >= MIN_CHANNELS and conv.in_channels % CHANNEL_BLOCK == 0
+            and conv.out_channels % CHANNEL_BLOCK == 0)
 
 
 def _int8_convolutions(model: torch.nn.Module, dtype: torch.dtype) -> list[tuple[str, torch.nn.Module]]:

@@ -127,13 +127,18 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y
 
 
+def plain_3x3_layer(conv: torch.nn.Conv2d) -> bool:
+    """A plain 3×3 convolution: stride 1, padding 1 (zeros), no dilation or groups."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
 def plain_3x3(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
-    """A plain 3×3 convolution (stride 1, padding 1, no dilation or groups) of a 4-D bf16 or fp32 CPU tensor without
-    gradients, its weight of one of the dtype's WEIGHT_TYPES."""
+    """A `plain_3x3_layer` of a 4-D bf16 or fp32 CPU tensor without gradients, its weight of one of the dtype's
+    WEIGHT_TYPES."""
     return (x.device.type == "cpu" and x.dtype in OUTPUT_TILES and conv.weight.dtype in WEIGHT_TYPES[x.dtype]
             and x.dim() == 4 and (conv.bias is None or conv.bias.dtype == x.dtype) and not torch.is_grad_enabled()
-            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+            and plain_3x3_layer(conv))
 
 
 def _tiles(x: torch.Tensor) -> int:
@@ -318,8 +323,8 @@ def output_transform_source(m: int, product_type: str = "elem", scaled: bool = F
     a_t, _, _ = winograd_matrices(m, INTERPOLATION_POINTS[m])
     n = m + 2
     scale, read = ((", const float *scale", "(float)s[k] * scale[i * c + c0 + k]") if scaled else ("", "load(s[k])"))
-    lines = [f"""void output_transform(const {product_type} *p{scale}, const elem *bias, elem *y, int batch, int h, int w,
-                      int c, int stride, int rows, int cols, long first, long count, int threads) {{
+    lines = [f"""void output_transform(const {product_type} *p{scale}, const elem *bias, elem *y, int batch, int h,
+                      int w, int c, int stride, int rows, int cols, long first, long count, int threads) {{
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long t = first; t < first + count; t++) {{
     int b = t / ((long)rows * cols), r = (t / cols) % rows, q = t % cols;
