@@ -287,19 +287,20 @@ static inline float load_f16(uint16_t h) {{   /* exact for every fp16 value, vec
 
 
 def input_transform_source(m: int, name: str, parameters: str, store, clauses: str = "", before: str = "",
-                           after: str = "") -> str:
+                           after: str = "", tile_before: str = "", tile_after: str = "") -> str:
     """C source of a function `name`(x, `parameters`, batch, h, w, c, pad, rows, cols, first, count, threads) that
     runs the input transform d → Bᵀ·d·B of F(m×m, 3×3) over the tiles [first, first + count) of the rows×cols grids
     of the NHWC images x (`pad` zero rows above the image: 1, or 0 where x holds the rows around the output) and
     hands each value to store(i, j, value expression) (a C statement; t, c0 and k name the tile, channel block and
-    lane); `clauses` extend the loop's OpenMP pragma, `before` and `after` are C lines around the loop."""
+    lane); `clauses` extend the loop's OpenMP pragma, `before` and `after` are C lines around the loop,
+    `tile_before` and `tile_after` around each tile's loop over its channels."""
     _, _, b_t = winograd_matrices(m, INTERPOLATION_POINTS[m])
     n = m + 2
     lines = [f"""void {name}(const elem *x, {parameters}, int batch, int h, int w, int c, int pad, int rows, int cols,
     long first, long count, int threads) {{{before}
 #pragma omp parallel for num_threads(threads) schedule(static){clauses}
   for (long t = first; t < first + count; t++) {{
-    int b = t / ((long)rows * cols), r = (t / cols) % rows, q = t % cols;
+    int b = t / ((long)rows * cols), r = (t / cols) % rows, q = t % cols;{tile_before}
     for (int c0 = 0; c0 < c; c0 += CH) {{
       float d[N][N][CH], e[N][N][CH];
       for (int i = 0; i < N; i++) for (int j = 0; j < N; j++) {{
@@ -309,7 +310,7 @@ def input_transform_source(m: int, name: str, parameters: str, store, clauses: s
         for (int k = 0; k < CH; k++) d[i][j][k] = inside ? load(s[k]) : 0.f;
       }}"""]
     lines += _sandwich(b_t.tolist(), "d", n, "      ", store)
-    lines.append(f"""    }}
+    lines.append(f"""    }}{tile_after}
   }}{after}
 }}
 """)
@@ -318,11 +319,13 @@ def input_transform_source(m: int, name: str, parameters: str, store, clauses: s
 
 def output_transform_source(m: int, product_type: str = "elem", scaled: bool = False) -> str:
     """C source of `output_transform`: the products p[N*N][count][c] (`product_type` elements; `scaled`: int32 sums
-    times scale[N*N][c], one factor per position and channel) of the tiles [first, first + count) → c channels of
-    the NHWC output y (`stride` channels), + bias."""
+    times scale[N*N][c] · tile_scale[N*N][count], one factor per position and channel and one per position and tile)
+    of the tiles [first, first + count) → c channels of the NHWC output y (`stride` channels), + bias."""
     a_t, _, _ = winograd_matrices(m, INTERPOLATION_POINTS[m])
     n = m + 2
-    scale, read = ((", const float *scale", "(float)s[k] * scale[i * c + c0 + k]") if scaled else ("", "load(s[k])"))
+    scale, read = ((", const float *scale, const float *tile_scale",
+                    "(float)s[k] * scale[i * c + c0 + k] * tile_scale[i * count + t - first]") if scaled
+                   else ("", "load(s[k])"))
     lines = [f"""void output_transform(const {product_type} *p{scale}, const elem *bias, elem *y, int batch, int h,
                       int w, int c, int stride, int rows, int cols, long first, long count, int threads) {{
 #pragma omp parallel for num_threads(threads) schedule(static)
