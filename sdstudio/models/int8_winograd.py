@@ -93,9 +93,30 @@ typedef float lanes __attribute__((vector_size(CH * 4)));
 typedef int whole __attribute__((vector_size(CH * 4)));
 typedef signed char bytes __attribute__((vector_size(CH), aligned(1)));
 """
+    quantize_filters = """
+/* each of the rows × cols fp32 transformed filters t (a position's output channel per row) → values (row r at
+   values + (r / block) * position_stride + (r % block) * cols) as round(t / scale), scale = the row's largest
+   |value| / limit (scales[(r / block) * scale_stride + r % block]) */
+void quantize_filters(const float *t, long rows, long cols, long block, signed char *values, long position_stride,
+                      float *scales, long scale_stride, float limit, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long r = 0; r < rows; r++) {
+    const float *row = t + r * cols;
+    float largest = 0.f;
+    for (long i = 0; i < cols; i++) { float a = row[i] < 0.f ? -row[i] : row[i]; largest = a > largest ? a : largest; }
+    float scale = largest > 0.f ? largest / limit : 1.f, inverse = 1.f / scale;
+    signed char *out = values + (r / block) * position_stride + (r % block) * cols;
+    for (long i = 0; i < cols; i++) {
+      float v = row[i] * inverse;
+      out[i] = (signed char)(v < 0.f ? v - 0.5f : v + 0.5f);
+    }
+    scales[(r / block) * scale_stride + r % block] = scale;
+  }
+}
+"""
     return "\n".join([transform_header(dtype, M), vectors, transform,
                       *(weight_transform_source(M, weight_dtype, "float", "") for weight_dtype in WEIGHT_TYPES[dtype]),
-                      output_transform_source(M, "int", scaled=True)])
+                      quantize_filters, output_transform_source(M, "int", scaled=True)])
 
 
 @functools.cache
@@ -110,6 +131,8 @@ def _kernels(dtype: torch.dtype) -> ctypes.CDLL | None:
     for weight_dtype in WEIGHT_TYPES[dtype]:
         getattr(kernels, f"weight_transform_{SUFFIXES[weight_dtype]}").argtypes = [pointer, pointer, size, size, size]
     kernels.output_transform.argtypes = [pointer, pointer, pointer, pointer, pointer, *[size] * 7, index, index, size]
+    kernels.quantize_filters.argtypes = [pointer, index, index, index, pointer, index, pointer, index, ctypes.c_float,
+                                         size]
     return kernels
 
 
@@ -128,17 +151,17 @@ def pack_winograd_weight(weight: torch.Tensor, dtype: torch.dtype) -> WinogradWe
     time), each an int8 matrix with one scale per output channel (symmetric, at most ±`weight_limit()`)."""
     kernels = _kernels(dtype)
     out_channels, in_channels = weight.shape[:2]
-    limit = weight_limit()
+    limit, threads = weight_limit(), torch.get_num_threads()
     values = torch.empty(POSITIONS, out_channels, in_channels, dtype=torch.int8)
     scales = torch.empty(POSITIONS, out_channels)
     transform = getattr(kernels, f"weight_transform_{SUFFIXES[weight.dtype]}")
     for low in range(0, out_channels, WEIGHT_BLOCK):
         block = weight[low:low + WEIGHT_BLOCK].detach().permute(0, 2, 3, 1).contiguous()   # [out][3][3][in]
         transformed = scratch("int8-winograd-weight", (POSITIONS, len(block), in_channels), torch.float32)
-        transform(block.data_ptr(), transformed.data_ptr(), len(block), in_channels, torch.get_num_threads())
-        block_scales = torch.maximum(transformed.amax(2), transformed.amin(2).neg()).div_(limit).clamp_min_(1e-12)
-        scales[:, low:low + len(block)] = block_scales
-        values[:, low:low + len(block)] = transformed.div_(block_scales[..., None]).round_().clamp_(-limit, limit)
+        transform(block.data_ptr(), transformed.data_ptr(), len(block), in_channels, threads)
+        kernels.quantize_filters(transformed.data_ptr(), POSITIONS * len(block), in_channels, len(block),
+                                 values[0, low].data_ptr(), out_channels * in_channels, scales[0, low:].data_ptr(),
+                                 out_channels, float(limit), threads)
     return WinogradWeight(values, scales)
 
 
