@@ -192,12 +192,12 @@ def hook_products(unet: torch.nn.Module, tally: Tally) -> list:
     from diffusers.models.activations import GEGLU
     from diffusers.models.attention_processor import Attention
 
-    from sdstudio.models.int8 import Int8GEGLU, Int8Linear, Int8PointwiseConv2d
+    from sdstudio.models.int8 import Int8GEGLU, Int8Linear
     from sdstudio.models.int8_winograd import M as INT8_TILE, Int8WinogradConv2d, int8_winograd_applies
     from sdstudio.models.winograd import OUTPUT_TILES, winograd_applies
 
     def int8(module, kind: str) -> str:
-        return f"{INT8} {kind}" if type(module) in (Int8Linear, Int8GEGLU, Int8PointwiseConv2d) else kind
+        return f"{INT8} {kind}" if type(module) in (Int8Linear, Int8GEGLU) else kind
 
     def winograd(flops: float, m: int) -> float:
         """A direct convolution's products at F(m×m, 3×3)'s count: (m + 2)² per m² outputs instead of 9."""
