@@ -31,7 +31,7 @@ percent of the linears' products, no slower a step):
 - the product, its bias and the GEGLU gate's GELU by one oneDNN call, into the activations' dtype.
 
 It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights, on the bf16 path, with the
-UNet's 3×3 convolutions as int8 Winograd products too, models/int8_winograd.py: SD1.5 37.1 dB, SDXL 32.2; these
+UNet's 3×3 convolutions as int8 Winograd products too, models/int8_winograd.py: SD1.5 38.2 dB, SDXL 33.4; these
 linears alone 38.3 and 33.5; bf16 alone 43.7 and 36.9), and no trained model was measured here. The attention
 products stay in the float dtype. Where the C kernel cannot be built, or int8 is measured no faster on the machine
 than the float products (`int8_pays`, models/tuning.py), the layers keep their float code.

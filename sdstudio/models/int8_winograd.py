@@ -24,8 +24,8 @@ weights stay plain tensors):
   bias.
 
 Per layer the error is ~1.5 % of the output's size (F(2×2) in bf16: 0.4 %); SD1.5's UNet call on two AVX512-VNNI
-cores takes 2.5 s instead of 3.35 with the bf16 Winograd convolutions (final image vs fp32: SD1.5 37.1 dB, SDXL 32.2;
-36.3 and 31.5 with the input quantized per pass of tiles). F(4×4)'s transforms would spread the values
+cores takes 2.5 s instead of 3.35 with the bf16 Winograd convolutions (final image vs fp32, the linears in int8 too:
+SD1.5 36.3 → 37.1 dB, SDXL 31.5 → 32.2 from per-pass to per-tile scales). F(4×4)'s transforms would spread the values
 over a wider range than 8 bits keep; F(2×2)'s only add and subtract. Where int8 products are not available or this is
 measured no faster than the dtype's own Winograd (`int8_winograd_available`), the layers keep their float code, as do
 convolutions outside the narrow case (`int8_winograd_applies`).
