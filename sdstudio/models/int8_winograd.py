@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import re
 from dataclasses import dataclass
 
 import torch
