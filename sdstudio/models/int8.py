@@ -54,21 +54,16 @@ from sdstudio.files.readers import release_file_pages
 from sdstudio.models.conversion import copy_weights
 from sdstudio.models.fused import FusedGEGLU, fast_cpu_tensor
 from sdstudio.models.half_weights import WideningLinear, widened
-from sdstudio.models.native import compiled_library, scratch
+from sdstudio.models.native import SCALAR_LOADS, compiled_library, scratch
 from sdstudio.models.tuning import candidate_pays, cpu_description
 
 MAX_SPREAD = 128   # activations whose range exceeds this many times their mean |x| run in their float dtype: a
                    # safety net for extreme outliers only — on random weights Gaussian ones spread 12, the widest
                    # (GEGLU outputs, which the quality guard covers) 83
 ACTIVATION_TYPES = {torch.bfloat16: ("bf16", "uint16_t"), torch.float32: ("f32", "float")}   # C suffix, C type
-QUANTIZE_SOURCE = """typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
-typedef unsigned int uint32_t;
-typedef unsigned char uint8_t;
-typedef union { uint32_t u; float f; } bits;
-
-static inline float load_bf16(uint16_t v) { bits b; b.u = (uint32_t)v << 16; return b.f; }
-static inline float load_f32(float v) { return v; }
-"""
+# the weights packing reads as they are: a bf16 model's, or the file's fp16 / fp32 ones an int8 load keeps
+WEIGHT_TYPES = {**ACTIVATION_TYPES, torch.float16: ("f16", "uint16_t")}
+QUANTIZE_SOURCE = SCALAR_LOADS + "typedef unsigned char uint8_t;\n"
 # the activation kernels, once per ACTIVATION_TYPES entry (SUFFIX, TYPE)
 ACTIVATION_SOURCE = """
 /* summary[0..2] = lowest, highest and mean |x| of x (rows × cols) divided column by column by the smoothing
@@ -107,26 +102,25 @@ void quantize_u8_SUFFIX(const TYPE *x, uint8_t *q, long rows, long cols, const f
   }
 }
 """
+# the weight quantizer, once per WEIGHT_TYPES entry (SUFFIX, TYPE)
 WEIGHT_SOURCE = """
-/* a bf16 weight (rows × cols) times the smoothing factors column by column, as integers in [-limit, limit] with
-   one scale per row: max |w · smoothing| / limit */
-void quantize_weight_rows(const uint16_t *w, const float *smoothing, signed char *q, float *scales, long rows,
-                          long cols, float limit, int threads) {
+/* a weight (rows × cols) rounded to bf16, times the smoothing factors column by column, as integers in
+   [-limit, limit] with one scale per row: max |w · smoothing| / limit */
+void quantize_weight_rows_SUFFIX(const TYPE *w, const float *smoothing, signed char *q, float *scales, long rows,
+                                 long cols, float limit, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long r = 0; r < rows; r++) {
-    const uint16_t *row = w + r * cols;
-    float largest = 0.f;
+    const TYPE *row = w + r * cols;
+    bits largest = {0};   /* the largest |value| by its bits (their order for non-negative floats): vectorises */
     for (long i = 0; i < cols; i++) {
-      bits b;
-      b.u = (uint32_t)(row[i] & 0x7fff) << 16;
-      float v = b.f * smoothing[i];
-      largest = v > largest ? v : largest;
+      bits v;
+      v.f = bf16_rounded(load_SUFFIX(row[i])) * smoothing[i];
+      v.u &= 0x7FFFFFFFu;
+      largest.u = v.u > largest.u ? v.u : largest.u;
     }
-    float scale = largest > 0.f ? largest / limit : 1.f, inverse = 1.f / scale;
+    float scale = largest.f > 0.f ? largest.f / limit : 1.f, inverse = 1.f / scale;
     for (long i = 0; i < cols; i++) {
-      bits b;
-      b.u = (uint32_t)row[i] << 16;
-      float v = b.f * smoothing[i] * inverse;
+      float v = bf16_rounded(load_SUFFIX(row[i])) * smoothing[i] * inverse;
       q[r * cols + i] = (signed char)(v < 0.f ? v - 0.5f : v + 0.5f);
     }
     scales[r] = scale;
@@ -139,15 +133,18 @@ void quantize_weight_rows(const uint16_t *w, const float *smoothing, signed char
 def _kernels() -> ctypes.CDLL | None:
     activations = "".join(ACTIVATION_SOURCE.replace("SUFFIX", suffix).replace("TYPE", c_type)
                           for suffix, c_type in ACTIVATION_TYPES.values())
-    kernels = compiled_library("int8", QUANTIZE_SOURCE + activations + WEIGHT_SOURCE)
+    weights = "".join(WEIGHT_SOURCE.replace("SUFFIX", suffix).replace("TYPE", c_type)
+                      for suffix, c_type in WEIGHT_TYPES.values())
+    kernels = compiled_library("int8", QUANTIZE_SOURCE + activations + weights)
     if kernels is not None:
         pointer, index = ctypes.c_void_p, ctypes.c_long
         for suffix, _ in ACTIVATION_TYPES.values():
             getattr(kernels, f"summarize_{suffix}").argtypes = [pointer, index, index, pointer, pointer, ctypes.c_int]
             getattr(kernels, f"quantize_u8_{suffix}").argtypes = [pointer, pointer, index, index, pointer,
                                                                   ctypes.c_float, ctypes.c_float, ctypes.c_int]
-        kernels.quantize_weight_rows.argtypes = [pointer, pointer, pointer, pointer, index, index, ctypes.c_float,
-                                                 ctypes.c_int]
+        for suffix, _ in WEIGHT_TYPES.values():
+            getattr(kernels, f"quantize_weight_rows_{suffix}").argtypes = [pointer, pointer, pointer, pointer, index,
+                                                                           index, ctypes.c_float, ctypes.c_int]
     return kernels
 
 
@@ -220,14 +217,15 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
                 smoothing: torch.Tensor | None = None) -> PackedWeight:
     """A `weight` (out × in; bf16, or the file's fp16 / fp32) times `smoothing` (one factor per input channel; none:
     as it is) as symmetric int8 per output channel of its bf16 values (at most ±`weight_limit()`), packed for oneDNN's
-    u8 × s8 product."""
-    weight = _in_dtype(weight.detach(), torch.bfloat16).contiguous()
+    u8 × s8 product. The weight is read as it is (a file's mapped one: its pages, not a converted copy)."""
+    weight = weight.detach()
+    weight = (weight if weight.dtype in WEIGHT_TYPES else weight.to(torch.bfloat16)).contiguous()
     rows, cols = weight.shape
     smoothing = torch.ones(cols) if smoothing is None else smoothing.float().contiguous()
     values, scales = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
-    kernels = _kernels()
-    kernels.quantize_weight_rows(weight.data_ptr(), smoothing.data_ptr(), values.data_ptr(), scales.data_ptr(), rows,
-                                 cols, float(weight_limit()), torch.get_num_threads())
+    quantize = getattr(_kernels(), f"quantize_weight_rows_{WEIGHT_TYPES[weight.dtype][0]}")
+    quantize(weight.data_ptr(), smoothing.data_ptr(), values.data_ptr(), scales.data_ptr(), rows, cols,
+             float(weight_limit()), torch.get_num_threads())
     return PackedWeight(torch.ops.onednn.qlinear_prepack(values, None), scales,
                         torch.zeros(len(scales), dtype=torch.long),
                         None if bias is None else bias.detach().float(), 1 / smoothing)

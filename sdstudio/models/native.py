@@ -32,6 +32,24 @@ from sdstudio.models.tuning import cpu_description, kernel_cache_dir
 log = logging.getLogger(__name__)
 
 COMPILER_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# C preamble of generated kernels, which build without headers (a bare C compiler): one value of a bf16, fp16 or fp32
+# tensor as float (load_bf16, load_f16: exact; load_f32), and a float rounded to bf16's precision as torch rounds
+SCALAR_LOADS = """typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef union { uint32_t u; float f; } bits;
+static inline float load_f32(float f) { return f; }
+static inline float load_bf16(uint16_t h) { bits v; v.u = (uint32_t)h << 16; return v.f; }
+static inline float load_f16(uint16_t h) {   /* exact for every fp16 value, vectorises (no branch) */
+  bits v; v.u = (uint32_t)(h & 0x7FFFu) << 13;
+  v.f *= 0x1p112f;                                       /* the exponent's bias, for normals and subnormals alike */
+  if ((h & 0x7FFFu) >= 0x7C00u) v.u |= 0x7F800000u;      /* infinities and NaN */
+  v.u |= (uint32_t)(h & 0x8000u) << 16;
+  return v.f;
+}
+static inline float bf16_rounded(float f) {   /* to nearest even */
+  bits v; v.f = f; v.u = (v.u + 0x7FFFu + ((v.u >> 16) & 1u)) & 0xFFFF0000u; return v.f;
+}
+"""
 KERNELS = Path(__file__).parent / "kernels"
 
 

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from sdstudio.models.half_weights import weight_for
-from sdstudio.models.native import compiled_library, release_kernel_buffers, releasing_buffers, scratch
+from sdstudio.models.native import (SCALAR_LOADS, compiled_library, release_kernel_buffers, releasing_buffers,
+                                    scratch)
 from sdstudio.models.tuning import candidate_pays
 
 OUTPUT_TILES = {torch.bfloat16: 2, torch.float32: 4}   # per dtype: the output tile m of its F(m×m, 3×3)
@@ -262,22 +263,10 @@ def _sandwich(matrix: list[list[float]], source: str, columns: int, indent: str,
 
 def transform_header(dtype: torch.dtype, m: int) -> str:
     """C preamble of the transforms of F(m×m, 3×3) on `dtype` elements: sizes, element type, loads and store."""
-    return f"""typedef unsigned short uint16_t;  /* no headers: builds with a bare C compiler */
-typedef unsigned int uint32_t;
-#define N {m + 2}
+    return SCALAR_LOADS + f"""#define N {m + 2}
 #define M {m}
 #define CH {CHANNEL_BLOCK}
 typedef {C_TYPES[dtype]} elem;
-typedef union {{ uint32_t u; float f; }} bits;
-static inline float load_f32(float f) {{ return f; }}
-static inline float load_bf16(uint16_t h) {{ bits v; v.u = (uint32_t)h << 16; return v.f; }}
-static inline float load_f16(uint16_t h) {{   /* exact for every fp16 value, vectorises (no branch) */
-  bits v; v.u = (uint32_t)(h & 0x7FFFu) << 13;
-  v.f *= 0x1p112f;                                       /* the exponent's bias, for normals and subnormals alike */
-  if ((h & 0x7FFFu) >= 0x7C00u) v.u |= 0x7F800000u;      /* infinities and NaN */
-  v.u |= (uint32_t)(h & 0x8000u) << 16;
-  return v.f;
-}}
 #define load load_{SUFFIXES[dtype]}
 """ + ("""static inline uint16_t store(float f) {
   bits v; v.f = f; return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
