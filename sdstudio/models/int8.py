@@ -54,15 +54,13 @@ from sdstudio.files.readers import release_file_pages
 from sdstudio.models.conversion import copy_weights
 from sdstudio.models.fused import FusedGEGLU, fast_cpu_tensor
 from sdstudio.models.half_weights import WideningLinear, widened
-from sdstudio.models.native import SCALAR_LOADS, compiled_library, scratch
+from sdstudio.models.native import SCALAR_LOADS, SCALAR_TYPES, compiled_library, scratch
 from sdstudio.models.tuning import candidate_pays, cpu_description
 
 MAX_SPREAD = 128   # activations whose range exceeds this many times their mean |x| run in their float dtype: a
                    # safety net for extreme outliers only — on random weights Gaussian ones spread 12, the widest
                    # (GEGLU outputs, which the quality guard covers) 83
-ACTIVATION_TYPES = {torch.bfloat16: ("bf16", "uint16_t"), torch.float32: ("f32", "float")}   # C suffix, C type
-# the weights packing reads as they are: a bf16 model's, or the file's fp16 / fp32 ones an int8 load keeps
-WEIGHT_TYPES = {**ACTIVATION_TYPES, torch.float16: ("f16", "uint16_t")}
+ACTIVATION_TYPES = {dtype: SCALAR_TYPES[dtype] for dtype in (torch.bfloat16, torch.float32)}   # C suffix, C type
 QUANTIZE_SOURCE = SCALAR_LOADS + "typedef unsigned char uint8_t;\n"
 # the activation kernels, once per ACTIVATION_TYPES entry (SUFFIX, TYPE)
 ACTIVATION_SOURCE = """
@@ -102,7 +100,8 @@ void quantize_u8_SUFFIX(const TYPE *x, uint8_t *q, long rows, long cols, const f
   }
 }
 """
-# the weight quantizer, once per WEIGHT_TYPES entry (SUFFIX, TYPE)
+# the weight quantizer, once per SCALAR_TYPES entry (SUFFIX, TYPE): packing reads the weights as they are, a bf16
+# model's or the file's fp16 / fp32 ones an int8 load keeps
 WEIGHT_SOURCE = """
 /* a weight (rows × cols) rounded to bf16, times the smoothing factors column by column, as integers in
    [-limit, limit] with one scale per row: max |w · smoothing| / limit */
@@ -134,7 +133,7 @@ def _kernels() -> ctypes.CDLL | None:
     activations = "".join(ACTIVATION_SOURCE.replace("SUFFIX", suffix).replace("TYPE", c_type)
                           for suffix, c_type in ACTIVATION_TYPES.values())
     weights = "".join(WEIGHT_SOURCE.replace("SUFFIX", suffix).replace("TYPE", c_type)
-                      for suffix, c_type in WEIGHT_TYPES.values())
+                      for suffix, c_type in SCALAR_TYPES.values())
     kernels = compiled_library("int8", QUANTIZE_SOURCE + activations + weights)
     if kernels is not None:
         pointer, index = ctypes.c_void_p, ctypes.c_long
@@ -142,7 +141,7 @@ def _kernels() -> ctypes.CDLL | None:
             getattr(kernels, f"summarize_{suffix}").argtypes = [pointer, index, index, pointer, pointer, ctypes.c_int]
             getattr(kernels, f"quantize_u8_{suffix}").argtypes = [pointer, pointer, index, index, pointer,
                                                                   ctypes.c_float, ctypes.c_float, ctypes.c_int]
-        for suffix, _ in WEIGHT_TYPES.values():
+        for suffix, _ in SCALAR_TYPES.values():
             getattr(kernels, f"quantize_weight_rows_{suffix}").argtypes = [pointer, pointer, pointer, pointer, index,
                                                                            index, ctypes.c_float, ctypes.c_int]
     return kernels
@@ -219,11 +218,11 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
     as it is) as symmetric int8 per output channel of its bf16 values (at most ±`weight_limit()`), packed for oneDNN's
     u8 × s8 product. The weight is read as it is (a file's mapped one: its pages, not a converted copy)."""
     weight = weight.detach()
-    weight = (weight if weight.dtype in WEIGHT_TYPES else weight.to(torch.bfloat16)).contiguous()
+    weight = (weight if weight.dtype in SCALAR_TYPES else weight.to(torch.bfloat16)).contiguous()
     rows, cols = weight.shape
     smoothing = torch.ones(cols) if smoothing is None else smoothing.float().contiguous()
     values, scales = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
-    quantize = getattr(_kernels(), f"quantize_weight_rows_{WEIGHT_TYPES[weight.dtype][0]}")
+    quantize = getattr(_kernels(), f"quantize_weight_rows_{SCALAR_TYPES[weight.dtype][0]}")
     quantize(weight.data_ptr(), smoothing.data_ptr(), values.data_ptr(), scales.data_ptr(), rows, cols,
              float(weight_limit()), torch.get_num_threads())
     return PackedWeight(torch.ops.onednn.qlinear_prepack(values, None), scales,

@@ -32,6 +32,9 @@ from sdstudio.models.tuning import cpu_description, kernel_cache_dir
 log = logging.getLogger(__name__)
 
 COMPILER_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# per dtype a generated kernel reads: the suffix of its SCALAR_LOADS load and its C element type
+SCALAR_TYPES = {torch.bfloat16: ("bf16", "uint16_t"), torch.float16: ("f16", "uint16_t"),
+                torch.float32: ("f32", "float")}
 # C preamble of generated kernels, which build without headers (a bare C compiler): one value of a bf16, fp16 or fp32
 # tensor as float (load_bf16, load_f16: exact; load_f32), and a float rounded to bf16's precision as torch rounds
 SCALAR_LOADS = """typedef unsigned short uint16_t;

@@ -33,16 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from sdstudio.models.half_weights import weight_for
-from sdstudio.models.native import (SCALAR_LOADS, compiled_library, release_kernel_buffers, releasing_buffers,
-                                    scratch)
+from sdstudio.models.native import (SCALAR_LOADS, SCALAR_TYPES, compiled_library, release_kernel_buffers,
+                                    releasing_buffers, scratch)
 from sdstudio.models.tuning import candidate_pays
 
 OUTPUT_TILES = {torch.bfloat16: 2, torch.float32: 4}   # per dtype: the output tile m of its F(m×m, 3×3)
 # per output tile m: the Toom-Cook interpolation points (and ∞) of F(m×m, 3×3)
 INTERPOLATION_POINTS = {2: (0.0, 1.0, -1.0),
                         4: (0.0, 1.0, -1.0, 0.5, -2.0)}   # error 1.7e-6 (±2: 2.6e-6, ±½: 2.6e-6)
-C_TYPES = {torch.bfloat16: "uint16_t", torch.float16: "uint16_t", torch.float32: "float"}
-SUFFIXES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}   # of the C loads and functions
+C_TYPES = {dtype: c_type for dtype, (_, c_type) in SCALAR_TYPES.items()}
+SUFFIXES = {dtype: suffix for dtype, (suffix, _) in SCALAR_TYPES.items()}   # of the C loads and functions
 # per dtype: the weight dtypes its weight transform reads (the fast fp32 path keeps fp16 and bf16 files' weights in
 # their 16-bit dtype: models/half_weights.py; `--precision int8` the file's weights of the 3×3 convolutions it packs:
 # models/int8_winograd.py)
@@ -268,9 +268,7 @@ def transform_header(dtype: torch.dtype, m: int) -> str:
 #define CH {CHANNEL_BLOCK}
 typedef {C_TYPES[dtype]} elem;
 #define load load_{SUFFIXES[dtype]}
-""" + ("""static inline uint16_t store(float f) {
-  bits v; v.f = f; return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
-}
+""" + ("""static inline uint16_t store(float f) { bits v; v.f = bf16_rounded(f); return (uint16_t)(v.u >> 16); }
 """ if dtype == torch.bfloat16 else """static inline float store(float f) { return f; }
 """)
 
