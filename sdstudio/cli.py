@@ -11,10 +11,12 @@ from typing import Callable
 from sdstudio.errors import SDStudioError
 from sdstudio.models.memory import keep_freed_memory
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")   # names models.checkpoint.resolve_precision takes
-PRECISION_HELP = ("auto (default): bf16 where the CPU computes it natively (AMX / AVX512-BF16), fp16 on a GPU, "
-                  "else fp32 with near-exact fast kernels (Winograd F(4x4), fused GEGLU); fp32 = the exact reference "
-                  "path; int8 (CPU) = auto with the UNet's transformer linears in int8: faster, a little less exact")
+PRECISIONS = ("auto", "float", "fp32", "bf16", "fp16", "int8")   # names models.checkpoint.precision_options takes
+PRECISION_HELP = ("auto (default): the device's fast path: fp16 on a GPU; on the CPU bf16 where it computes it "
+                  "natively (AMX / AVX512-BF16), else fp32 with near-exact fast kernels (Winograd F(4x4), fused "
+                  "GEGLU), with the UNet's transformer linears and large 3x3 convolutions as int8 products where "
+                  "this machine measures them faster; float = auto without the int8 products (closer to fp32); "
+                  "fp32 = the exact reference path; int8 = auto, refused on a GPU")
 DEVICE_HELP = "where the models run: auto (default: the first CUDA GPU when there is one, else the CPU), cpu, cuda[:N]"
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}

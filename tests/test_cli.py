@@ -177,13 +177,15 @@ def test_converted_weights_are_kept_for_the_next_run_and_give_the_same_image(tmp
     assert not (off / "cache" / "converted").exists() and kept.exists()
 
 
-def test_precision_int8_gives_its_own_image_and_the_same_one_again(tmp_path, sd1_file):
+def test_default_precision_is_int8_on_the_cpu_float_leaves_it_out_and_each_gives_the_same_image_again(tmp_path,
+                                                                                                       sd1_file):
     models = tmp_path / "models" / "Stable-diffusion"
     models.mkdir(parents=True)
     os.link(sd1_file, models / "tiny.safetensors")
-    args = ("txt2img", "a cat", "--steps", "2", "-W", "64", "-H", "64", "--seed", "5", "-q", "--precision")
-    bf16, int8, again = (Path(run(*args, p, data_dir=tmp_path).stdout.strip()) for p in ("bf16", "int8", "int8"))
-    assert int8.read_bytes() == again.read_bytes() != bf16.read_bytes()
+    args = ("txt2img", "a cat", "--steps", "2", "-W", "64", "-H", "64", "--seed", "5", "-q")
+    auto, int8, floating = (Path(run(*args, *p, data_dir=tmp_path).stdout.strip())
+                            for p in ((), ("--precision", "int8"), ("--precision", "float")))
+    assert auto.read_bytes() == int8.read_bytes() != floating.read_bytes()   # the second int8 run: kept calibration
 
 
 def test_lora_tags_and_embeddings_apply_as_in_the_server(data_dir, tmp_path):

@@ -29,6 +29,7 @@ TEXT_KIND_OF_PREFIX = {
     "conditioner.embedders.1.model.": "open_clip_g",
     "conditioner.embedders.0.model.": "open_clip_g",
 }
+FAST_PATHS = ("auto", "float", "int8")   # the --precision names of the device's fast path (the rest name a dtype)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -39,25 +40,26 @@ def fast_cpu_dtype() -> torch.dtype:
 
 
 def resolve_precision(name: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """torch dtype for a `--precision` name; `auto` is the fast path of the device: fp16 on a CUDA GPU (as A1111
-    runs), on the CPU fast_cpu_dtype; `int8` (the CPU only) is the CPU's fast path whose UNet transformers' linears
-    then run in int8 (load_checkpoint's `int8_linears`). `precision_options` gives all of a name's load options."""
+    """torch dtype for a `--precision` name (PRECISIONS); the fast paths (`auto`, `float`, `int8`) compute in fp16 on
+    a CUDA GPU (as A1111 runs) and in fast_cpu_dtype on the CPU; `int8` is for the CPU only. `precision_options`
+    gives all of a name's load options."""
     on_gpu = torch.device(device).type == "cuda"
     if name == "int8" and on_gpu:
         raise SDStudioError("--precision int8 is for the CPU; on a GPU use auto, fp16 or bf16")
-    if name not in ("auto", "int8"):
+    if name in DTYPES:
         return DTYPES[name]
     return torch.float16 if on_gpu else fast_cpu_dtype()
 
 
 def precision_options(name: str, device: torch.device | str = "cpu") -> dict[str, Any]:
     """load_checkpoint's arguments for a `--precision` name on `device`: `dtype` (resolve_precision), `int8_linears`
-    (`int8`: its products build on the CPU's fast path, the bf16 model where the CPU has native bf16 math, else the
-    fast fp32 one) and `fast_fp32` (`auto` and `int8` where the CPU has no native bf16 math: fp32 with the near-exact
-    fast kernels; `fp32` stays the exact reference)."""
-    dtype = resolve_precision(name, device)
-    return {"dtype": dtype, "int8_linears": name == "int8",
-            "fast_fp32": name in ("auto", "int8") and dtype == torch.float32 and torch.device(device).type == "cpu"}
+    (`auto` and `int8` on the CPU: the UNet's int8 products, where this machine measures them faster than the float
+    ones — models/int8.py — on the CPU's fast float path) and `fast_fp32` (the fast paths where the CPU has no native
+    bf16 math: fp32 with the near-exact fast kernels; `fp32` stays the exact reference). `float` is `auto` without
+    the int8 products."""
+    dtype, on_cpu = resolve_precision(name, device), torch.device(device).type == "cpu"
+    return {"dtype": dtype, "int8_linears": on_cpu and name in ("auto", "int8"),
+            "fast_fp32": on_cpu and name in FAST_PATHS and dtype == torch.float32}
 
 
 @dataclass

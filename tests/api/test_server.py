@@ -293,7 +293,7 @@ def test_sigterm_interrupts_the_running_job_fails_queued_ones_and_exits(tmp_path
         process.wait()
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", ["bf16", "float", "auto"])
 def test_engine_loads_models_in_the_precision_the_server_was_started_with(tmp_path, sd1_file, precision):
     from sdstudio.models.checkpoint import precision_options, resolve_precision
     from sdstudio.models.int8 import Int8Linear
@@ -306,7 +306,7 @@ def test_engine_loads_models_in_the_precision_the_server_was_started_with(tmp_pa
     try:
         assert engine.model().dtype == options["dtype"] and engine.model().unet.dtype == options["dtype"]
         int8 = any(isinstance(m, Int8Linear) for m in engine.model().unet.modules())
-        assert int8 == (precision == "int8")   # on the bf16 model, or the fast fp32 one without native bf16 math
+        assert int8 == (precision == "auto")   # on the bf16 model, or the fast fp32 one without native bf16 math
         job = engine.submit("txt2img", pipeline.make_request(None, {"prompt": "a cat", **SMALL}))
         job.done.wait(60)
         assert job.status == "done" and job.result.images[0].size == (64, 64)

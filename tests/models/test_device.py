@@ -35,22 +35,29 @@ def test_cuda_without_a_gpu_says_so():
     assert device_memory(torch.device("cpu")) is None
 
 
-def test_auto_precision_is_fp16_on_a_gpu_and_the_cpu_fast_path_on_the_cpu():
-    assert resolve_precision("auto", "cuda") == torch.float16
-    assert resolve_precision("auto", "cpu") == fast_cpu_dtype()
+def test_fast_precisions_are_fp16_on_a_gpu_and_the_cpu_fast_path_on_the_cpu():
+    for name in ("auto", "float"):
+        assert resolve_precision(name, "cuda") == torch.float16
+        assert resolve_precision(name, "cpu") == fast_cpu_dtype()
     assert resolve_precision("bf16", "cuda") == torch.bfloat16 and resolve_precision("fp32", "cuda") == torch.float32
+    with pytest.raises(SDStudioError, match="--precision int8 is for the CPU"):
+        resolve_precision("int8", "cuda")
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_precision_options_give_the_fast_fp32_path_to_auto_on_a_cpu_without_bf16(monkeypatch, native_bf16):
+def test_precision_options_give_auto_the_int8_products_and_the_fast_fp32_path_on_a_cpu_without_bf16(monkeypatch,
+                                                                                                    native_bf16):
     """What each --precision name loads as; a CPU without native bf16 math (AVX2-only) is this CPU with the
     detection's answer replaced."""
     monkeypatch.setattr(checkpoint, "fast_cpu_dtype", lambda: torch.bfloat16 if native_bf16 else torch.float32)
-    cpu_auto = torch.bfloat16 if native_bf16 else torch.float32
-    assert precision_options("auto") == {"dtype": cpu_auto, "int8_linears": False, "fast_fp32": not native_bf16}
+    fast = torch.bfloat16 if native_bf16 else torch.float32
+    for name in ("auto", "int8"):
+        assert precision_options(name) == {"dtype": fast, "int8_linears": True, "fast_fp32": not native_bf16}
+    assert precision_options("float") == {"dtype": fast, "int8_linears": False, "fast_fp32": not native_bf16}
     assert precision_options("fp32") == {"dtype": torch.float32, "int8_linears": False, "fast_fp32": False}
-    assert precision_options("int8") == {"dtype": cpu_auto, "int8_linears": True, "fast_fp32": not native_bf16}
-    assert precision_options("auto", "cuda") == {"dtype": torch.float16, "int8_linears": False, "fast_fp32": False}
+    assert precision_options("bf16") == {"dtype": torch.bfloat16, "int8_linears": False, "fast_fp32": False}
+    for name in ("auto", "float"):
+        assert precision_options(name, "cuda") == {"dtype": torch.float16, "int8_linears": False, "fast_fp32": False}
 
 
 def test_models_load_onto_the_device_asked_for(sd1_file):
