@@ -34,7 +34,7 @@ def main() -> None:
     print(table)
     write_section("torch.compile on the fast path (bench/compile.py)",
                   f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/compile.py`. Full-size SD1.5 "
-                  "fp16 file in bf16 (`--precision auto`), one CFG UNet call (batch 2, 64×64 latents); torch.compile "
+                  "fp16 file in bf16 (`--precision float`), one CFG UNet call (batch 2, 64×64 latents); torch.compile "
                   "in inductor's default mode (weights stay inputs: LoRA patches in place still count), sdstudio's "
                   "own kernels (Winograd, attention, fused GEGLU) eager inside it; eager and compiled calls "
                   f"alternating, median of {CALLS} each; each row a fresh process sharing one inductor cache "

@@ -1,4 +1,4 @@
-"""SD1.5 512² seconds per CFG step with the engines taking turns: sdstudio (`auto` and `int8`), OpenVINO, the fastest
+"""SD1.5 512² seconds per CFG step with the engines taking turns: sdstudio (`auto` and `float`), OpenVINO, the fastest
 peer of bench/generate.py (bf16 where the CPU has native bf16 math, else f32), and diffusers fp32 (its default, the
 baseline of the issue's 3.5× target), each loaded once in its own process, then ROUNDS rounds in which each runs a
 STEPS-step image in turn (the order rotating). bench/generate.py times each engine once, minutes apart, and this VM's
@@ -54,7 +54,7 @@ def engines(path: Path) -> tuple[str, dict[str, dict]]:
     peer = f"OpenVINO {precision} (UNet + VAE decoder)"
     plan = {peer: dict(engine="openvino", path=str(path), config=config, precision=precision),
             "sdstudio --precision auto": dict(engine="sdstudio", path=str(path), precision="auto"),
-            "sdstudio --precision int8": dict(engine="sdstudio", path=str(path), precision="int8"),
+            "sdstudio --precision float": dict(engine="sdstudio", path=str(path), precision="float"),
             BASELINE: dict(engine="diffusers", path=str(path), config=config, mode="fp32")}
     return peer, plan
 

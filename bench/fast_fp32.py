@@ -1,4 +1,4 @@
-"""The fast fp32 path (`--precision auto` on CPUs without native bf16 math: AVX2-only ones, most desktop CPUs) against
+"""The fast fp32 path (`--precision float` on CPUs without native bf16 math: AVX2-only ones, most desktop CPUs) against
 the exact fp32 path, on this CPU and (on a CPU with AVX-512) with the CPU limited to AVX2.
 
 Each row is a fresh process with both models of the full-size SD1.5 fp16 file loaded (runners.sdstudio_fast_fp32):
@@ -60,7 +60,7 @@ def main() -> None:
     write_section("Fast fp32 path for CPUs without bf16 (bench/fast_fp32.py)",
                   f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/fast_fp32.py`. Full-size SD1.5 "
                   "fp16 file loaded in fp32 twice in one process: the exact path (`--precision fp32`, torch's own "
-                  "layers) and the fast one (`--precision auto` where the CPU has no native bf16 math: channels-last "
+                  "layers) and the fast one (`--precision float` where the CPU has no native bf16 math: channels-last "
                   "weights, F(4×4, 3×3) Winograd in fp32, the GEGLU as one product + the GELU · product kernel, "
                   "the fp32 flash-attention kernel, the attention processor's CFG saving: each where measured "
                   "faster); one CFG UNet call (batch 2, 64×64 latents) and one 512² decode each way, alternating, medians of "

@@ -23,7 +23,7 @@ from common import (BENCH_DIR, cpu_kind, diffusers_config_dir, failed_row, full_
 SD15_STEPS = 20     # the end-to-end image; per-step time is the median of the intervals after the first
 SDXL_STEPS = 3      # a 1024² SDXL step is a minute or more here: the first step plus two measured ones
 SDCPP_STEPS = 4     # stable-diffusion.cpp: ~45 s a step here; its 20-step time is extended from 4 measured steps
-OUTLIERS_ROW = "sdstudio --precision int8, the file with outlier channels"   # same function (synthetic.py)
+OUTLIERS_ROW = "sdstudio --precision auto, the file with outlier channels"   # same function (synthetic.py)
 
 
 def notes_file() -> Path:
@@ -58,13 +58,13 @@ def sd15_rows(images: Path, results: dict[str, dict]) -> None:
                                                                         e2e_steps=SD15_STEPS)),
         "sdstudio fp32": ("sdstudio", dict(path=str(path), precision="fp32",
                                            image=str(images / "sd15-fp32.png"), **decode)),
+        "sdstudio --precision float": ("sdstudio", dict(path=str(path), precision="float",   # auto without int8
+                                                        image=str(images / "sd15-float.png"), decode_sizes=[])),
         "sdstudio --precision auto": ("sdstudio", dict(path=str(path), precision="auto",
                                                        image=str(images / "sd15-auto.png"),
                                                        decode_sizes=[512, 1024, 2048])),  # 2048²: tiled
-        "sdstudio --precision int8": ("sdstudio", dict(path=str(path), precision="int8",
-                                                       image=str(images / "sd15-int8.png"), decode_sizes=[])),
         OUTLIERS_ROW: ("sdstudio", dict(path=str(full_checkpoint("sd1", "fp16", outlier_channels=True)),
-                                        precision="int8", image=str(images / "sd15-int8-outliers.png"),
+                                        precision="auto", image=str(images / "sd15-auto-outliers.png"),
                                         decode_sizes=[])),
     }
     run_plan(plan, results, common)
@@ -82,12 +82,12 @@ def sdxl_rows(images: Path, results: dict[str, dict]) -> None:
         "diffusers bf16 + channels_last + torch.compile (inductor, freezing)": (
             "diffusers", dict(path=str(path), config=config, mode="compile", xl=True, image=None)),
         "sdstudio fp32": ("sdstudio", dict(path=str(path), precision="fp32", image=str(images / "sdxl-fp32.png"))),
+        "sdstudio --precision float": ("sdstudio", dict(path=str(path), precision="float",
+                                                        image=str(images / "sdxl-float.png"))),
         "sdstudio --precision auto": ("sdstudio", dict(path=str(path), precision="auto",
                                                        image=str(images / "sdxl-auto.png"))),
-        "sdstudio --precision int8": ("sdstudio", dict(path=str(path), precision="int8",
-                                                       image=str(images / "sdxl-int8.png"))),
         OUTLIERS_ROW: ("sdstudio", dict(path=str(full_checkpoint("sdxl", "fp16", outlier_channels=True)),
-                                        precision="int8", image=str(images / "sdxl-int8-outliers.png"))),
+                                        precision="auto", image=str(images / "sdxl-auto-outliers.png"))),
     }
     run_plan(plan, results, common, prefix="SDXL ")
 
@@ -134,7 +134,7 @@ def sd15_table(results: dict[str, dict]) -> str:
                     f"{fmt(r.get('rss_all_gib'))} |")
     lines = ["\n".join(rows)]
     if fastest:
-        ours = {p: results.get(f"sdstudio --precision {p}", {}) for p in ("auto", "int8")}
+        ours = {p: results.get(f"sdstudio --precision {p}", {}) for p in ("auto", "float")}
         lines.append(f"Fastest peer per step: {fastest[0]} ({fastest[1]['step_s']:.2f} s); end to end: "
                      f"{fastest_e2e[0]} ({fastest_e2e[1]['e2e_s']:.1f} s)"
                      + "".join(f"; sdstudio --precision {p} end to end {fastest_e2e[1]['e2e_s'] / r['e2e_s']:.2f}× "
@@ -160,15 +160,17 @@ def sdxl_table(results: dict[str, dict]) -> str:
 def quality(images: Path) -> str:
     rows = ["| images compared (same seed and settings) | PSNR dB |", "|---|---|"]
     pairs = {f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision auto vs sdstudio fp32": ("sd15-auto", "sd15-fp32"),
+             f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision auto on the file with outlier channels (the same "
+             "function: 4 channels ×32 after every transformer norm) vs sdstudio fp32": ("sd15-auto-outliers",
+                                                                                         "sd15-fp32"),
+             f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision float vs sdstudio fp32": ("sd15-float",
+                                                                                             "sd15-fp32"),
              f"SD1.5 512², {SD15_STEPS} steps: diffusers bf16 vs diffusers fp32": ("diffusers-bf16", "diffusers-fp32"),
              f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision auto vs sdstudio fp32": ("sdxl-auto", "sdxl-fp32"),
-             f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision int8 vs sdstudio fp32": ("sd15-int8", "sd15-fp32"),
-             f"SD1.5 512², {SD15_STEPS} steps: sdstudio --precision int8 on the file with outlier channels (the same "
-             "function: 4 channels ×32 after every transformer norm) vs sdstudio fp32": ("sd15-int8-outliers",
-                                                                                         "sd15-fp32"),
-             f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision int8 vs sdstudio fp32": ("sdxl-int8", "sdxl-fp32"),
-             f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision int8 on the file with outlier channels vs sdstudio "
-             "fp32": ("sdxl-int8-outliers", "sdxl-fp32")}
+             f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision auto on the file with outlier channels vs sdstudio "
+             "fp32": ("sdxl-auto-outliers", "sdxl-fp32"),
+             f"SDXL 1024², {SDXL_STEPS} steps: sdstudio --precision float vs sdstudio fp32": ("sdxl-float",
+                                                                                            "sdxl-fp32")}
     for label, (a, b) in pairs.items():
         pa, pb = images / f"{a}.png", images / f"{b}.png"
         if pa.exists() and pb.exists():

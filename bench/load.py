@@ -34,18 +34,18 @@ def main() -> None:
                 run_runner("sdstudio_load", path=str(path), dtype=dtype, converted=converted, **options)
                 return "sdstudio_load", dict(path=str(path), dtype=dtype, converted=converted, **options)
 
-            if variant == "fp16" and dtype == "float32":   # `auto` on a CPU without bf16: channels-last weights
-                loaders["sdstudio fast fp32 (`auto` without native bf16)"] = (
+            if variant == "fp16" and dtype == "float32":   # the fast paths without bf16: channels-last weights
+                loaders["sdstudio fast fp32 (`--precision float` without native bf16)"] = (
                     "sdstudio_load", dict(path=str(path), dtype=dtype, fast_fp32=True))
-                loaders["sdstudio --precision int8 on the fast fp32 path (`int8` without native bf16)"] = (
+                loaders["sdstudio --precision auto without native bf16 (int8 on the fast fp32 path)"] = (
                     "sdstudio_load", dict(path=str(path), dtype=dtype, fast_fp32=True, int8_linears=True))
-                loaders["the same, converted weights and calibration kept by an earlier load"] = kept(
-                    fast_fp32=True, int8_linears=True)
-            if suffix == ".safetensors" and variant == "fp16" and dtype == "bfloat16":   # auto's load: converted
+                loaders["the same, converted weights kept by an earlier load"] = kept(fast_fp32=True,
+                                                                                      int8_linears=True)
+            if suffix == ".safetensors" and variant == "fp16" and dtype == "bfloat16":   # float's load: converted
                 loaders["sdstudio, converted weights kept by an earlier load"] = kept()
-                loaders["sdstudio --precision int8 (its linears keep the file's weights)"] = (
+                loaders["sdstudio --precision auto (its int8 layers keep the file's weights)"] = (
                     "sdstudio_load", dict(path=str(path), dtype=dtype, int8_linears=True))
-                loaders["the same, converted weights (of the load above) and calibration kept by an earlier load"] = (
+                loaders["the same, converted weights (of the load above) kept by an earlier load"] = (
                     kept(int8_linears=True))
             loaders["diffusers from_single_file"] = (
                 "diffusers_load", dict(path=str(path), config=str(config), dtype=dtype))
@@ -62,16 +62,17 @@ def main() -> None:
     print(table)
     write_section("Checkpoint load (bench/load.py)",
                   f"{machine()}\n\nCommand: `make bench` or `.venv/bin/python bench/load.py`. Page cache warm for "
-                  "both; loaded in the file's dtype, and the fp16 file also in bf16 (`--precision auto` on this CPU); "
+                  "both; loaded in the file's dtype, and the fp16 file also in bf16 (`--precision float` and "
+                  "`auto` on this CPU); "
                   "ratios to diffusers' own load and load + touch; each load in a fresh child process, the loaders "
                   f"in turn, {ROUNDS} rounds, the median of each (one load moves ±20 % from run to run on this VM); "
                   "peak RSS = the child's VmHWM. \"Converted weights kept\": a second process loading the same file "
                   "through the `cache/converted/` folder that a first one filled (models/converted.py; that file is in "
-                  "the page cache like the source). \"--precision int8\": the UNet's transformer linears stay the "
-                  "file's fp16 weights, packed to int8 at the first step; its load includes one calibration call "
-                  "(models/int8.py), which a later load of the same file skips (its result kept with the converted "
-                  "weights). \"Fast fp32\": what "
-                  "`--precision auto` loads on a CPU without native bf16 math (the file's 16-bit linear weights "
+                  "the page cache like the source). \"--precision auto\": the UNet's int8 layers (transformer linears, "
+                  "3×3 convolutions of 256 channels and more) keep the file's fp16 weights, packed to int8 in the "
+                  "first generation, after one calibration call that waits for it too (models/int8.py: a later load "
+                  "of the same file skips the call, its result kept with the converted weights). \"Fast fp32\": "
+                  "what the fast paths load on a CPU without native bf16 math (the file's 16-bit linear weights "
                   "mapped as they are, its convolution weights copied channels-last in their dtype, the rest in fp32: "
                   f"models/half_weights.py).\n\n{table}")
 

@@ -50,8 +50,8 @@ def main() -> None:
     files = {"lora_a": str(a), "lora_b": str(b)}
     columns = {
         "sdstudio fp32": run_runner("sdstudio_lora", path=str(checkpoint), precision="fp32", **files),
+        "sdstudio --precision float": run_runner("sdstudio_lora", path=str(checkpoint), precision="float", **files),
         "sdstudio --precision auto": run_runner("sdstudio_lora", path=str(checkpoint), precision="auto", **files),
-        "sdstudio --precision int8": run_runner("sdstudio_lora", path=str(checkpoint), precision="int8", **files),
         "diffusers + peft fp32 (load + fuse)": run_runner("diffusers_lora", path=str(checkpoint), config=config,
                                                           precision="fp32", **files),
         "diffusers + peft bf16 (load + fuse)": run_runner("diffusers_lora", path=str(checkpoint), config=config,

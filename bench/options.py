@@ -1,4 +1,4 @@
-"""A1111's speed options on a full-size synthetic SD1.5 (sdstudio --precision auto, one process): Token merging
+"""A1111's speed options on a full-size synthetic SD1.5 (sdstudio --precision float, one process): Token merging
 ratio, Negative Guidance minimum sigma (NGMS) and Skip Early CFG. Each trades image fidelity for time, so each row
 also gives the PSNR of its image against the plain one (same seed). On random weights that PSNR says how far the
 latents moved, not how a real model's picture looks."""
@@ -27,7 +27,7 @@ STEP_OPTIONS = ["plain", "Token merging ratio 0.5"]
 def main() -> None:
     checkpoint = full_checkpoint("sd1", "fp16")
     warm_page_cache(checkpoint)
-    results = run_runner("sdstudio_options", path=str(checkpoint), precision="auto", steps=STEPS, size=SIZE,
+    results = run_runner("sdstudio_options", path=str(checkpoint), precision="float", steps=STEPS, size=SIZE,
                          options=OPTIONS, step_size=STEP_SIZE, step_options=STEP_OPTIONS)
     if "error" in results:
         raise SystemExit(f"sdstudio_options failed: {results['error']}")
@@ -40,7 +40,7 @@ def main() -> None:
         rows.append(f"| {name} | {r['e2e_s']:.1f} | {plain / r['e2e_s']:.2f}× | {r['mean_step_s']:.2f} | "
                     f"{'–' if step is None else f'{step:.2f}'} | {psnr} |")
     body = (f"{machine()}\n\nCommand: `.venv/bin/python bench/options.py` (runner `sdstudio_options`). Full-size "
-            f"random-weight fp16 SD1.5, `--precision auto`, Euler, CFG 7, seed 1; one process, every option once "
+            f"random-weight fp16 SD1.5, `--precision float`, Euler, CFG 7, seed 1; one process, every option once "
             f"(after a small warm-up run of each), the plain run again last. Ratios > 1 = faster.\n\n"
             + "\n".join(rows))
     print(body)

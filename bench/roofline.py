@@ -5,7 +5,7 @@
   math, else fp32 FMA (512- or 256-bit: the fast fp32 path); int8 u8 × s8 products (vpdpbusd with VNNI, else
   vpmaddubsw + vpmaddwd + vpaddd, as oneDNN's int8 kernels run there). No real product can beat them; oneDNN's best
   bf16 matrix products reach 80–93 % of vdpbf16ps's.
-- Arithmetic of one CFG UNet call (batch 2, 64×64 latents) for `--precision auto` and `--precision int8` as this CPU
+- Arithmetic of one CFG UNet call (batch 2, 64×64 latents) for `--precision float` and `--precision auto` as this CPU
   runs them, counted from the shapes each module sees (forward hooks): convolutions' and linears' products (GEGLU's
   projection included), attention's two products (q·kᵀ and p·v); a 3×3 convolution that takes Winograd F(m×m, 3×3)
   counts (m+2)² products per m×m outputs instead of 9 per output; the int8 layers' products count at the int8 peak,
@@ -291,7 +291,7 @@ def main() -> None:
              + ", ".join(f"{name} {value:.0f} GFLOP/s" for name, value in found.items()),
              f"the exact fp32 UNet call (diffusers' UNet, torch's own layers): {reference:.2f} s; "
              f"{TARGET}× its speed = {target:.2f} s"]
-    for precision in ("auto", "int8"):
+    for precision in ("float", "auto"):
         options = precision_options(precision)
         unet = load_checkpoint(path, **options).unet
         float_arithmetic = ARITHMETIC[options["dtype"]]

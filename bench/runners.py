@@ -360,8 +360,8 @@ def sdcpp(path: str, steps: int, size: int, wtype: str, e2e_steps: int) -> dict:
 def sdstudio_load(path: str, dtype: str, converted: str | None = None, int8_linears: bool = False,
                   fast_fp32: bool = False) -> dict:
     """`load_checkpoint(path, dtype)` (through the converted-weights folder `converted` when given: the first load
-    fills it, later ones map it; with `int8_linears` as `--precision int8` loads, with `fast_fp32` as `auto` does on
-    a CPU without native bf16 math), then every weight touched once."""
+    fills it, later ones map it; with `int8_linears` as `--precision auto` loads, with `fast_fp32` as the fast paths
+    do on a CPU without native bf16 math), then every weight touched once."""
     from sdstudio.models.checkpoint import load_checkpoint
     from sdstudio.models.converted import ConvertedWeights
 
@@ -404,6 +404,7 @@ def sdstudio_lora(path: str, precision: str, lora_a: str, lora_b: str) -> dict:
         with torch.inference_mode():
             unet(sample, 999, context)
 
+    unet_call()   # a generation before the LoRAs, as in the app (int8: its calibration and packing)
     loras = LoraSet(model)
     read_s, _ = timed(loras.read, Path(lora_a))
     loras.read(Path(lora_b))
@@ -436,7 +437,7 @@ def diffusers_lora(path: str, config: str, precision: str, lora_a: str, lora_b: 
 # --- torch.compile on sdstudio's path ---------------------------------------------------------------------------
 
 def sdstudio_compiled(path: str, calls: int) -> dict:
-    """One CFG UNet call (SD1.5 512², `--precision auto`) eager and under torch.compile (inductor's default mode:
+    """One CFG UNet call (SD1.5 512², `--precision float`) eager and under torch.compile (inductor's default mode:
     the weights stay graph inputs, so in-place LoRA patches still count), `calls` times each, alternating. The fast
     path's own kernels (Winograd convolutions, the attention processor, the fused GEGLU) stay eager inside the
     compiled UNet: dynamo cannot trace their ctypes calls and scratch buffers, so inductor gets everything else."""
@@ -468,7 +469,7 @@ def sdstudio_compiled(path: str, calls: int) -> dict:
 
 
 def sdstudio_fast_fp32(path: str, calls: int, steps: int) -> dict:
-    """The fast fp32 path (`--precision auto` on a CPU without native bf16 math) beside the exact fp32 one, both
+    """The fast fp32 path (`--precision float` on a CPU without native bf16 math) beside the exact fp32 one, both
     loaded in this process (their loads: bench/load.py): `calls` CFG UNet calls (512², batch 2) and 2 decodes of a
     512² image each way, alternating (medians); the UNet output's relative difference and the decode's PSNR; with
     `steps`, a `steps`-step 512² image each way (Euler, CFG 7, seed 1) and their PSNR (the quality guard)."""

@@ -26,6 +26,7 @@ from sdstudio.models import vae as vae_ops
 from sdstudio.models.checkpoint import LoadedCheckpoint
 from sdstudio.models.cuda_graphs import unet_forward
 from sdstudio.models.device import device_memory
+from sdstudio.models.int8 import finish_int8_calibration
 from sdstudio.models.memory import release_idle_weights
 from sdstudio.models.token_merging import token_merging
 from sdstudio.prompt.conditioning import EmbeddingLookup, encode_texts
@@ -525,6 +526,7 @@ def _generate(model: LoadedCheckpoint, request: GenerationRequest, mode: str, ca
     sampler, _ = registry.get_sampler_and_scheduler(request.sampler_name, request.scheduler)
     prompt, tags = extract_extra_networks(request.prompt)   # A1111 reads tags from the positive prompt only
     negative = request.negative_prompt
+    finish_int8_calibration(model.unet)   # before the job's LoRAs and hooks change the UNet (models/int8.py)
     if networks is not None:
         report = networks.apply(tags)
     else:

@@ -10,7 +10,7 @@ import json
 import re
 from functools import cache
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -23,8 +23,8 @@ from sdstudio.models.attention import use_fast_cpu_attention
 from sdstudio.models.conversion import converted_weights
 from sdstudio.models.fused import use_fused_layers
 from sdstudio.models.half_weights import half_kept_names, use_widening_linears
-from sdstudio.models.int8 import (calibrate_int8, int8_available, int8_weight_names, restore_int8_calibration,
-                                  use_int8_linears)
+from sdstudio.models.int8 import (calibrate_int8_before_first_use, int8_available, int8_weight_names,
+                                  restore_int8_calibration, use_int8_linears)
 from sdstudio.models.int8_winograd import int8_convolution_weight_names, use_int8_convolutions
 from sdstudio.models.native import release_kernel_buffers
 from sdstudio.models.winograd import use_winograd_convolutions
@@ -197,17 +197,20 @@ def _materialise_meta_buffers(module: torch.nn.Module) -> None:
 def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int | None = None,
                dtype: torch.dtype | None = None, where: str = "<unet>",
                device: torch.device | str = "cpu", int8_linears: bool = False, fast_fp32: bool = False,
-               int8_calibration: Mapping[str, torch.Tensor] | None = None) -> UNet2DConditionModel:
+               int8_calibration: Mapping[str, torch.Tensor] | None = None,
+               on_int8_calibrated: Callable[[dict[str, torch.Tensor]], None] = lambda maxima: None,
+               ) -> UNet2DConditionModel:
     """UNet2DConditionModel from diffusers-named weights, built on the CPU to run on `device` (the caller moves it);
     a bf16 UNet for the CPU (the CPU fast path) gets the fast CPU attention (models/attention.py), fused layers
-    (models/fused.py) and Winograd convolutions (models/winograd.py); an fp32 one with `fast_fp32` (`--precision
-    auto` where the CPU has no native bf16 math) gets channels-last weights (those of a half-precision file in its
+    (models/fused.py) and Winograd convolutions (models/winograd.py); an fp32 one with `fast_fp32` (the fast paths
+    where the CPU has no native bf16 math) gets channels-last weights (those of a half-precision file in its
     dtype: models/half_weights.py), the fused layers, the near-exact fp32 Winograd convolutions and the attention
     processor (of which only its CFG saving applies to fp32: a batch of two equal halves attends once). Either fast
-    path with `int8_linears` (`--precision int8`) gets int8 linears in its transformers (models/int8.py) and int8
-    Winograd 3×3 convolutions (models/int8_winograd.py), whose weights stay the file's (not converted: only their
-    packed copies stay in memory), the linears calibrated by one UNet call or given `int8_calibration` kept from an
-    earlier load of the same weights (models/int8.py)."""
+    path with `int8_linears` (`--precision auto` on the CPU) gets int8 linears in its transformers (models/int8.py)
+    and int8 Winograd 3×3 convolutions (models/int8_winograd.py), whose weights stay the file's (not converted: only
+    their packed copies stay in memory), the linears given `int8_calibration` kept from an earlier load of the same
+    weights or calibrated by one UNet call before the model's first use, whose maxima go to `on_int8_calibrated`
+    (models/int8.py: `calibrate_int8_before_first_use`)."""
     config = unet_config(weights, family, pooled_dim, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
@@ -226,7 +229,7 @@ def build_unet(weights: Mapping[str, torch.Tensor], family: str, pooled_dim: int
             use_int8_linears(unet)
             use_int8_convolutions(unet, computes_in)
             if not restore_int8_calibration(unet, int8_calibration or {}):
-                calibrate_int8(unet, pooled_dim)
+                calibrate_int8_before_first_use(unet, pooled_dim, on_int8_calibrated)
         unet.register_forward_hook(release_kernel_buffers)   # kept through a call, nothing between calls
         unet.fast_cpu_kernels = True
     return unet

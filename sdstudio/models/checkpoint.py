@@ -16,7 +16,7 @@ from sdstudio.files.keymaps import KeyMapError, split_checkpoint, swap_in_ema, t
 from sdstudio.files.readers import read_state_dict
 from sdstudio.models.build import build_text_encoder, build_unet, build_vae, gpu_unet_layout, weights_dtype
 from sdstudio.models.converted import ConvertedWeights, worth_storing
-from sdstudio.models.int8 import calibration_name, int8_calibration
+from sdstudio.models.int8 import calibration_name
 from sdstudio.models.memory import keep_freed_memory
 from sdstudio.models.tuning import native_bf16
 
@@ -35,7 +35,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 
 def fast_cpu_dtype() -> torch.dtype:
-    """bf16 where the CPU has native bf16 math (AMX or AVX512-BF16), else fp32 (`--precision auto` on a CPU)."""
+    """bf16 where the CPU has native bf16 math (AMX or AVX512-BF16), else fp32 (the fast paths' dtype on a CPU)."""
     return torch.bfloat16 if native_bf16() else torch.float32
 
 
@@ -106,7 +106,7 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
     instead of the baked-in one; `use_ema` selects the EMA UNet weights when the file has them (A1111 uses the main
     ones); `converted` = the on-disk cache of converted weights (and int8's calibration) to read from and fill
     (models/converted.py); `int8_linears` = a CPU fast path UNet's transformer linears run in int8 (`--precision
-    int8`, models/int8.py); `fast_fp32` = an fp32 CPU model runs the near-exact fast kernels (models/build.py;
+    auto`, models/int8.py); `fast_fp32` = an fp32 CPU model runs the near-exact fast kernels (models/build.py;
     `precision_options`)."""
     from sdstudio.models.vae import load_vae_module  # vae.py imports this module's types
 
@@ -134,13 +134,14 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
                     weights[f"text{i}"], TEXT_KIND_OF_PREFIX[p.prefix], dtype, f"{where} ({p.prefix})", fast_fp32))
                 for i, p in enumerate(parts.text_encoders)]
     pooled_dim = getattr(encoders[-1].model.config, "projection_dim", None)
-    kept_as = calibration_name() if converted and int8_linears else None   # (reads the CPU flags: once)
-    kept_calibration = converted.read_measured(kept_as, path, dtype, use_ema, fast_fp32) if kept_as else None
+    def keep_calibration(maxima: dict[str, torch.Tensor]) -> None:   # int8's, measured before the first use
+        if converted and maxima:
+            converted.write_measured(calibration_name(), path, dtype, use_ema, fast_fp32, maxima)
+
+    kept_calibration = (converted.read_measured(calibration_name(), path, dtype, use_ema, fast_fp32)
+                        if converted and int8_linears else None)
     unet = build_unet(weights["unet"], info.family, pooled_dim, dtype, f"{where} (UNet)", device, int8_linears,
-                      fast_fp32, kept_calibration)
-    calibration = int8_calibration(unet)   # the kept tensors themselves where build_unet used them
-    if kept_as and calibration and any(t is not (kept_calibration or {}).get(n) for n, t in calibration.items()):
-        converted.write_measured(kept_as, path, dtype, use_ema, fast_fp32, calibration)   # measured anew
+                      fast_fp32, kept_calibration, keep_calibration)
     own_vae = (build_vae(weights["vae"], info.family, dtype, f"{where} (VAE)", device, fast_fp32)
                if "vae" in weights else None)
     if converted and weights is file_weights and worth_storing(weights_dtype(parts.unet), dtype, device, fast_fp32):

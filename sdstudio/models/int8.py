@@ -1,9 +1,10 @@
-"""int8 linears of the CPU's `--precision int8` path: the UNet's transformer linears as u8 × s8 products.
+"""int8 linears of the CPU's `--precision auto` path: the UNet's transformer linears as u8 × s8 products.
 
 On CPUs with VNNI or AMX, oneDNN's int8 matrix products run about twice as fast as its bf16 ones (SD1.5's 8192 × 1280
 → 320 feed-forward output: 8.1 against 16 ms on two AVX512-VNNI cores); on CPUs without native bf16 math (AVX2) about
-twice as fast as fp32 ones (19–20 against 39–42 ms on two Zen 3 cores). `--precision int8` is the CPU's fast path —
-the bf16 one, or the fast fp32 one where the CPU has no bf16 math (models/build.py) — with the linears of the UNet's
+twice as fast as fp32 ones (19–20 against 39–42 ms on two Zen 3 cores). `--precision auto` (and `int8`) is the CPU's
+fast float path (`float`) — the bf16 one, or the fast fp32 one where the CPU has no bf16 math (models/build.py) — with
+the linears of the UNet's
 transformer blocks (attention projections, GEGLU, feed-forward output) computed that way — W8A8, dynamic — except the
 cross-attentions' key and value projections of the text condition (77 tokens: nothing to gain; and text encoders'
 hidden states have outliers that one scale per tensor would crush the rest under) and the transformers' projections
@@ -17,10 +18,11 @@ percent of the linears' products, no slower a step):
   (fp16 / fp32 ones are not converted, models/build.py), and packing gives their pages back to the page cache: in
   memory there is only the packed copy, half the bf16 size;
 - smoothing (SmoothQuant): each input channel's activations are divided, and the weight's column multiplied, by one
-  factor per channel (`smoothing_factors`) from the activations of one fixed calibration call at load
-  (`calibrate_int8`: the same for every prompt, so images never depend on what ran first; it reads every weight once,
-  1.2 s for SD1.5 on the fast fp32 path, so its maxima are kept beside the converted weights and a later load of the
-  same file uses them: models/converted.py), so an outlier channel — real transformers' activations have a few, random
+  factor per channel (`smoothing_factors`) from the activations of one fixed calibration call before the model's first
+  use (`calibrate_int8`: the same for every prompt, run before a job's LoRAs and hooks, so images never depend on what
+  ran first; it packs the int8 weights as it goes, which the first step would do anyway, and its maxima are kept
+  beside the converted weights so that a later load of the same file skips the call: models/converted.py), so an
+  outlier channel — real transformers' activations have a few, random
   weights' none — shares its range with the weight instead of taking the 255 steps from every other channel (a
   random-weight SD1.5 file with 4 such channels ×32 after every transformer norm, the float model bit for bit the
   same: 20-step image vs fp32 36.4 dB unsmoothed, 38.1 smoothed; SDXL's, 3 steps: 26.6 and 33.4);
@@ -30,18 +32,19 @@ percent of the linears' products, no slower a step):
 - both quantized by C loops (models/native.py): PyTorch's element-wise ops took 4× as long;
 - the product, its bias and the GEGLU gate's GELU by one oneDNN call, into the activations' dtype.
 
-It is a choice, not the default: it costs accuracy (final image vs fp32 on random weights, on the bf16 path, with the
-UNet's 3×3 convolutions as int8 Winograd products too, models/int8_winograd.py: SD1.5 38.2 dB, SDXL 33.4; these
-linears alone 38.3 and 33.5; bf16 alone 43.7 and 36.9), and no trained model was measured here. The attention
-products stay in the float dtype. Where the C kernel cannot be built, or int8 is measured no faster on the machine
-than the float products (`int8_pays`, models/tuning.py), the layers keep their float code.
+It costs some accuracy, within the 30 dB quality guard (final image vs fp32 on random weights, on the bf16 path, with
+the UNet's 3×3 convolutions as int8 Winograd products too, models/int8_winograd.py: SD1.5 38.2 dB, SDXL 33.4; these
+linears alone 38.3 and 33.5; `--precision float` 43.7 and 36.9), and no trained model was measured here: `float`
+leaves it out. The attention products stay in the float dtype. Where the C kernel cannot be built, or int8 is
+measured no faster on the machine than the float products (`int8_pays`, models/tuning.py), the layers keep their
+float code.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -307,22 +310,21 @@ def packed_for(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor
 
 
 class Int8Layer:
-    """What every int8 layer is besides its torch class (Int8Linear, Int8GEGLU and models/int8_winograd.py's
-    convolutions): under `calibrating` it runs its float code."""
+    """What the int8 linears (Int8Linear, Int8GEGLU) are besides their torch class: under `calibrating` each records
+    its input's max |x| per channel before its product (`_record_maxima`)."""
 
     def calibrating(self) -> bool:
         """Whether a `calibrating` block is running this layer's model."""
         return getattr(self, "_calibrating", False)
 
 
-def _calibrated(module: Int8Layer, rows: torch.Tensor) -> bool:
-    """Under `calibrating`: keep the running max |x| per channel of `rows` on `module` and say so (the caller's
-    float code runs); else False."""
-    if not module.calibrating():
-        return False
-    maxima, kept = _column_maxima(rows).float(), getattr(module, "_activation_maxima", None)
-    module._activation_maxima = maxima if kept is None else torch.maximum(kept, maxima)
-    return True
+def _record_maxima(module: Int8Layer, rows: torch.Tensor) -> None:
+    """Under `calibrating`: keep the running max |x| per channel of `rows` on `module` and drop its packed weights
+    (their smoothing comes from these maxima: the product packs them again)."""
+    if module.calibrating():
+        maxima, kept = _column_maxima(rows).float(), getattr(module, "_activation_maxima", None)
+        module._activation_maxima = maxima if kept is None else torch.maximum(kept, maxima)
+        module.__dict__.pop("_int8", None)
 
 
 def _smoothing(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
@@ -339,8 +341,7 @@ def _int8_product(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor
     if not int8_applies(x, weight):
         return None
     rows = _rows(x)
-    if _calibrated(module, rows):
-        return None
+    _record_maxima(module, rows)
     packed = packed_for(module, weight, bias, lambda: pack_weight(weight, bias, _smoothing(module, weight)))
     quantized = quantize_rows(rows, packed.inverse_smoothing)
     return None if quantized is None else int8_linear(quantized, packed)
@@ -364,11 +365,11 @@ class Int8GEGLU(Int8Layer, FusedGEGLU):
         weight = self.proj.weight
         if not int8_applies(hidden_states, weight):
             return super().forward(hidden_states, *args, **kwargs)
-        rows, x = _rows(hidden_states), None
-        if not _calibrated(self, rows):
-            value, gate = packed_for(self, weight, self.proj.bias, self._pack)
-            x = quantize_rows(rows, value.inverse_smoothing)
-        if x is None:   # calibrating, or outliers: in the input's float dtype (the weight may be the file's), fused
+        rows = _rows(hidden_states)
+        _record_maxima(self, rows)
+        value, gate = packed_for(self, weight, self.proj.bias, self._pack)
+        x = quantize_rows(rows, value.inverse_smoothing)
+        if x is None:   # outliers: in the input's float dtype (the weight may be the file's), fused
             return self.fused_forward(hidden_states, _in_dtype(weight, hidden_states.dtype), *args, **kwargs)
         out = int8_linear(x, value).mul_(int8_linear(x, gate, "gelu"))
         return out.reshape(*hidden_states.shape[:-1], -1)
@@ -420,19 +421,16 @@ def use_int8_linears(model: torch.nn.Module) -> None:
 
 @contextmanager
 def calibrating(model: torch.nn.Module):
-    """Within: the int8 layers of `model` run their float code, and its linears record max |x| per input channel of
-    what they see (the smoothing factors' activation side); each one's weight, where it is a mapped file's (build.py),
-    gives its pages back right after its call (packing reads them again at the first step)."""
+    """Within: the int8 linears of `model` record max |x| per input channel of what they see (the smoothing factors'
+    activation side) before their products, which pack their weights with those factors."""
     layers = [m for m in model.modules() if isinstance(m, Int8Layer)]
-    hooks = [layer.register_forward_hook(lambda m, *_: release_file_pages(_weight(m))) for layer in layers]
     for layer in layers:
         layer._calibrating = True
     try:
         yield
     finally:
-        for layer, hook in zip(layers, hooks):
+        for layer in layers:
             del layer._calibrating
-            hook.remove()
 
 
 def _weight(layer: torch.nn.Module) -> torch.Tensor:
@@ -444,8 +442,10 @@ CALIBRATION_SIDE = 16   # latents per side of the calibration call (batch 2, as 
 
 def calibrate_int8(unet: torch.nn.Module, pooled_dim: int | None) -> None:
     """One UNet call on fixed seeded inputs (latents of CALIBRATION_SIDE², a random text condition; SDXL's pooled
-    embedding and size conditions) under `calibrating`: each int8 layer's activation maxima, from the loaded weights
-    before any LoRA, so its smoothing — and the images — depend on the model alone."""
+    embedding and size conditions) under `calibrating`: each int8 linear's activation maxima, from the loaded weights
+    before any LoRA, so its smoothing — and the images — depend on the model alone. Each int8 layer packs its weight
+    as the call reaches it (an int8 linear with the smoothing from the maxima it has just recorded): the packing the
+    first step would do, each weight read once; the call itself costs little beyond it (16² latents)."""
     if not int8_available(unet.dtype):
         return
     config, generator = unet.config, torch.Generator().manual_seed(0)
@@ -460,10 +460,30 @@ def calibrate_int8(unet: torch.nn.Module, pooled_dim: int | None) -> None:
         unet(sample.to(unet.dtype), 500, context.to(unet.dtype), **added)
 
 
+def calibrate_int8_before_first_use(unet: torch.nn.Module, pooled_dim: int | None,
+                                     on_calibrated: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Leave `unet`'s `calibrate_int8` to `finish_int8_calibration`, which the pipeline runs before a generation
+    changes or calls the UNet (before the job's LoRAs and hooks: the calibration sees the model alone) and a forward
+    pre-hook before any other first call; `on_calibrated` then gets the maxima (`int8_calibration`) to keep. A load
+    does not wait for the calibrating call: it packs the int8 weights, which the first step would do anyway."""
+    hook = unet.register_forward_pre_hook(lambda module, args: finish_int8_calibration(module))
+    unet._int8_calibration_pending = (hook, pooled_dim, on_calibrated)
+
+
+def finish_int8_calibration(unet: torch.nn.Module) -> None:
+    """Run `unet`'s pending int8 calibration (`calibrate_int8_before_first_use`), if it has one."""
+    pending = unet.__dict__.pop("_int8_calibration_pending", None)
+    if pending is not None:
+        hook, pooled_dim, on_calibrated = pending
+        hook.remove()
+        calibrate_int8(unet, pooled_dim)
+        on_calibrated(int8_calibration(unet))
+
+
 def calibration_name() -> str:
     """What int8's calibration is kept as beside the converted weights (models/converted.py): it changes with the
-    calibration call and with what its float kernels round differently (the CPU, the thread count)."""
-    return (f"int8 calibration 1: {CALIBRATION_SIDE}² latents, {torch.get_num_threads()} threads, "
+    calibration call and with what its kernels round differently (the CPU, the thread count)."""
+    return (f"int8 calibration 2: {CALIBRATION_SIDE}² latents, {torch.get_num_threads()} threads, "
             f"CPU flags {cpu_description()[1]}")
 
 

@@ -1,4 +1,4 @@
-"""3×3 convolutions of the CPU's `--precision int8` path: Winograd F(2×2, 3×3) with its 16 products in int8.
+"""3×3 convolutions of the CPU's `--precision auto` path: Winograd F(2×2, 3×3) with its 16 products in int8.
 
 The fast paths' Winograd convolutions (models/winograd.py) multiply in bf16 (or fp32); a UNet step is mostly these
 products, and int8 ones run about twice as fast where the CPU multiplies 8-bit integers into 32-bit sums (VNNI, AMX).
@@ -10,7 +10,7 @@ weights stay plain tensors):
 
 - weights: the transformed filters, int8 per position and output channel (symmetric, at most ±`weight_limit()`),
   made once and again whenever the weight changes (a LoRA patch bumps its version: models/int8.py's `packed_for`).
-  Under `--precision int8` the load leaves these layers' weights as the file's own mapped tensors, and packing gives
+  Under `--precision auto` the load leaves these layers' weights as the file's own mapped tensors, and packing gives
   their pages back: in memory there is only the int8 copy, 16/9 of the weight's count in bytes (8/9 of its bf16 size);
 - activations: the transformed input, int8 per position and tile (symmetric over the tile's channels: a tile's
   values are one row of each position's product, so its scale factors out of the sum like the weight's). One C
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdstudio.models.int8 import MAX_SPREAD, Int8Layer, int8_available, packed_for, weight_limit
+from sdstudio.models.int8 import MAX_SPREAD, int8_available, packed_for, weight_limit
 from sdstudio.models.native import compiled_library, releasing_buffers, scratch
 from sdstudio.models.tuning import candidate_pays
 from sdstudio.models.winograd import (CHANNEL_BLOCK, SUFFIXES, WEIGHT_TYPES, WinogradConv2d, conv_inputs,
@@ -226,13 +226,13 @@ def int8_winograd_pays(dtype: torch.dtype) -> bool:
     return candidate_pays(f"int8-winograd-{SUFFIXES[dtype]}", ways, dtype)
 
 
-class Int8WinogradConv2d(Int8Layer, WinogradConv2d):
+class Int8WinogradConv2d(WinogradConv2d):
     """A 3×3 convolution by F(2×2)'s int8 products where `int8_winograd_applies` (its weight packed once per
     version), else as WinogradConv2d (the file's weight read in the input's dtype)."""
 
     @releasing_buffers
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int8_winograd_applies(self, x) and not self.calibrating():
+        if int8_winograd_applies(self, x):
             packed = packed_for(self, self.weight, None, lambda: pack_winograd_weight(self.weight, x.dtype))
             out = int8_winograd_conv2d(x, packed, self.bias)
             if out is not None:

@@ -44,8 +44,8 @@ INTERPOLATION_POINTS = {2: (0.0, 1.0, -1.0),
 C_TYPES = {dtype: c_type for dtype, (_, c_type) in SCALAR_TYPES.items()}
 SUFFIXES = {dtype: suffix for dtype, (suffix, _) in SCALAR_TYPES.items()}   # of the C loads and functions
 # per dtype: the weight dtypes its weight transform reads (the fast fp32 path keeps fp16 and bf16 files' weights in
-# their 16-bit dtype: models/half_weights.py; `--precision int8` the file's weights of the 3×3 convolutions it packs:
-# models/int8_winograd.py)
+# their 16-bit dtype: models/half_weights.py; `--precision auto` the file's weights of the 3×3 convolutions it packs
+# to int8: models/int8_winograd.py)
 WEIGHT_TYPES = {torch.bfloat16: (torch.bfloat16, torch.float16, torch.float32),
                 torch.float32: (torch.float32, torch.float16, torch.bfloat16)}
 NAMES = {torch.bfloat16: "winograd", torch.float32: "winograd-fp32"}   # of each dtype's kernels and tuning choice

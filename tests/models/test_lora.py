@@ -401,3 +401,39 @@ def test_int8_on_the_fast_fp32_path_packs_a_lora_and_gives_the_plain_image_back(
                             for prompt in ("a cat", "a cat <lora:inkstyle:0.8>", "a cat"))
     assert styled.tobytes() != plain.tobytes() and again.tobytes() == plain.tobytes()
     assert all(torch.equal(v, base[k]) for k, v in state(model).items())
+
+
+@pytest.mark.parametrize("job", [{"prompt": "a cat <lora:inkstyle:0.8>"},
+                                 {"prompt": "a cat", "token_merging_ratio": 0.5}])
+def test_an_int8_models_calibration_before_its_first_job_sees_neither_the_jobs_lora_nor_its_token_merging(
+        synth_file, data_dir, fast_kernels, job):
+    """The int8 calibration waits for the model's first use (models/int8.py): a first job with a LoRA or token
+    merging gives the image it gives after a plain first job, bit for bit."""
+    path = synth_file("sd1", "fp16")
+    images = []
+    for first_jobs in ([job], [{"prompt": "a cat"}, job]):
+        model = load_checkpoint(path, fast_fp32=True, int8_linears=True)
+        networks = LoraNetworks(model, Catalog(data_dir)) if "<lora:" in job["prompt"] else None
+        for request in first_jobs:
+            image = pipeline.txt2img(model, seed=3, width=128, height=128, steps=2, save=False, networks=networks,
+                                     **request).images[0]   # the calibrating call's latent size: token merging too
+        images.append(image.tobytes())
+    assert images[0] == images[1]
+
+
+def test_a_lora_applied_before_an_int8_models_first_call_leaves_its_calibration_to_the_models_own_weights(
+        synth_file, data_dir, fast_kernels):
+    path, lora = synth_file("sd1", "fp16"), data_dir / "models" / "Lora" / "inkstyle.safetensors"
+    sample = torch.randn(2, 4, 16, 16, generator=gen(40))
+    outputs = []
+    for lora_first in (True, False):
+        model = load_checkpoint(path, fast_fp32=True, int8_linears=True)
+        context = torch.randn(2, 77, model.unet.config.cross_attention_dim, generator=gen(41))
+        with torch.inference_mode():
+            if lora_first:   # the first call with the LoRA applied: the calibration ran before the patch
+                loras = LoraSet(model)
+                loras.apply([AppliedLora(lora, 0.8, 0.8)])
+                model.unet(sample, 500, context)
+                loras.apply([])
+            outputs.append(model.unet(sample, 500, context).sample)
+    assert torch.equal(outputs[0], outputs[1])

@@ -22,6 +22,7 @@ from sdstudio.errors import ModelFileError, SDStudioError
 from sdstudio.files.keymaps import open_clip_to_original, unet_to_original
 from sdstudio.files.readers import read_state_dict, read_tensor_infos
 from sdstudio.models.checkpoint import LoadedCheckpoint
+from sdstudio.models.int8 import finish_int8_calibration
 from sdstudio.models.lora import full, ia3, loha, lokr, lora
 from sdstudio.models.lora.base import Adapter
 from sdstudio.models.patcher import Patch, WeightPatcher
@@ -252,6 +253,7 @@ class LoraSet:
                 report.unmatched[applied.path.name] = unmatched
                 report.warnings.append(f"{applied.path.name}: {unmatched} keys did not apply to this "
                                        f"{self.model.family} model")
+        finish_int8_calibration(self.model.unet)   # on the model's own weights (models/int8.py)
         report.patched_parameters = self.patcher.set_patches(dict(patches))
         late = {}
         for applied in loras:   # shape mismatches found while patching (first application of a file)
