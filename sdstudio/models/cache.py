@@ -32,7 +32,7 @@ class CheckpointCache:
         self.budget = budget_bytes
         self.converted = converted    # converted weights kept on disk between processes (models/converted.py)
         self.int8_linears = int8_linears   # every model's UNet transformer linears in int8 (`--precision auto`)
-        self.fast_fp32 = fast_fp32         # every fp32 model with the fast kernels (`--precision auto`, no bf16)
+        self.fast_fp32 = fast_fp32         # every fp32 model with the fast kernels (the fast paths, no bf16)
         self._models: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
         self.current: LoadedCheckpoint | None = None
 

@@ -40,7 +40,7 @@ def fast_cpu_dtype() -> torch.dtype:
 
 
 def resolve_precision(name: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """torch dtype for a `--precision` name (PRECISIONS); the fast paths (`auto`, `float`, `int8`) compute in fp16 on
+    """torch dtype for a `--precision` name; the fast paths (`auto`, `float`, `int8`) compute in fp16 on
     a CUDA GPU (as A1111 runs) and in fast_cpu_dtype on the CPU; `int8` is for the CPU only. `precision_options`
     gives all of a name's load options."""
     on_gpu = torch.device(device).type == "cuda"
@@ -134,6 +134,7 @@ def load_checkpoint(path: str | Path, vae: str | Path | None = None, use_ema: bo
                     weights[f"text{i}"], TEXT_KIND_OF_PREFIX[p.prefix], dtype, f"{where} ({p.prefix})", fast_fp32))
                 for i, p in enumerate(parts.text_encoders)]
     pooled_dim = getattr(encoders[-1].model.config, "projection_dim", None)
+
     def keep_calibration(maxima: dict[str, torch.Tensor]) -> None:   # int8's, measured before the first use
         if converted and maxima:
             converted.write_measured(calibration_name(), path, dtype, use_ema, fast_fp32, maxima)

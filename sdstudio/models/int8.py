@@ -1,16 +1,15 @@
 """int8 linears of the CPU's `--precision auto` path: the UNet's transformer linears as u8 × s8 products.
 
-On CPUs with VNNI or AMX, oneDNN's int8 matrix products run about twice as fast as its bf16 ones (SD1.5's 8192 × 1280
-→ 320 feed-forward output: 8.1 against 16 ms on two AVX512-VNNI cores); on CPUs without native bf16 math (AVX2) about
+On CPUs with VNNI or AMX, oneDNN's int8 matrix products run about twice as fast as its bf16 ones (SD1.5's 8192 × 1280 →
+320 feed-forward output: 8.1 against 16 ms on two AVX512-VNNI cores); on CPUs without native bf16 math (AVX2) about
 twice as fast as fp32 ones (19–20 against 39–42 ms on two Zen 3 cores). `--precision auto` (and `int8`) is the CPU's
 fast float path (`float`) — the bf16 one, or the fast fp32 one where the CPU has no bf16 math (models/build.py) — with
-the linears of the UNet's
-transformer blocks (attention projections, GEGLU, feed-forward output) computed that way — W8A8, dynamic — except the
-cross-attentions' key and value projections of the text condition (77 tokens: nothing to gain; and text encoders'
-hidden states have outliers that one scale per tensor would crush the rest under) and the transformers' projections
-in and out (proj_in / proj_out: their error goes straight into the UNet's residual stream — one CFG call's output vs
-fp32, random weights at 64² latents: SD1.5 5.9 % with them in int8, 5.0 % without; SDXL 9.3 %, 7.8 % — for a few
-percent of the linears' products, no slower a step):
+the linears of the UNet's transformer blocks (attention projections, GEGLU, feed-forward output) computed that way —
+W8A8, dynamic — except the cross-attentions' key and value projections of the text condition (77 tokens: nothing to
+gain; and text encoders' hidden states have outliers that one scale per tensor would crush the rest under) and the
+transformers' projections in and out (proj_in / proj_out: their error goes straight into the UNet's residual stream —
+one CFG call's output vs fp32, random weights at 64² latents: SD1.5 5.9 % with them in int8, 5.0 % without; SDXL 9.3 %,
+7.8 % — for a few percent of the linears' products, no slower a step):
 
 - weights: int8 per output channel, symmetric (scale = max |w| / 127, or / 63 where the CPU lacks VNNI:
   `weight_limit`) of their bf16 values, packed once for oneDNN and again whenever the weight changes (a LoRA patch:
@@ -20,12 +19,12 @@ percent of the linears' products, no slower a step):
 - smoothing (SmoothQuant): each input channel's activations are divided, and the weight's column multiplied, by one
   factor per channel (`smoothing_factors`) from the activations of one fixed calibration call before the model's first
   use (`calibrate_int8`: the same for every prompt, run before a job's LoRAs and hooks, so images never depend on what
-  ran first; it packs the int8 weights as it goes, which the first step would do anyway, and its maxima are kept
-  beside the converted weights so that a later load of the same file skips the call: models/converted.py), so an
-  outlier channel — real transformers' activations have a few, random
-  weights' none — shares its range with the weight instead of taking the 255 steps from every other channel (a
-  random-weight SD1.5 file with 4 such channels ×32 after every transformer norm, the float model bit for bit the
-  same: 20-step image vs fp32 36.4 dB unsmoothed, 38.1 smoothed; SDXL's, 3 steps: 26.6 and 33.4);
+  ran first; it packs the int8 weights as it goes, which the first step would do anyway, and its maxima are kept beside
+  the converted weights so that a later load of the same file skips the call: models/converted.py), so an outlier
+  channel — real transformers' activations have a few, random weights' none — shares its range with the weight instead
+  of taking the 255 steps from every other channel (a random-weight SD1.5 file with 4 such channels ×32 after every
+  transformer norm, the float model bit for bit the same: 20-step image vs fp32 36.4 dB unsmoothed, 38.1 smoothed;
+  SDXL's, 3 steps: 26.6 and 33.4);
 - activations (bf16 or fp32): uint8 per tensor, from each call's own minimum and maximum (0 always representable); a
   call whose range outliers still dominate (over MAX_SPREAD times its mean |x|: a few huge tokens, which no channel
   factor helps) runs in its float dtype instead;
@@ -33,11 +32,10 @@ percent of the linears' products, no slower a step):
 - the product, its bias and the GEGLU gate's GELU by one oneDNN call, into the activations' dtype.
 
 It costs some accuracy, within the 30 dB quality guard (final image vs fp32 on random weights, on the bf16 path, with
-the UNet's 3×3 convolutions as int8 Winograd products too, models/int8_winograd.py: SD1.5 38.2 dB, SDXL 33.4; these
-linears alone 38.3 and 33.5; `--precision float` 43.7 and 36.9), and no trained model was measured here: `float`
-leaves it out. The attention products stay in the float dtype. Where the C kernel cannot be built, or int8 is
-measured no faster on the machine than the float products (`int8_pays`, models/tuning.py), the layers keep their
-float code.
+the UNet's 3×3 convolutions as int8 Winograd products too, models/int8_winograd.py: SD1.5 37.4 dB, SDXL 33.2;
+`--precision float` 43.7 and 36.9: bench/RESULTS.md), and no trained model was measured here: `float` leaves it out.
+The attention products stay in the float dtype. Where the C kernel cannot be built, or int8 is measured no faster on
+the machine than the float products (`int8_pays`, models/tuning.py), the layers keep their float code.
 """
 from __future__ import annotations
 
